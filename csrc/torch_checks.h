@@ -1,0 +1,65 @@
+// Argument checks for the torch-facing layer: every failure names the argument and what was expected.
+#pragma once
+
+#include <torch/library.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <initializer_list>
+#include <string>
+
+#include "r2lm_common.h"
+
+namespace r2lm {
+
+inline std::string shape_str(const at::Tensor& t) { return c10::str(t.sizes()); }
+
+// Checks that `t` has exactly `sizes` (a -1 entry accepts any size).
+inline void check_shape(const at::Tensor& t, const char* op, const char* name,
+                        std::initializer_list<int64_t> sizes) {
+  bool ok = t.dim() == static_cast<int64_t>(sizes.size());
+  int64_t i = 0;
+  for (int64_t s : sizes) {
+    if (ok && s >= 0 && t.size(i) != s) ok = false;
+    ++i;
+  }
+  if (!ok) {
+    std::string want = "(";
+    i = 0;
+    for (int64_t s : sizes) want += (i++ ? ", " : "") + (s >= 0 ? std::to_string(s) : std::string("*"));
+    want += ")";
+    TORCH_CHECK(false, op, ": ", name, " must have shape ", want, ", got ", shape_str(t));
+  }
+}
+
+inline void check_dtype(const at::Tensor& t, const char* op, const char* name,
+                        std::initializer_list<at::ScalarType> allowed) {
+  for (auto s : allowed)
+    if (t.scalar_type() == s) return;
+  std::string want;
+  for (auto s : allowed) want += std::string(want.empty() ? "" : " or ") + c10::toString(s);
+  TORCH_CHECK(false, op, ": ", name, " must have dtype ", want, ", got ", t.scalar_type());
+}
+
+inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op,
+                              const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on ", ref.device(), " like the first input, got ",
+              t.device());
+}
+
+inline void check_last_dim_contiguous(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, op, ": ", name,
+              " must have unit stride in its last dimension, got strides ", c10::str(t.strides()));
+}
+
+inline DType to_dtype(at::ScalarType s) {
+  switch (s) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kDouble: return DType::kFloat64;
+    default: TORCH_CHECK(false, "r2lm: unsupported dtype ", s);
+  }
+}
+
+}  // namespace r2lm

@@ -1,0 +1,24 @@
+"""r2lm_kernels: C++/CUDA kernels for R2LM (Right-to-Left Mamba) block-diffusion language models.
+
+Ops (torch.ops.r2lm.*, wrapped here with fake implementations and autograd):
+  reverse_selective_scan, reverse_conv1d, cache_attention, parallel_commit.
+Plain-PyTorch references of the same ops live in r2lm_kernels.reference.
+"""
+from ._ext import compiled_backends, registered_ops
+from .ops.cache_attention import cache_attention
+from .ops.parallel_commit import parallel_commit
+from .ops.reverse_conv1d import reverse_conv1d
+from .ops.reverse_selective_scan import reverse_selective_scan
+from . import reference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "reverse_selective_scan",
+    "reverse_conv1d",
+    "cache_attention",
+    "parallel_commit",
+    "compiled_backends",
+    "registered_ops",
+    "reference",
+]

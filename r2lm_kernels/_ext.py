@@ -1,0 +1,37 @@
+"""Loads the compiled extension, which registers torch.ops.r2lm.* (TORCH_LIBRARY) on import.
+
+R2LM_LIBRARY=<path to _C*.so> loads a build from another folder (a developer's CMake build dir)
+instead of the one installed beside this file.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+
+import torch  # noqa: F401  (the extension links against torch's libraries)
+
+
+def _load():
+    path = os.environ.get("R2LM_LIBRARY")
+    if not path:
+        return importlib.import_module("r2lm_kernels._C")
+    spec = importlib.util.spec_from_file_location("r2lm_kernels._C", path)
+    if spec is None:
+        raise ImportError(f"R2LM_LIBRARY={path!r} is not a loadable extension module")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_C = _load()
+
+
+def compiled_backends() -> dict:
+    """Which kernel backends this build contains, e.g. {'cpu': True, 'cuda': True, 'cuda_archs': '80;90a'}."""
+    return dict(_C.compiled_backends())
+
+
+def registered_ops() -> list[str]:
+    """The op names registered under torch.ops.r2lm by this build."""
+    return sorted({s.name.split("::", 1)[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("r2lm::")})

@@ -1,0 +1,1 @@
+"""Python side of each op: the public wrapper, its fake (meta) implementation and its autograd."""

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Incremental developer build without pip: compiles _C into a build folder of its own.
+#   scripts/dev_build.sh [BUILD_DIR] [R2LM_CUDA=AUTO|ON|OFF]
+# then: R2LM_LIBRARY=$(ls BUILD_DIR/_C*.so) .venv/bin/pytest python_tests/...
+set -euo pipefail
+cd "$(dirname "$0")/.."
+build_dir=${1:-build/dev}
+cuda=${2:-${R2LM_CUDA:-OFF}}
+py=${PYTHON:-.venv/bin/python}
+export CCACHE_BASEDIR=$PWD CCACHE_NOHASHDIR=1
+gen=()
+command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)
+if [ ! -f "$build_dir/CMakeCache.txt" ]; then
+  cmake -S . -B "$build_dir" "${gen[@]}" -DR2LM_CUDA="$cuda" -DPython_EXECUTABLE="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")" >/dev/null
+fi
+cmake --build "$build_dir" -j "${JOBS:-2}"
+ls "$build_dir"/_C*.so
