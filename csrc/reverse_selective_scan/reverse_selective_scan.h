@@ -21,17 +21,18 @@ struct ScanParams {
   const void* B; int64_t B_batch_stride, B_seq_stride;
   const void* C; int64_t C_batch_stride, C_seq_stride;
   const void* z; int64_t z_batch_stride, z_seq_stride;              // may be null
-  const float* A; int64_t A_dim_stride;                             // (dim, d_state) fp32 (fp64 for fp64 inputs)
-  const float* D;                                                   // (dim,) may be null
-  const float* delta_bias;                                          // (dim,) may be null
+  // A, D, delta_bias (and dA, dD, ddelta_bias) are fp32, or fp64 when dtype is kFloat64.
+  const void* A; int64_t A_dim_stride;                              // (dim, d_state)
+  const void* D;                                                    // (dim,) may be null
+  const void* delta_bias;                                           // (dim,) may be null
   const int32_t* seq_idx; int64_t seq_idx_batch_stride;             // (batch, seqlen) may be null; unit stride in t
 
   void* out; int64_t out_batch_stride, out_seq_stride;              // (batch, seqlen, dim), written
 
-  // Backward only: dout in, gradients out (dA, dD, ddelta_bias fp32, reduced deterministically).
+  // Backward only: dout in, gradients out (dA, dD, ddelta_bias reduced deterministically).
   const void* dout; int64_t dout_batch_stride, dout_seq_stride;
   void* du; void* ddelta; void* dB; void* dC; void* dz;             // contiguous, same shapes as inputs
-  float* dA; float* dD; float* ddelta_bias;                         // dD / ddelta_bias may be null
+  void* dA; void* dD; void* ddelta_bias;                            // dD / ddelta_bias may be null
   void* workspace;                                                  // backend-specific scratch (may be null)
 };
 
