@@ -1,0 +1,138 @@
+"""Fixtures for the benchmark modules (benchmarks/bench_<op>.py); the timing lives in harness.py.
+
+Fixtures:
+  device  "cuda" when available, else "cpu" (override: --bench-device / R2LM_BENCH_DEVICE)
+  quick   True under --quick or R2LM_BENCH_QUICK=1: shrink shapes so the run fits CI
+  bench   bench(op=, shape=, dtype=, bytes_moved=, impls={name: fn}, primary=, flops=None, notes="",
+                flush_l2=True) -> the results row (dict). Times every impl in this run, reports GB/s,
+                % of the copy bandwidth and each peer's ratio, and adds the row to results.json/.md.
+  copy_bandwidth  the device copy bandwidth (measured once per session)
+
+Results go to --results-dir, else R2LM_BENCH_DIR, else benchmarks/results/latest-<device>.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+_ROWS_KEY = pytest.StashKey[list]()
+_ENV_KEY = pytest.StashKey[dict]()
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("r2lm benchmarks")
+    group.addoption("--results-dir", default=None,
+                    help="folder for results.json / results.md (default: $R2LM_BENCH_DIR or "
+                         "benchmarks/results/latest-<device>)")
+    group.addoption("--quick", action="store_true", default=False,
+                    help="small shapes and short timing (also R2LM_BENCH_QUICK=1)")
+    group.addoption("--bench-device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def _device(config) -> str:
+    chosen = config.getoption("--bench-device") or os.environ.get("R2LM_BENCH_DEVICE")
+    return chosen or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _quick(config) -> bool:
+    return bool(config.getoption("--quick")) or os.environ.get("R2LM_BENCH_QUICK", "") not in ("", "0")
+
+
+def results_dir(config) -> Path:
+    chosen = config.getoption("--results-dir") or os.environ.get("R2LM_BENCH_DIR")
+    return Path(chosen) if chosen else harness.REPO / "benchmarks" / "results" / f"latest-{_device(config)}"
+
+
+def pytest_configure(config):
+    config.stash[_ROWS_KEY] = []
+
+
+@pytest.fixture(scope="session")
+def device(pytestconfig) -> str:
+    return _device(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def quick(pytestconfig) -> bool:
+    return _quick(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def budget(quick) -> harness.Budget:
+    return harness.Budget.for_run(quick)
+
+
+@pytest.fixture(scope="session")
+def copy_bandwidth(pytestconfig, device, quick) -> dict:
+    measured = harness.measure_copy_bandwidth(device, quick)
+    pytestconfig.stash[_ENV_KEY] = harness.environment(device, measured)
+    return measured
+
+
+@pytest.fixture
+def bench(request, benchmark, device, budget, copy_bandwidth):
+    """Call once or more per test; the first call's primary is also timed through pytest-benchmark."""
+    pedantic_used = False
+
+    def primary_timer(fn):
+        # pytest-benchmark times the primary (its table and JSON then show it). On CUDA its host clock
+        # needs a synchronize per call, so the reported figures there come from CUDA events instead.
+        nonlocal pedantic_used
+        if pedantic_used or benchmark.disabled:
+            return harness.time_fn(fn, device, budget)
+        pedantic_used = True
+        if device == "cuda":
+            def synced():
+                fn()
+                torch.cuda.synchronize()
+            benchmark.pedantic(synced, rounds=budget.min_reps, iterations=1, warmup_rounds=1)
+            return harness.time_fn(fn, device, budget)
+        per_call = harness.first_call(fn, device)
+        rounds = max(budget.min_reps, min(budget.max_reps, int(budget.measure_s / max(per_call, 1e-7))))
+        benchmark.pedantic(fn, rounds=rounds, iterations=1,
+                           warmup_rounds=min(rounds, int(budget.warmup_s / max(per_call, 1e-7))))
+        return harness.Timing.of(list(benchmark.stats.stats.data))
+
+    def run(*, op: str, shape: dict, dtype: str, impls: dict, primary: str, bytes_moved: int | None = None,
+            flops: int | None = None, notes: str = "", flush_l2: bool = True) -> dict:
+        if primary not in impls:
+            raise ValueError(f"primary={primary!r} is not one of impls {sorted(impls)}")
+        results = [harness.run_impl(name, fn, device, budget, flush_l2,
+                                    timer=primary_timer if name == primary else None)
+                   for name, fn in impls.items()]
+        if device == "cuda" and not flush_l2:
+            notes = "; ".join(filter(None, [notes, "warm L2 (no flush between calls)"]))
+        row = harness.make_row(op, shape, dtype, device, bytes_moved, flops, primary, results, copy_bandwidth,
+                               notes)
+        request.config.stash[_ROWS_KEY].append(row)
+        benchmark.extra_info.update({k: v for k, v in row.items() if k != "notes" or v})
+        benchmark.extra_info["copy_gbps"] = copy_bandwidth["gbps"]
+        return row
+
+    return run
+
+
+def pytest_sessionfinish(session, exitstatus):
+    rows = session.config.stash[_ROWS_KEY]
+    env = session.config.stash.get(_ENV_KEY, None)
+    if not rows or env is None:
+        return
+    out = results_dir(session.config)
+    harness.write_results(out, env, rows)
+    session.config.stash[_ENV_KEY]["written_to"] = str(out)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    rows = config.stash[_ROWS_KEY]
+    env = config.stash.get(_ENV_KEY, None)
+    if rows and env is not None:
+        terminalreporter.write_sep("=", "r2lm benchmark results")
+        terminalreporter.write(harness.markdown(env, rows))
+        terminalreporter.write_line(f"written to {env.get('written_to', results_dir(config))}/results.{{json,md}}")

@@ -1,0 +1,52 @@
+"""The built extension loads, registers every op, and reports its backends."""
+import os
+import shutil
+
+import pytest
+import torch
+
+import r2lm_kernels
+
+OPS = ["cache_attention", "parallel_commit", "reverse_conv1d", "reverse_conv1d_backward",
+       "reverse_selective_scan", "reverse_selective_scan_backward"]
+
+
+def test_extension_registers_every_op():
+    assert r2lm_kernels.registered_ops() == OPS
+    for name in OPS:
+        assert hasattr(torch.ops.r2lm, name)
+
+
+def test_compiled_backends():
+    backends = r2lm_kernels.compiled_backends()
+    assert backends["cpu"] is True
+    if torch.cuda.is_available():
+        assert backends["cuda"], "a GPU is present but the CUDA kernels were not compiled in"
+    if backends["cuda"]:
+        assert backends["cuda_archs"]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None and not torch.cuda.is_available(), reason="no CUDA toolkit")
+def test_cuda_kernels_built_where_nvcc_exists():
+    # CI compiles the CUDA sources whenever nvcc is present, so a CUDA compile error fails CI.
+    if torch.version.cuda is None:
+        pytest.skip("torch is a CPU build")
+    if os.environ.get("R2LM_CUDA", "").upper() == "OFF":
+        pytest.skip("built with R2LM_CUDA=OFF")
+    assert r2lm_kernels.compiled_backends()["cuda"]
+
+
+def test_public_api_matches_design_names():
+    import inspect
+    params = lambda f: list(inspect.signature(f).parameters)  # noqa: E731
+    assert params(r2lm_kernels.reverse_selective_scan) == [
+        "u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus", "seq_idx"]
+    assert params(r2lm_kernels.reverse_conv1d)[:4] == ["x", "weight", "bias", "seq_idx"]
+    assert params(r2lm_kernels.cache_attention) == [
+        "q", "k", "v", "k_cache", "v_cache", "cache_seqlens", "block_table", "softmax_scale", "causal",
+        "write_kv", "return_lse"]
+    assert params(r2lm_kernels.parallel_commit) == [
+        "logits", "tokens", "mask_token_id", "threshold", "min_per_step", "max_per_step", "temperature", "seed",
+        "step", "active", "score"]
+    for name in ("reverse_selective_scan", "reverse_conv1d", "cache_attention", "parallel_commit"):
+        assert params(getattr(r2lm_kernels, name)) == params(getattr(r2lm_kernels.reference, name))
