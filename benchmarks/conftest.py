@@ -9,6 +9,11 @@ Fixtures:
   copy_bandwidth  the device copy bandwidth (measured once per session)
 
 Results go to --results-dir, else R2LM_BENCH_DIR, else benchmarks/results/latest-<device>.
+
+Compilation is the slow part of a run: an impl whose name contains "compile" or "flex" counts as compiled,
+and the first calls of compiled impls share a session budget (--compile-budget-s /
+R2LM_BENCH_COMPILE_BUDGET_S; 0 under --quick, unlimited otherwise). Once it is spent, later compiled impls
+are reported as skipped with that reason.
 """
 from __future__ import annotations
 
@@ -34,6 +39,9 @@ def pytest_addoption(parser):
     group.addoption("--quick", action="store_true", default=False,
                     help="small shapes and short timing (also R2LM_BENCH_QUICK=1)")
     group.addoption("--bench-device", default=None, help="cpu or cuda (default: cuda when available)")
+    group.addoption("--compile-budget-s", type=float, default=None,
+                    help="seconds of first calls (compilation) allowed to compiled peers in the whole session "
+                         "(also R2LM_BENCH_COMPILE_BUDGET_S; default 0 under --quick, else unlimited)")
 
 
 def _device(config) -> str:
@@ -70,6 +78,17 @@ def budget(quick) -> harness.Budget:
 
 
 @pytest.fixture(scope="session")
+def compile_budget(pytestconfig, quick) -> dict:
+    chosen = pytestconfig.getoption("--compile-budget-s") or os.environ.get("R2LM_BENCH_COMPILE_BUDGET_S")
+    limit = float(chosen) if chosen not in (None, "") else (0.0 if quick else float("inf"))
+    return dict(limit_s=limit, spent_s=0.0)
+
+
+def _is_compiled(name: str) -> bool:
+    return "compile" in name.lower() or "flex" in name.lower()
+
+
+@pytest.fixture(scope="session")
 def copy_bandwidth(pytestconfig, device, quick) -> dict:
     measured = harness.measure_copy_bandwidth(device, quick)
     pytestconfig.stash[_ENV_KEY] = harness.environment(device, measured)
@@ -77,7 +96,7 @@ def copy_bandwidth(pytestconfig, device, quick) -> dict:
 
 
 @pytest.fixture
-def bench(request, benchmark, device, budget, copy_bandwidth):
+def bench(request, benchmark, device, budget, copy_bandwidth, compile_budget):
     """Call once or more per test; the first call's primary is also timed through pytest-benchmark."""
     pedantic_used = False
 
@@ -104,14 +123,26 @@ def bench(request, benchmark, device, budget, copy_bandwidth):
             flops: int | None = None, notes: str = "", flush_l2: bool = True) -> dict:
         if primary not in impls:
             raise ValueError(f"primary={primary!r} is not one of impls {sorted(impls)}")
-        results = [harness.run_impl(name, fn, device, budget, flush_l2,
-                                    timer=primary_timer if name == primary else None)
-                   for name, fn in impls.items()]
+        results = []
+        for name, fn in impls.items():
+            compiled = _is_compiled(name) and name != primary
+            if compiled and compile_budget["spent_s"] >= compile_budget["limit_s"]:
+                fn = harness.Skip("compiled peers are off (--quick or --compile-budget-s 0)"
+                                  if compile_budget["limit_s"] == 0 else
+                                  f"the session's compile budget ({compile_budget['limit_s']:.0f} s) is spent")
+            result = harness.run_impl(name, fn, device, budget, flush_l2,
+                                      timer=primary_timer if name == primary else None)
+            if compiled:
+                compile_budget["spent_s"] += result.first_call_s
+            results.append(result)
         if device == "cuda" and not flush_l2:
             notes = "; ".join(filter(None, [notes, "warm L2 (no flush between calls)"]))
         row = harness.make_row(op, shape, dtype, device, bytes_moved, flops, primary, results, copy_bandwidth,
                                notes)
         request.config.stash[_ROWS_KEY].append(row)
+        # Written after every row, so a run cut short by a time limit still leaves its results.
+        harness.write_results(results_dir(request.config), request.config.stash[_ENV_KEY],
+                              request.config.stash[_ROWS_KEY])
         benchmark.extra_info.update({k: v for k, v in row.items() if k != "notes" or v})
         benchmark.extra_info["copy_gbps"] = copy_bandwidth["gbps"]
         return row

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -100,7 +99,7 @@ def _time_cuda(fn: Callable, budget: Budget, flush_l2: bool) -> Timing:
     end.record()
     torch.cuda.synchronize()
     per_call_s = max(start.elapsed_time(end) / 3e3, 1e-7)
-    for _ in range(max(1, int(budget.warmup_s / per_call_s))):
+    for _ in range(max(1, min(budget.max_reps, int(budget.warmup_s / per_call_s)))):
         fn()
     reps = max(budget.min_reps, min(budget.max_reps, int(budget.measure_s / per_call_s)))
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
@@ -167,6 +166,7 @@ class ImplResult:
     name: str
     timing: Timing | None = None
     skipped: str | None = None
+    first_call_s: float = 0.0  # compilation, autotuning and module loading land here
 
     def as_dict(self) -> dict:
         if self.timing is None:
@@ -181,19 +181,21 @@ def run_impl(name: str, fn, device: str, budget: Budget, flush_l2: bool, timer=N
     `timer(fn) -> Timing` replaces the default timing (the CPU primary goes through pytest-benchmark)."""
     if isinstance(fn, Skip):
         return ImplResult(name, skipped=str(fn))
+    first_s = 0.0
     try:
         first_s = first_call(fn, device)
         if first_s > budget.slow_limit_s:
             # A second call tells compilation (first call only) from a slow impl.
-            first_s = first_call(fn, device)
-            if first_s > budget.slow_limit_s:
-                return ImplResult(name, skipped=f"too slow ({first_s:.1f} s a call)")
-        return ImplResult(name, timing=(timer or (lambda f: time_fn(f, device, budget, flush_l2)))(fn))
+            again_s = first_call(fn, device)
+            if again_s > budget.slow_limit_s:
+                return ImplResult(name, skipped=f"too slow ({again_s:.1f} s a call)", first_call_s=first_s)
+        return ImplResult(name, timing=(timer or (lambda f: time_fn(f, device, budget, flush_l2)))(fn),
+                          first_call_s=first_s)
     except Skip as why:
-        return ImplResult(name, skipped=str(why))
+        return ImplResult(name, skipped=str(why), first_call_s=first_s)
     except Exception as error:  # a peer that fails (e.g. torch.compile unavailable) must not end the run
         first_line = (str(error).strip().splitlines() or [""])[0][:200]
-        return ImplResult(name, skipped=f"{type(error).__name__}: {first_line}")
+        return ImplResult(name, skipped=f"{type(error).__name__}: {first_line}", first_call_s=first_s)
 
 
 def make_row(op: str, shape: dict, dtype: str, device: str, bytes_moved: int | None, flops: int | None,
@@ -299,3 +301,19 @@ def write_results(results_dir: Path, env: dict, rows: list[dict]) -> None:
     (results_dir / "results.json").write_text(json.dumps(dict(environment=env, rows=rows), indent=1, default=str))
     (results_dir / "results.md").write_text(markdown(env, rows))
 
+
+
+def compact_table(environment: dict, rows: list[dict]) -> str:
+    """A narrow plain-text version of the table, for the end of a log."""
+    bw = (environment.get("copy_bandwidth") or {}).get("gbps", float("nan"))
+    lines = [f"microbenchmarks: {environment['device_name']}, copy {bw:.0f} GB/s, commit {environment['commit']}",
+             f"{'op':<22} {'dtype':<8} {'shape':<56} {'median':>10} {'GB/s':>7} {'%copy':>6}  speedup vs peers"]
+    for row in rows:
+        shape = ",".join(f"{k}={v}" for k, v in row["shape"].items())
+        peers = ", ".join(f"{name} {ratio:.2f}x" if ratio is not None else f"{name} skipped"
+                          for name, ratio in (row.get("speedup") or {}).items())
+        gbps = f"{row['gbps']:.0f}" if "gbps" in row else "-"
+        pct = f"{row['pct_copy']:.0f}%" if "pct_copy" in row else "-"
+        lines.append(f"{row['op'][:22]:<22} {row['dtype'][:8]:<8} {shape[:56]:<56} "
+                     f"{_fmt_time(row.get('median_ms')):>10} {gbps:>7} {pct:>6}  {peers or 'primary skipped'}")
+    return "\n".join(lines)

@@ -22,3 +22,12 @@ __all__ = [
     "registered_ops",
     "reference",
 ]
+
+# The model, generation and baselines assembled from the ops.
+from .config import R2LMConfig
+from .model import KVCache, R2LMForCausalLM
+from .generate import (GenerationOutput, GenerationStats, StepInfo, autoregressive_generate,
+                       bidirectional_generate, generate)
+
+__all__ += ["R2LMConfig", "R2LMForCausalLM", "KVCache", "generate", "autoregressive_generate",
+            "bidirectional_generate", "GenerationOutput", "GenerationStats", "StepInfo"]

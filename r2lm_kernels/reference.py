@@ -202,6 +202,10 @@ def _candidates_and_scores(logits, mask_token_id, temperature, seed, step, score
         pos = torch.arange(block, device=logits.device)[None, :, None]
         vi = torch.arange(vocab, device=logits.device)[None, None, :]
         u = gumbel_uniform(seed, step, b, pos, vi).to(ct)
+        if ct == torch.float32:
+            # (2^24 - 1/2) / 2^24 rounds to 1.0 in fp32, whose noise -log(-log(1)) is +inf: cap u at the
+            # largest float below 1 (the kernels do the same).
+            u = u.clamp(max=1.0 - 2.0**-24)
         pick = pick / temperature - torch.log(-torch.log(u))
     cand = pick.argmax(-1)                                            # ties -> lowest token id
     if score == "prob":

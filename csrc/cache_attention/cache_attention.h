@@ -52,17 +52,20 @@ R2LM_HD int64_t attn_cache_len(const CacheAttnParams& p, int64_t b) {
   return len < 0 ? 0 : (len > p.capacity ? p.capacity : len);
 }
 
-// Element offset of cache slot `pos` of sequence b (kv head 0), or -1 when the slot has no valid page.
-R2LM_HD int64_t attn_cache_offset(const CacheAttnParams& p, int64_t b, int64_t pos, int64_t page_stride,
-                                  int64_t slot_stride) {
-  if (pos < 0 || pos >= p.capacity) return -1;
-  int64_t page = b, slot = pos;
+// Page and slot of cache position `pos` of sequence b; false when pos is outside the cache or its page
+// is out of range. Positions fit in 32 bits (the torch layer checks the capacity), so the division is
+// a 32-bit one.
+R2LM_HD bool attn_cache_slot(const CacheAttnParams& p, int64_t b, int64_t pos, int64_t& page, int64_t& slot) {
+  if (pos < 0 || pos >= p.capacity) return false;
+  page = b;
+  slot = pos;
   if (p.block_table != nullptr) {
-    page = p.block_table[b * p.block_table_batch_stride + pos / p.page_size];
-    slot = pos % p.page_size;
-    if (page < 0 || page >= p.num_pages) return -1;
+    const int32_t page_size = int32_t(p.page_size), pos32 = int32_t(pos);
+    page = p.block_table[b * p.block_table_batch_stride + pos32 / page_size];
+    slot = pos32 % page_size;
+    return page >= 0 && page < p.num_pages;
   }
-  return page * page_stride + slot * slot_stride;
+  return true;
 }
 
 // Whether query position i may attend key position `key` of a sequence with `len` committed keys.

@@ -1,8 +1,6 @@
 """reverse_selective_scan (DESIGN.md 3.1): wrapper, fake implementation, autograd."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .. import _ext  # noqa: F401  (registers torch.ops.r2lm)
@@ -15,15 +13,41 @@ def reverse_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     return torch.ops.r2lm.reverse_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, seq_idx)
 
 
+def _contiguous_like(t):
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
 @torch.library.register_fake("r2lm::reverse_selective_scan")
 def _(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, seq_idx=None):
-    return torch.empty_like(u, memory_format=torch.contiguous_format)
+    return _contiguous_like(u)
 
 
 @torch.library.register_fake("r2lm::reverse_selective_scan_backward")
 def _(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, seq_idx):
+    # Gradients are contiguous; those of A, D, delta_bias keep the parameters' dtype (fp32, or fp64);
+    # those of absent optional inputs are empty tensors of u's dtype.
     def like(t):
-        return torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else u.new_empty(0)
-    return (like(u), like(delta), torch.empty_like(A, dtype=torch.float32), like(B), like(C),
-            like(D) if D is None else torch.empty_like(D, dtype=torch.float32), like(z),
-            like(delta_bias) if delta_bias is None else torch.empty_like(delta_bias, dtype=torch.float32))
+        return _contiguous_like(t) if t is not None else u.new_empty(0)
+    return (like(u), like(delta), like(A), like(B), like(C), like(D), like(z), like(delta_bias))
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, seq_idx = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, seq_idx)
+    ctx.delta_softplus = delta_softplus
+
+
+def _backward(ctx, dout):
+    u, delta, A, B, C, D, z, delta_bias, seq_idx = ctx.saved_tensors
+    if dout.stride(-1) != 1:  # e.g. the expanded gradient of a sum; the kernel reads rows with unit stride
+        dout = dout.contiguous()
+    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = torch.ops.r2lm.reverse_selective_scan_backward(
+        dout, u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, seq_idx)
+    return (du, ddelta, dA, dB, dC,
+            dD if D is not None else None,
+            dz if z is not None else None,
+            ddelta_bias if delta_bias is not None else None,
+            None, None)
+
+
+torch.library.register_autograd("r2lm::reverse_selective_scan", _backward, setup_context=_setup_context)

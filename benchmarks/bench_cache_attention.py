@@ -1,0 +1,85 @@
+"""cache_attention: a block of queries over a long KV cache (GQA), against SDPA with an explicit mask and,
+on GPU, FlexAttention with a block mask for the same pattern. Bytes that must move once: the cache K/V
+up to each sequence's length, the block's q/k/v and the output."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import r2lm_kernels
+
+# (batch, cache_len, q_len, n_heads, n_kv_heads, head_dim)
+CPU_SHAPES = [(4, 2048, 32, 16, 8, 128)]
+GPU_SHAPES = [(32, 8192, 32, 16, 8, 128), (1, 32768, 32, 16, 8, 128), (64, 2048, 32, 16, 8, 128),
+              (8, 4096, 1, 32, 8, 128)]
+QUICK_SHAPES = [(2, 512, 32, 16, 8, 128)]
+
+
+ALL_SHAPES = [("cpu", s) for s in CPU_SHAPES] + [("cuda", s) for s in GPU_SHAPES] + [("quick", s) for s in QUICK_SHAPES]
+
+
+def _flex_peer(q, keys, vals, lens, q_len):
+    """FlexAttention (compiled) with a block mask: cache prefix plus the causal block."""
+    from harness import Skip
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as e:  # pragma: no cover - old torch
+        return Skip(f"flex_attention unavailable: {e}")
+    batch, n_keys = keys.shape[0], keys.shape[2]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return kv_idx <= lens[b] + q_idx
+
+    try:
+        block_mask = create_block_mask(mask_mod, batch, None, q_len, n_keys, device=q.device)
+        flex = torch.compile(flex_attention, dynamic=False)
+        flex(q, keys, vals, block_mask=block_mask, enable_gqa=True)  # compile outside the timed calls
+    except Exception as e:  # noqa: BLE001  (reported as a skipped peer, with the reason)
+        return Skip(f"flex_attention failed: {type(e).__name__}: {e}"[:300])
+    return lambda: flex(q, keys, vals, block_mask=block_mask, enable_gqa=True)
+
+
+@pytest.mark.parametrize("where,shape", ALL_SHAPES, ids=[f"{w}-{'x'.join(map(str, s))}" for w, s in ALL_SHAPES])
+def test_cache_attention(bench, device, quick, where, shape):
+    if where != ("quick" if quick else device):
+        pytest.skip(f"shape for {where} runs")
+    batch, cache_len, q_len, n_heads, n_kv, head_dim = shape
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    elem = torch.finfo(dtype).bits // 8
+    max_len = cache_len + q_len
+    q = torch.randn(batch, q_len, n_heads, head_dim, device=device, dtype=dtype)
+    k = torch.randn(batch, q_len, n_kv, head_dim, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+    k_cache = torch.randn(batch, max_len, n_kv, head_dim, device=device, dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    lens = torch.full((batch,), cache_len, dtype=torch.int32, device=device)
+    # The peers read one (batch, heads, keys, dim) tensor holding cache + block.
+    k_cache[:, cache_len:] = k
+    v_cache[:, cache_len:] = v
+    keys, vals = k_cache.transpose(1, 2).contiguous(), v_cache.transpose(1, 2).contiguous()
+    qt = q.transpose(1, 2).contiguous()
+    i = torch.arange(q_len, device=device)[:, None]
+    j = torch.arange(max_len, device=device)[None, :]
+    mask = (j <= lens.long()[:, None, None] + i)[:, None]           # (batch, 1, q_len, keys)
+    group = n_heads // n_kv
+
+    impls = {
+        "r2lm": lambda: r2lm_kernels.cache_attention(q, k, v, k_cache, v_cache, lens, write_kv=False),
+        "sdpa+mask (gqa)": lambda: F.scaled_dot_product_attention(qt, keys, vals, attn_mask=mask, enable_gqa=True),
+        "sdpa+mask (repeat kv)": lambda: F.scaled_dot_product_attention(
+            qt, keys.repeat_interleave(group, 1), vals.repeat_interleave(group, 1), attn_mask=mask),
+    }
+    if device == "cuda":
+        impls["flex_attention+block_mask"] = _flex_peer(qt, keys, vals, lens, q_len)
+
+    # Correctness of what is timed, against the gqa SDPA peer.
+    got = impls["r2lm"]().transpose(1, 2).float()
+    want = impls["sdpa+mask (gqa)"]().float()
+    err = float((got - want).norm() / want.norm())
+    assert err < (2e-2 if dtype == torch.bfloat16 else 1e-4), err
+
+    kv_bytes = 2 * batch * max_len * n_kv * head_dim * elem        # cache up to the length, plus the block
+    bytes_moved = kv_bytes + 2 * q.numel() * elem                   # + q read and out written
+    flops = 4 * batch * n_heads * q_len * max_len * head_dim
+    bench(op="cache_attention", dtype=str(dtype).removeprefix("torch."),
+          shape=dict(batch=batch, cache=cache_len, q_len=q_len, heads=f"{n_heads}/{n_kv}", head_dim=head_dim),
+          bytes_moved=bytes_moved, flops=flops, impls=impls, primary="r2lm")

@@ -1,0 +1,173 @@
+"""reverse_selective_scan forward and backward: achieved GB/s against the copy bandwidth of the same run,
+and the ratio to peers timed in the same run: the reference, torch.compile of the reference, and an eager
+torch composition (flip, a left-to-right selective scan with segment resets, flip back).
+
+The reference is a Python loop over the sequence; torch.compile unrolls it, so compiling it at the full
+lengths takes many minutes. torch.compile(reference) is therefore timed only in the short-sequence rows
+(seqlen 128), and reported as skipped, with that reason, in the others.
+
+Bytes that must move once: the forward reads u, delta, z, B, C and writes out; the backward reads dout,
+u, delta, z, B, C and writes du, ddelta, dz, dB, dC (A, D, delta_bias, their gradients and seq_idx are
+counted too; they are small). The kernels' recomputation and scratch traffic are not counted.
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+
+import r2lm_kernels
+from r2lm_kernels import reference
+from harness import Skip
+
+D_STATE = 16
+BLOCK = 32  # block-diffusion segment length
+COMPILE_MAX_SEQLEN = 128
+
+# (batch, seqlen, dim, segmented): the sidecar at training scale (d_inner 2048, bf16 activations, fp32
+# parameters) with and without its block-diffusion segments, one long sequence, and a short row where
+# torch.compile(reference) is affordable.
+GPU_SHAPES = [(8, 4096, 2048, True), (8, 4096, 2048, False), (1, 16384, 2048, True), (8, 128, 2048, True)]
+CPU_SHAPES = [(2, 1024, 512, True), (2, 1024, 512, False), (2, 128, 512, True)]
+QUICK_SHAPES = [(2, 256, 256, True), (2, 128, 256, True)]
+
+
+def _cases(device, quick):
+    if quick:
+        return [(shape, torch.float32) for shape in QUICK_SHAPES]
+    if device == "cuda":
+        return [(shape, torch.bfloat16) for shape in GPU_SHAPES] + [(GPU_SHAPES[0], torch.float32)]
+    return [(shape, torch.float32) for shape in CPU_SHAPES]
+
+
+def _ids(case):
+    (batch, seqlen, dim, segmented), dtype = case
+    return f"{batch}x{seqlen}x{dim}-{'seg' if segmented else 'noseg'}-{str(dtype).removeprefix('torch.')}"
+
+
+def pytest_generate_tests(metafunc):
+    """Cases depend on the device and --quick (resolved as benchmarks/conftest.py does)."""
+    if "case" in metafunc.fixturenames:
+        config = metafunc.config
+        device = (config.getoption("--bench-device") or os.environ.get("R2LM_BENCH_DEVICE")
+                  or ("cuda" if torch.cuda.is_available() else "cpu"))
+        quick = bool(config.getoption("--quick")) or os.environ.get("R2LM_BENCH_QUICK", "") not in ("", "0")
+        cases = _cases(device, quick)
+        metafunc.parametrize("case", cases, ids=[_ids(c) for c in cases])
+
+
+def _inputs(batch, seqlen, dim, segmented, dtype, device):
+    """The sidecar's arguments: activations in dtype, fp32 parameters, softplus on, z gate, segments."""
+    act = lambda *shape: torch.randn(*shape, device=device).to(dtype)  # noqa: E731
+    return dict(
+        u=act(batch, seqlen, dim),
+        delta=(torch.randn(batch, seqlen, dim, device=device) * 0.5).to(dtype),
+        A=-torch.empty(dim, D_STATE, device=device).uniform_(0.05, 2.0),
+        B=act(batch, seqlen, D_STATE),
+        C=act(batch, seqlen, D_STATE),
+        D=torch.randn(dim, device=device),
+        z=act(batch, seqlen, dim),
+        delta_bias=torch.randn(dim, device=device) * 0.5 - 1.0,
+        delta_softplus=True,
+        seq_idx=(torch.arange(seqlen, device=device, dtype=torch.int32) // BLOCK).expand(batch, seqlen).contiguous()
+        if segmented else None,
+    )
+
+
+def flip_forward_scan_flip(u, delta, A, B, C, D, z, delta_bias, delta_softplus, seq_idx):
+    """Eager peer: reverse the sequence, run a left-to-right selective scan (state reset where a segment
+    starts) with the per-step factors precomputed as whole tensors, reverse back. fp32 math."""
+    dtype = u.dtype
+    flip = lambda t: None if t is None else t.flip(1)  # noqa: E731
+    u, delta, B, C, z, seq_idx = map(flip, (u, delta, B, C, z, seq_idx))
+    u, B, C = u.float(), B.float(), C.float()
+    dt = delta.float() + delta_bias
+    dt = F.softplus(dt) if delta_softplus else dt
+    decay = torch.exp(dt[..., None] * A)                                  # (batch, seqlen, dim, d_state)
+    if seq_idx is not None:
+        starts = torch.ones_like(seq_idx, dtype=torch.bool)
+        starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+        decay = decay.masked_fill(starts[..., None, None], 0.0)
+    dt_u = dt * u
+    h = torch.zeros(u.shape[0], u.shape[2], A.shape[1], device=u.device)
+    ys = []
+    for t in range(u.shape[1]):
+        h = decay[:, t] * h + dt_u[:, t, :, None] * B[:, t, None, :]
+        ys.append(torch.einsum("bdn,bn->bd", h, C[:, t]))
+    y = (torch.stack(ys, 1) + D * u) * F.silu(z.float())
+    return y.flip(1).to(dtype)
+
+
+def _bytes(args, backward):
+    act = args["u"].nbytes
+    state = args["B"].nbytes
+    params = sum(args[k].nbytes for k in ("A", "D", "delta_bias"))
+    seq = args["seq_idx"].nbytes if args["seq_idx"] is not None else 0
+    if backward:
+        return 7 * act + 4 * state + 2 * params + seq
+    return 4 * act + 2 * state + params + seq
+
+
+def _shape_dict(batch, seqlen, dim, segmented):
+    return dict(batch=batch, seqlen=seqlen, dim=dim, d_state=D_STATE,
+                segments=f"block {BLOCK}" if segmented else "none", z=True, softplus=True)
+
+
+def _compiled_reference(seqlen):
+    if seqlen > COMPILE_MAX_SEQLEN:
+        return Skip(f"compiling the {seqlen}-step Python loop takes minutes; timed at seqlen {COMPILE_MAX_SEQLEN}")
+    return torch.compile(reference.reverse_selective_scan)
+
+
+def _dtype_name(dtype):
+    return f"{str(dtype).removeprefix('torch.')} (fp32 A, D, delta_bias)"
+
+
+def test_forward(bench, device, case):
+    (batch, seqlen, dim, segmented), dtype = case
+    args = _inputs(batch, seqlen, dim, segmented, dtype, device)
+    compiled = _compiled_reference(seqlen)
+    impls = {
+        "r2lm": lambda: r2lm_kernels.reverse_selective_scan(**args),
+        "reference": lambda: reference.reverse_selective_scan(**args),
+        "torch.compile(reference)": compiled if isinstance(compiled, Skip) else (lambda: compiled(**args)),
+        "flip+forward scan+flip": lambda: flip_forward_scan_flip(**args),
+    }
+    bench(op="reverse_selective_scan.fwd", shape=_shape_dict(batch, seqlen, dim, segmented), dtype=_dtype_name(dtype),
+          bytes_moved=_bytes(args, backward=False), impls=impls, primary="r2lm",
+          notes=f"torch.compile(reference) is timed only at seqlen <= {COMPILE_MAX_SEQLEN}")
+
+
+def test_backward(bench, device, case):
+    (batch, seqlen, dim, segmented), dtype = case
+    args = _inputs(batch, seqlen, dim, segmented, dtype, device)
+    dout = torch.randn_like(args["u"])
+    names = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+
+    def graph_backward(fn):
+        """Backward only: the first call builds the forward graph (compiling, where fn compiles, inside
+        the harness's first-call accounting), every call replays its backward."""
+        if isinstance(fn, Skip):
+            return fn
+        graph = {}
+
+        def replay():
+            if not graph:
+                graph["leaves"] = {k: args[k].detach().clone().requires_grad_() for k in names}
+                graph["out"] = fn(**{**args, **graph["leaves"]})
+            return torch.autograd.grad(graph["out"], list(graph["leaves"].values()), dout, retain_graph=True)
+        return replay
+
+    def r2lm_backward():
+        return torch.ops.r2lm.reverse_selective_scan_backward(dout, *args.values())
+
+    compiled = _compiled_reference(seqlen)
+    impls = {
+        "r2lm": r2lm_backward,
+        "reference": graph_backward(reference.reverse_selective_scan),
+        "torch.compile(reference)": graph_backward(compiled),
+        "flip+forward scan+flip": graph_backward(flip_forward_scan_flip),
+    }
+    bench(op="reverse_selective_scan.bwd", shape=_shape_dict(batch, seqlen, dim, segmented), dtype=_dtype_name(dtype),
+          bytes_moved=_bytes(args, backward=True), impls=impls, primary="r2lm",
+          notes="r2lm recomputes the forward inside its backward; peers replay a retained autograd graph "
+                f"(backward only); torch.compile(reference) is timed only at seqlen <= {COMPILE_MAX_SEQLEN}")

@@ -1,0 +1,372 @@
+// parallel_commit on the CPU: OpenMP over rows; each row is streamed once in L1-sized chunks whose
+// inner loops (conversion, max, finiteness check, exponentials) vectorise.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "parallel_commit/parallel_commit.h"
+
+namespace r2lm {
+namespace {
+
+constexpr int64_t kChunk = 2048;  // logits converted to the compute type per step (L1-resident)
+
+inline float bits_to_float(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline uint32_t float_to_bits(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  return bits;
+}
+
+// IEEE half to float with selects rather than branches (so the conversion loop vectorises).
+inline float half_to_float(uint16_t h) {
+  const uint32_t magnitude = static_cast<uint32_t>(h & 0x7fffu) << 13;  // exponent and mantissa, float-aligned
+  const uint32_t exponent = magnitude & (0x1fu << 23);
+  uint32_t bits = magnitude + ((127u - 15u) << 23);                     // rebias the exponent
+  bits = exponent == (0x1fu << 23) ? bits + ((128u - 16u) << 23) : bits;  // inf / NaN keep an all-ones exponent
+  const float subnormal = bits_to_float(bits + (1u << 23)) - 6.103515625e-05f;  // zero and subnormals: - 2^-14
+  const float value = exponent == 0 ? subnormal : bits_to_float(bits);
+  return bits_to_float(float_to_bits(value) | (static_cast<uint32_t>(h & 0x8000u) << 16));
+}
+
+// Eight fp32 lanes (GCC/Clang vector extensions: SSE pairs by default, AVX2 in the x86-64-v3 clone).
+// They never cross a non-inlined call boundary in the baseline build, so the AVX argument-passing ABI
+// note does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+constexpr int kLanes = 8;
+
+#define R2LM_INLINE inline __attribute__((always_inline))
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// An AVX2/FMA build of the hot loops beside the baseline one, chosen at load time.
+#define R2LM_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define R2LM_CPU_CLONES
+#endif
+
+R2LM_INLINE f32x8 splat(float v) { return f32x8{v, v, v, v, v, v, v, v}; }
+
+R2LM_INLINE f32x8 load8(const float* p) {
+  f32x8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// e^x for x <= 0 in fp32 (Cody-Waite reduction, degree-6 polynomial, ~1 ulp); x below -87 gives
+// ~1e-38 rather than 0, which no sum here can notice.
+R2LM_INLINE f32x8 exp_nonpositive(const f32x8& x_in) {
+  f32x8 x = x_in;
+  x = x < splat(-87.0f) ? splat(-87.0f) : x;
+  const f32x8 round_magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const f32x8 n = (x * 1.44269504088896341f + round_magic) - round_magic;
+  f32x8 r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  f32x8 poly = splat(1.9875691500e-4f);
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  const f32x8 y = poly * r * r + r + 1.0f;
+  const i32x8 scale_bits = (__builtin_convertvector(n, i32x8) + 127) << 23;
+  return y * __builtin_bit_cast(f32x8, scale_bits);
+}
+
+// Max of buf[0, n) (n a multiple of kLanes); returns whether a NaN or +inf is among them.
+R2LM_CPU_CLONES bool chunk_max(const float* buf, int64_t n, float& max_out) {
+  f32x8 vmax = splat(-std::numeric_limits<float>::infinity());
+  i32x8 finite_or_ninf = i32x8{} - 1;
+  for (int64_t j = 0; j < n; j += kLanes) {
+    const f32x8 x = load8(buf + j);
+    vmax = x > vmax ? x : vmax;
+    finite_or_ninf &= x < splat(std::numeric_limits<float>::infinity());
+  }
+  float m = vmax[0];
+  bool bad = false;
+  for (int l = 0; l < kLanes; ++l) {
+    m = std::max(m, vmax[l]);
+    bad |= finite_or_ninf[l] == 0;
+  }
+  max_out = m;
+  return bad;
+}
+
+// Sum of e^(x - off) and (want_xsum) of e^(x - off) (x - off) over buf[0, n), off >= every x.
+R2LM_CPU_CLONES void chunk_sums(const float* buf, int64_t n, float off, bool want_xsum, float& sum, float& xsum) {
+  f32x8 vsum = splat(0.0f), vxsum = splat(0.0f);
+  if (want_xsum) {
+    for (int64_t j = 0; j < n; j += kLanes) {
+      f32x8 d = load8(buf + j) - off;
+      d = d < splat(-87.0f) ? splat(-87.0f) : d;  // -inf logits: e ~ 1e-38 and e * d ~ 0, not NaN
+      const f32x8 e = exp_nonpositive(d);
+      vsum += e;
+      vxsum += e * d;
+    }
+  } else {
+    for (int64_t j = 0; j < n; j += kLanes) vsum += exp_nonpositive(load8(buf + j) - off);
+  }
+  sum = xsum = 0.0f;
+  for (int l = 0; l < kLanes; ++l) {
+    sum += vsum[l];
+    xsum += vxsum[l];
+  }
+}
+
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+
+R2LM_INLINE u32x8 hash32x8(const u32x8& key) {  // commit_hash32 on eight lanes
+  u32x8 x = key;
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// Natural log of positive normal floats (Cephes-style: mantissa in [sqrt(1/2), sqrt(2)), degree-9
+// polynomial; within ~1 ulp, like the libm logf the reference's torch.log stands in for).
+R2LM_INLINE f32x8 log_positive(const f32x8& x) {
+  const i32x8 bits = __builtin_bit_cast(i32x8, x);
+  i32x8 e = ((bits >> 23) & 0xff) - 126;
+  f32x8 m = __builtin_bit_cast(f32x8, (bits & 0x807fffff) | 0x3f000000);  // [0.5, 1)
+  const i32x8 small = m < splat(0.707106781186547524f);
+  e += small;  // small lanes are -1: one power of two less
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const f32x8 z = m * m;
+  f32x8 y = splat(7.0376836292e-2f);
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  const f32x8 ef = __builtin_convertvector(e, f32x8);
+  y += ef * -2.12194440e-4f;
+  y -= 0.5f * z;
+  return m + y + ef * 0.693359375f;
+}
+
+// Gumbel-max picks x / T - log(-log(u)) of buf[0, n) (tokens base..), n a multiple of kLanes; -inf
+// logits (the set-aside mask token among them) give -inf.
+R2LM_CPU_CLONES void chunk_gumbel_picks(const float* buf, int64_t n, float temperature, uint32_t row_key,
+                                        uint32_t base, float* picks) {
+  const u32x8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  for (int64_t j = 0; j < n; j += kLanes) {
+    const u32x8 k = hash32x8(row_key ^ hash32x8(base + static_cast<uint32_t>(j) + lane)) >> 8;
+    f32x8 u = (__builtin_convertvector(__builtin_bit_cast(i32x8, k), f32x8) + 0.5f) * (1.0f / 16777216.0f);
+    u = u < splat(0x1.fffffep-1f) ? u : splat(0x1.fffffep-1f);
+    const f32x8 noise = -log_positive(-log_positive(u));
+    const f32x8 pick = load8(buf + j) / temperature + noise;
+    std::memcpy(picks + j, &pick, sizeof(pick));
+  }
+}
+
+// The fp64 path (tests against the fp64 reference): plain loops.
+bool chunk_max(const double* buf, int64_t n, double& max_out) {
+  double m = -std::numeric_limits<double>::infinity();
+  bool bad = false;
+  for (int64_t j = 0; j < n; ++j) {
+    m = std::max(m, buf[j]);
+    bad |= !(buf[j] < std::numeric_limits<double>::infinity());
+  }
+  max_out = m;
+  return bad;
+}
+
+void chunk_sums(const double* buf, int64_t n, double off, bool want_xsum, double& sum, double& xsum) {
+  sum = xsum = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    if (buf[j] == -std::numeric_limits<double>::infinity()) continue;
+    const double d = buf[j] - off, e = std::exp(d);
+    sum += e;
+    if (want_xsum) xsum += e * d;
+  }
+}
+
+// Logits of one chunk in the compute type.
+R2LM_CPU_CLONES void convert_chunk(const uint16_t* src, int64_t n, bool is_bf16, float* dst) {
+  if (is_bf16) {
+    for (int64_t j = 0; j < n; ++j) dst[j] = bits_to_float(uint32_t(src[j]) << 16);
+  } else {
+    for (int64_t j = 0; j < n; ++j) dst[j] = half_to_float(src[j]);
+  }
+}
+
+template <typename T, typename acc_t>
+void convert_chunk(const T* src, int64_t n, bool, acc_t* dst) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<acc_t>(src[j]);
+}
+
+// One row: the statistics of every logit, streamed once. T is float, double, or uint16_t holding
+// bf16 (is_bf16) or fp16 bits.
+template <typename T, bool is_bf16, typename acc_t>
+CommitRowStats<acc_t> row_stats(const T* row, const CommitParams& p, bool sample, acc_t temperature,
+                                uint32_t row_key, acc_t* buf, acc_t* picks) {
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  const bool want_xsum = p.score == CommitScore::kNegEntropy;
+  const bool want_top2 = p.score == CommitScore::kMargin;
+  const acc_t bound = static_cast<acc_t>(kCommitGumbelBound);
+  CommitRowStats<acc_t> s = commit_stats_empty<acc_t>();
+  for (int64_t c0 = 0; c0 < p.vocab; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, p.vocab - c0);
+    // Padded with -inf to whole lanes, which changes no statistic (e^(-87) per pad is below any ulp).
+    const int64_t n_padded = (n + kLanes - 1) / kLanes * kLanes;
+    convert_chunk(row + c0, n, is_bf16, buf);
+    for (int64_t j = n; j < n_padded; ++j) buf[j] = ninf;
+    // The mask token counts in the softmax but is never a candidate: set it aside.
+    const int64_t mask_j = p.mask_token_id - c0;
+    const bool has_mask = mask_j >= 0 && mask_j < n;
+    acc_t mask_logit = ninf;
+    if (has_mask) {
+      mask_logit = buf[mask_j];
+      buf[mask_j] = ninf;
+    }
+    acc_t cmax;
+    const bool not_below_inf = chunk_max(buf, n_padded, cmax);
+    if (not_below_inf || !(mask_logit < std::numeric_limits<acc_t>::infinity())) {
+      s.sum = std::numeric_limits<acc_t>::quiet_NaN();  // the row may not be committed: stop reading it
+      return s;
+    }
+    // Candidate.
+    if (!sample) {
+      if (cmax > s.pick) {
+        int64_t j = 0;
+        while (buf[j] != cmax) ++j;
+        s.pick = s.pick_logit = cmax;
+        s.pick_index = static_cast<int32_t>(c0 + j);
+      }
+    } else if (cmax > ninf && commit_div(cmax, temperature) + bound >= s.pick) {
+      // (Chunks whose largest logit cannot beat the lead even with the largest noise are skipped.)
+      if constexpr (std::is_same_v<acc_t, float>) {
+        chunk_gumbel_picks(buf, n_padded, temperature, row_key, uint32_t(c0), picks);
+        float best;
+        chunk_max(picks, n_padded, best);
+        if (best > s.pick) {
+          int64_t j = 0;
+          while (picks[j] != best) ++j;
+          s.pick = best;
+          s.pick_logit = buf[j];
+          s.pick_index = static_cast<int32_t>(c0 + j);
+        }
+      } else {
+        for (int64_t j = 0; j < n; ++j) {
+          if (buf[j] == ninf) continue;
+          const acc_t pick = commit_div(buf[j], temperature) + commit_gumbel_noise<acc_t>(row_key, uint32_t(c0 + j));
+          if (pick > s.pick) {
+            s.pick = pick;
+            s.pick_logit = buf[j];
+            s.pick_index = static_cast<int32_t>(c0 + j);
+          }
+        }
+      }
+    }
+    if (want_top2 && cmax > s.top2) {
+      for (int64_t j = 0; j < n; ++j) {
+        if (buf[j] > s.top1) {
+          s.top2 = s.top1;
+          s.top1 = buf[j];
+        } else if (buf[j] > s.top2) {
+          s.top2 = buf[j];
+        }
+      }
+    }
+    // Softmax sums against the running max.
+    const acc_t new_max = std::max(s.max, std::max(cmax, mask_logit));
+    commit_rescale(s.sum, s.xsum, s.max, new_max);
+    s.max = new_max;
+    const acc_t off = commit_exp_offset(new_max);
+    acc_t sum, xsum;
+    chunk_sums(buf, n_padded, off, want_xsum, sum, xsum);
+    if (has_mask && mask_logit > ninf) {
+      const acc_t d = mask_logit - off;
+      const acc_t e = commit_exp(d);
+      sum += e;
+      xsum += e * d;
+    }
+    s.sum += sum;
+    s.xsum += xsum;
+  }
+  return s;
+}
+
+template <typename T, bool is_bf16, typename acc_t>
+void run(const CommitParams& p) {
+  const int64_t rows = p.batch * p.block;
+  const uint64_t step = p.step_tensor ? static_cast<uint64_t>(*p.step_tensor) : p.step;
+  const bool sample = p.temperature > 0;
+  const acc_t temperature = static_cast<acc_t>(p.temperature);
+  std::vector<CommitChoice> choice(rows, CommitChoice{-1, -std::numeric_limits<float>::infinity()});
+  auto is_masked = [&](int64_t b, int64_t i) {
+    return (!p.active || p.active[b * p.active_stride]) &&
+           p.tokens[b * p.tokens_batch_stride + i * p.tokens_pos_stride] == p.mask_token_id;
+  };
+
+#pragma omp parallel
+  {
+    std::vector<acc_t> buf(kChunk), picks(kChunk);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t b = r / p.block, i = r % p.block;
+      if (!is_masked(b, i)) continue;  // its logits are never read
+      const T* row = static_cast<const T*>(p.logits) + b * p.logits_batch_stride + i * p.logits_pos_stride;
+      const uint32_t key = sample ? commit_row_key(p.seed, step, uint32_t(b), uint32_t(i)) : 0u;
+      choice[r] = commit_finalize(row_stats<T, is_bf16, acc_t>(row, p, sample, temperature, key, buf.data(), picks.data()),
+                                  p.score, p.vocab);
+    }
+  }
+
+  // Selection, per sequence.
+#pragma omp parallel for schedule(static) if (p.batch * p.block > 4096)
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const CommitChoice* c = choice.data() + b * p.block;
+    int64_t n_eligible = 0, n_pass = 0;
+    for (int64_t i = 0; i < p.block; ++i) {
+      if (c[i].candidate < 0) continue;
+      ++n_eligible;
+      n_pass += c[i].confidence >= p.threshold;
+    }
+    const int64_t quota = commit_quota(n_pass, n_eligible, p.min_per_step, p.max_per_step);
+    int32_t n_masked = 0;
+    for (int64_t i = 0; i < p.block; ++i) {
+      bool take = false;
+      if (c[i].candidate >= 0) {
+        int64_t rank = 0;
+        for (int64_t j = 0; j < p.block && rank < quota; ++j)
+          rank += c[j].candidate >= 0 && commit_outranks(c[j].confidence, j, c[i].confidence, i);
+        take = rank < quota;
+      }
+      int64_t& token = p.tokens[b * p.tokens_batch_stride + i * p.tokens_pos_stride];
+      if (take) token = c[i].candidate;
+      n_masked += token == p.mask_token_id;
+      p.committed[b * p.block + i] = take;
+      p.confidence[b * p.block + i] = c[i].confidence;
+    }
+    p.n_masked[b] = n_masked;
+  }
+}
+
+}  // namespace
+
+void parallel_commit_cpu(const CommitParams& p) {
+  switch (p.dtype) {
+    case DType::kFloat32: return run<float, false, float>(p);
+    case DType::kFloat64: return run<double, false, double>(p);
+    case DType::kBFloat16: return run<uint16_t, true, float>(p);
+    case DType::kFloat16: return run<uint16_t, false, float>(p);
+  }
+}
+
+}  // namespace r2lm

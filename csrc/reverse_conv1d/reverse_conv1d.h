@@ -1,0 +1,152 @@
+// reverse_conv1d: parameters, per-element math shared by the CPU and CUDA kernels, launchers.
+// No torch headers: the torch layer (reverse_conv1d_torch.cpp) fills ConvParams.
+//
+//   pre[b, t, d] = bias[d] + sum_{k < width, tap_live(t, k)} weight[d, k] * x[b, t + k, d]
+//   y = silu(pre) if silu else pre
+// where tap (t, k) is live iff t + k < seqlen and seq_idx[b, t + k] == seq_idx[b, t].
+// Backward, with g = dy * silu'(pre) (or dy):
+//   dx[s] = sum_{k, tap_live(s - k, k)} weight[k] * g[s - k]
+//   dweight[d, k] = sum_{b, t, tap_live(t, k)} g[t] * x[t + k],   dbias[d] = sum_{b, t} g[t]
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "r2lm_common.h"
+
+namespace r2lm {
+
+// Largest supported filter width (the torch layer rejects wider filters by name).
+constexpr int kConvMaxWidth = 8;
+
+// Token-major tensors: element (b, t, d) of x is x[b * x_batch_stride + t * x_seq_stride + d] (unit
+// stride in d). weight/bias/dweight/dbias take any strides. Computation is fp32 (fp64 for fp64 x).
+struct ConvParams {
+  int64_t batch, seqlen, dim;
+  int width;
+  DType dtype;         // x, y, dy, dx
+  DType weight_dtype;  // weight and dweight: dtype or float32
+  DType bias_dtype;    // bias and dbias: dtype or float32
+  bool silu;
+
+  const void* x; int64_t x_batch_stride, x_seq_stride;
+  const void* weight; int64_t weight_dim_stride, weight_tap_stride;   // (dim, width)
+  const void* bias; int64_t bias_stride;                              // (dim,) may be null
+  const int32_t* seq_idx; int64_t seq_idx_batch_stride, seq_idx_seq_stride;  // (batch, seqlen) may be null
+
+  void* y; int64_t y_batch_stride, y_seq_stride;                      // forward output
+
+  // Backward: dy in; dx, dweight, dbias (may be null) out.
+  const void* dy; int64_t dy_batch_stride, dy_seq_stride;
+  void* dx; int64_t dx_batch_stride, dx_seq_stride;
+  void* dweight; int64_t dweight_dim_stride, dweight_tap_stride;
+  void* dbias; int64_t dbias_stride;
+  void* workspace;  // CUDA backward: fp32 per-block partials of dweight/dbias (see *_workspace_cuda)
+};
+
+// --- per-element math, the same code on both backends -------------------------------------------
+
+R2LM_HD float conv_exp(float v) {
+#ifdef __CUDA_ARCH__
+  return __expf(v);
+#else
+  return std::exp(v);
+#endif
+}
+R2LM_HD double conv_exp(double v) { return exp(v); }
+
+template <typename T>
+R2LM_HD T conv_sigmoid(T v) { return T(1) / (T(1) + conv_exp(-v)); }
+
+template <typename T>
+R2LM_HD T conv_activate(T pre, bool silu) { return silu ? pre * conv_sigmoid(pre) : pre; }
+
+// dL/dpre from dL/dy: silu'(v) = s * (1 + v * (1 - s)) with s = sigmoid(v).
+template <typename T>
+R2LM_HD T conv_pre_grad(T pre, T dy, bool silu) {
+  if (!silu) return dy;
+  T s = conv_sigmoid(pre);
+  return dy * s * (T(1) + pre * (T(1) - s));
+}
+
+// Whether x[t + k] feeds output t: inside the sequence and in t's segment. `seg_t` / `seg_tk` are
+// seq_idx at t and t + k (any equal values when there are no segments).
+R2LM_HD bool conv_tap_live(int64_t t, int k, int64_t seqlen, int32_t seg_t, int32_t seg_tk) {
+  return t >= 0 && t + k < seqlen && seg_t == seg_tk;
+}
+
+// --- 16-bit float storage for the CPU kernel (CUDA uses its own __half / __nv_bfloat16) ----------
+
+struct ConvHalf { uint16_t bits; };
+struct ConvBFloat16 { uint16_t bits; };
+
+inline float conv_to_float(float v) { return v; }
+inline double conv_to_float(double v) { return v; }
+inline float conv_to_float(ConvBFloat16 v) {
+  uint32_t u = uint32_t(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float conv_to_float(ConvHalf v) {
+  uint32_t sign = uint32_t(v.bits & 0x8000u) << 16, ex = (v.bits >> 10) & 0x1fu, man = v.bits & 0x3ffu, u;
+  if (ex == 0x1f) {
+    u = sign | 0x7f800000u | (man << 13);                      // inf / nan
+  } else if (ex != 0) {
+    u = sign | ((ex + 112) << 23) | (man << 13);              // normal
+  } else if (man == 0) {
+    u = sign;                                                  // zero
+  } else {                                                     // subnormal: normalise
+    int e = -1;
+    do { man <<= 1; ++e; } while (!(man & 0x400u));
+    u = sign | uint32_t(112 - e) << 23 | ((man & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+template <typename T> inline T conv_from_float(double v);
+template <> inline double conv_from_float<double>(double v) { return v; }
+template <> inline float conv_from_float<float>(double v) { return float(v); }
+template <> inline ConvBFloat16 conv_from_float<ConvBFloat16>(double v) {
+  float f = float(v);
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return {uint16_t((u >> 16) | 0x40u)};   // quiet nan
+  u += 0x7fffu + ((u >> 16) & 1u);                                              // round to nearest even
+  return {uint16_t(u >> 16)};
+}
+template <> inline ConvHalf conv_from_float<ConvHalf>(double v) {
+  float f = float(v);
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return {uint16_t(sign | 0x7e00u)};                      // nan
+  if (a >= 0x477ff000u) return {uint16_t(sign | 0x7c00u)};                     // rounds to inf
+  if (a >= 0x38800000u) {                                                      // normal half
+    uint32_t r = a - (112u << 23);
+    r += 0xfffu + ((r >> 13) & 1u);
+    return {uint16_t(sign | (r >> 13))};
+  }
+  // Subnormal half (or zero): value = m * 2^-24; round |f| * 2^24 to nearest even.
+  float scaled = std::fabs(f) * 16777216.0f;
+  float rounded = std::nearbyint(scaled);  // default rounding mode: to nearest even
+  return {uint16_t(sign | uint32_t(rounded))};
+}
+
+// CPU kernels (reverse_conv1d_cpu.cpp).
+void reverse_conv1d_fwd_cpu(const ConvParams& p);
+void reverse_conv1d_bwd_cpu(const ConvParams& p);
+
+#ifdef R2LM_WITH_CUDA
+// CUDA kernels (reverse_conv1d_cuda.cu), launched on `stream` (a cudaStream_t). They return nullptr on
+// success, else a static description of the launch error. The backward needs
+// reverse_conv1d_bwd_workspace_cuda(p) bytes of device scratch in p.workspace.
+const char* reverse_conv1d_fwd_cuda(const ConvParams& p, void* stream);
+int64_t reverse_conv1d_bwd_workspace_cuda(const ConvParams& p);
+const char* reverse_conv1d_bwd_cuda(const ConvParams& p, void* stream);
+#endif
+
+}  // namespace r2lm

@@ -1,0 +1,480 @@
+// reverse_selective_scan on the CPU: forward and backward, no torch headers.
+//
+// Work is split into blocks of kLanes consecutive channels of one sequence. Token-major tensors keep a
+// block's channels contiguous, so a block's step is GCC vector arithmetic over kLanes lanes (the state
+// is d_state such vectors), with exp, softplus and SiLU evaluated branch-free on whole vectors. Blocks
+// are independent, so OpenMP runs them in parallel; the per-block function is compiled for AVX-512,
+// AVX2 and baseline x86-64 and picked at load time.
+//
+// The backward recomputes a block's states right to left into a per-thread buffer, then runs the
+// adjoint left to right. dB and dC sum over channels, dA, dD and ddelta_bias over the batch: each goes
+// through partial sums (per channel partition, per sequence) that are reduced afterwards in a fixed
+// order, so the gradients are bitwise reproducible whatever the thread count.
+#include "reverse_selective_scan/reverse_selective_scan.h"
+
+#include <algorithm>
+#include <bit>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <type_traits>
+#include <vector>
+
+// The vector helpers are always inlined, so the vector-passing ABI note does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+#define R2LM_INLINE inline __attribute__((always_inline))
+
+namespace r2lm {
+namespace {
+
+constexpr int64_t kLanes = 16;         // channels per block: one AVX-512 float vector
+constexpr int64_t kMaxPartitions = 8;  // channel partitions per sequence for the backward's dB/dC sums
+
+template <typename Acc>
+struct Lanes;
+template <>
+struct Lanes<float> {
+  typedef float type __attribute__((vector_size(kLanes * sizeof(float)), aligned(64)));
+};
+template <>
+struct Lanes<double> {
+  typedef double type __attribute__((vector_size(kLanes * sizeof(double)), aligned(64)));
+};
+template <typename Acc>
+using Vec = typename Lanes<Acc>::type;
+
+// 64-byte aligned storage of lane vectors (std::vector would drop the over-alignment the AVX-512 code
+// relies on).
+template <typename Acc>
+class VecBuffer {
+ public:
+  VecBuffer() = default;
+  VecBuffer(const VecBuffer&) = delete;
+  VecBuffer& operator=(const VecBuffer&) = delete;
+  ~VecBuffer() { std::free(data_); }
+  void resize(int64_t n) {
+    if (data_ && n == size_) return;
+    std::free(data_);
+    data_ = static_cast<Vec<Acc>*>(std::aligned_alloc(64, std::max<int64_t>(n, 1) * sizeof(Vec<Acc>)));
+    if (!data_) throw std::bad_alloc();
+    size_ = n;
+  }
+  Vec<Acc>* data() { return data_; }
+  Vec<Acc>* begin() { return data_; }
+  Vec<Acc>* end() { return data_ + size_; }
+  Vec<Acc>& operator[](int64_t i) { return data_[i]; }
+  const Vec<Acc>& operator[](int64_t i) const { return data_[i]; }
+
+ private:
+  Vec<Acc>* data_ = nullptr;
+  int64_t size_ = 0;
+};
+
+template <typename Acc>
+R2LM_INLINE Vec<Acc> load_vec(const Acc* p) {
+  Vec<Acc> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename Acc>
+R2LM_INLINE Vec<Acc> splat(Acc x) { return Vec<Acc>{} + x; }
+
+// Sum of the lanes in a fixed (tree) order.
+R2LM_INLINE float lane_sum(Vec<float> v) {
+  auto a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+           __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  auto b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+R2LM_INLINE double lane_sum(Vec<double> v) {
+  double s = 0;
+  for (int j = 0; j < kLanes; ++j) s += v[j];
+  return s;
+}
+
+// 2^x of float lanes, branch-free: x = j + r with j an integer and |r| <= 1/2, 2^r by its degree-7
+// Taylor polynomial (truncation < 1e-8; the constant term is exactly 1, so there is no bias that a
+// long recurrence of decays would accumulate), 2^j added to the exponent field. Inputs are clamped to
+// [-126, 127]: results below 2^-126 read as 2^-126, as good as 0 for a decay factor; past 128, +inf.
+R2LM_INLINE Vec<float> lane_exp2(Vec<float> x) {
+  typedef int32_t Int __attribute__((vector_size(sizeof(Vec<float>))));
+  Vec<float> xc = x < -126.0f ? splat(-126.0f) : x;
+  xc = xc > 127.0f ? splat(127.0f) : xc;
+  const Vec<float> shifted = xc + 12582912.0f;  // 1.5 * 2^23: rounds xc to the integer j in the low bits
+  const Vec<float> r = xc - (shifted - 12582912.0f);
+  Vec<float> poly = splat(1.5252733804059838e-05f);  // ln(2)^k / k!
+  poly = poly * r + 1.5403530393381606e-04f;
+  poly = poly * r + 1.3333558146428441e-03f;
+  poly = poly * r + 9.6181291076284772e-03f;
+  poly = poly * r + 5.5504108664821576e-02f;
+  poly = poly * r + 2.4022650695910071e-01f;
+  poly = poly * r + 6.9314718055994531e-01f;
+  poly = poly * r + 1.0f;
+  const Int scaled = std::bit_cast<Int>(poly) + ((std::bit_cast<Int>(shifted) - 0x4B400000) << 23);
+  return x >= 128.0f ? splat(__builtin_inff()) : std::bit_cast<Vec<float>>(scaled);
+}
+// e^x = 2^(x log2(e)), log2(e) split in two floats so that its rounding does not bias large arguments.
+R2LM_INLINE Vec<float> lane_exp(Vec<float> x) {
+  return lane_exp2(x * 1.44269502162933349609375f + x * 1.925963033500011079e-08f);
+}
+
+// softplus of float lanes as in torch (x past 20 passes through): max(x, 0) + log1p(exp(-|x|)), with
+// log1p(e) = 2 atanh(e / (2 + e)) summed as a series (|s| <= 1/3, 8 terms: < 1e-9 relative).
+R2LM_INLINE Vec<float> lane_softplus(Vec<float> x) {
+  const Vec<float> e = lane_exp(x < 0.0f ? x : -x);
+  const Vec<float> s = e / (2.0f + e), s2 = s * s;
+  Vec<float> series = splat(1.0f / 15.0f);
+  for (float k : {13.0f, 11.0f, 9.0f, 7.0f, 5.0f, 3.0f, 1.0f}) series = series * s2 + 1.0f / k;
+  const Vec<float> result = (x > 0.0f ? x : splat(0.0f)) + 2.0f * s * series;
+  return x > 20.0f ? x : result;
+}
+R2LM_INLINE Vec<float> lane_sigmoid(Vec<float> x) { return 1.0f / (1.0f + lane_exp(-x)); }
+
+// Double lanes (tests, gradcheck): the shared scalar math lane by lane.
+R2LM_INLINE Vec<double> lane_exp(Vec<double> x) {
+  for (int j = 0; j < kLanes; ++j) x[j] = std::exp(x[j]);
+  return x;
+}
+R2LM_INLINE Vec<double> lane_exp2(Vec<double> x) {
+  for (int j = 0; j < kLanes; ++j) x[j] = std::exp2(x[j]);
+  return x;
+}
+R2LM_INLINE Vec<double> lane_softplus(Vec<double> x) {
+  for (int j = 0; j < kLanes; ++j) x[j] = scan_softplus(x[j]);
+  return x;
+}
+R2LM_INLINE Vec<double> lane_sigmoid(Vec<double> x) {
+  for (int j = 0; j < kLanes; ++j) x[j] = scan_sigmoid(x[j]);
+  return x;
+}
+
+// d softplus(x) / dx = sigmoid(x), exactly 1 where softplus passes x through.
+template <typename Acc>
+R2LM_INLINE Vec<Acc> lane_softplus_grad(Vec<Acc> x) { return x > Acc(20) ? splat(Acc(1)) : lane_sigmoid(x); }
+
+// Half-precision storage types (bit patterns), converted to float for arithmetic.
+struct Half { uint16_t bits; };
+struct BFloat16 { uint16_t bits; };
+
+inline float load_elem(const float* p) { return *p; }
+inline double load_elem(const double* p) { return *p; }
+inline float load_elem(const BFloat16* p) { return std::bit_cast<float>(uint32_t(p->bits) << 16); }
+inline float load_elem(const Half* p) {
+  const uint32_t h = p->bits, sign = (h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
+  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24
+    const float v = float(mantissa) * 0x1p-24f;
+    return sign ? -v : v;
+  }
+  if (exponent == 31) return std::bit_cast<float>(sign | 0x7f800000u | (mantissa << 13));
+  return std::bit_cast<float>(sign | ((exponent + 112) << 23) | (mantissa << 13));
+}
+
+inline void store_elem(float* p, float v) { *p = v; }
+inline void store_elem(double* p, double v) { *p = v; }
+inline void store_elem(BFloat16* p, float v) {  // round to nearest even
+  const uint32_t x = std::bit_cast<uint32_t>(v);
+  if ((x & 0x7fffffffu) > 0x7f800000u) { p->bits = uint16_t((x >> 16) | 0x40u); return; }  // quiet NaN
+  p->bits = uint16_t((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+inline void store_elem(Half* p, float v) {  // round to nearest even
+  const uint32_t x = std::bit_cast<uint32_t>(v), sign = (x >> 16) & 0x8000u, abs_x = x & 0x7fffffffu;
+  uint32_t h;
+  if (abs_x > 0x7f800000u) h = 0x7e00u;                          // NaN
+  else if (abs_x >= 0x477ff000u) h = 0x7c00u;                    // rounds to infinity (>= 65520)
+  else if (abs_x < 0x38800000u)                                  // below 2^-14: subnormal half
+    h = uint32_t(std::nearbyint(std::bit_cast<float>(abs_x) * 0x1p24f));
+  else {
+    const uint32_t rebased = abs_x - 0x38000000u;                // exponent bias 127 -> 15
+    h = (rebased + 0xfffu + ((rebased >> 13) & 1u)) >> 13;
+  }
+  p->bits = uint16_t(sign | h);
+}
+
+// Lanes [0, width) of a row, converted; the padding lanes read as 0.
+template <typename Acc, typename T>
+R2LM_INLINE Vec<Acc> load_row(const T* row, int64_t width) {
+  if constexpr (std::is_same_v<T, Acc>) {
+    if (width == kLanes) return load_vec(row);
+  }
+  alignas(64) Acc tmp[kLanes] = {};
+  for (int64_t j = 0; j < width; ++j) tmp[j] = load_elem(row + j);
+  return load_vec(tmp);
+}
+template <typename Acc, typename T>
+R2LM_INLINE void store_row(T* row, Vec<Acc> v, int64_t width) {
+  if constexpr (std::is_same_v<T, Acc>) {
+    if (width == kLanes) {
+      std::memcpy(row, &v, sizeof(v));
+      return;
+    }
+  }
+  for (int64_t j = 0; j < width; ++j) store_elem(row + j, v[j]);
+}
+
+template <typename T>
+const T* row_ptr(const void* base, int64_t batch_stride, int64_t seq_stride, int64_t b, int64_t t, int64_t d0) {
+  return static_cast<const T*>(base) + b * batch_stride + t * seq_stride + d0;
+}
+
+// Whether the state carries from t + 1 into t (false at the sequence end and at segment boundaries).
+inline bool carries(const ScanParams& p, int64_t b, int64_t t) {
+  if (t + 1 >= p.seqlen) return false;
+  if (!p.seq_idx) return true;
+  const int32_t* s = p.seq_idx + b * p.seq_idx_batch_stride;
+  return s[t] == s[t + 1];
+}
+
+// A block of channels [d0, d0 + width) of sequence b, with its per-channel constants (padding lanes
+// are zero, and so are their dt * u and hence their state and gradients).
+template <typename Acc>
+struct Block {
+  int64_t b, d0, width;
+  VecBuffer<Acc> A, A_log2e;  // (d_state) vectors over the lanes; A * log2(e) turns exp into exp2
+  Vec<Acc> D, bias;
+
+  void load(const ScanParams& p, int64_t b_, int64_t d0_) {
+    b = b_; d0 = d0_; width = std::min(kLanes, p.dim - d0);
+    alignas(64) Acc tmp[kLanes];
+    A.resize(p.d_state);
+    A_log2e.resize(p.d_state);
+    for (int64_t n = 0; n < p.d_state; ++n) {
+      for (int64_t j = 0; j < kLanes; ++j)
+        tmp[j] = j < width ? static_cast<const Acc*>(p.A)[(d0 + j) * p.A_dim_stride + n] : Acc(0);
+      A[n] = load_vec(tmp);
+      // Rounded once from double: a float product would carry log2(e)'s own rounding into every decay.
+      for (int64_t j = 0; j < kLanes; ++j) tmp[j] = Acc(double(tmp[j]) * 1.44269504088896340736);
+      A_log2e[n] = load_vec(tmp);
+    }
+    D = load_row<Acc>(p.D ? static_cast<const Acc*>(p.D) + d0 : nullptr, p.D ? width : 0);
+    bias = load_row<Acc>(p.delta_bias ? static_cast<const Acc*>(p.delta_bias) + d0 : nullptr, p.delta_bias ? width : 0);
+  }
+};
+
+// delta + bias of the block at time t.
+template <typename T, typename Acc>
+R2LM_INLINE Vec<Acc> load_dt_input(const ScanParams& p, const Block<Acc>& k, int64_t t) {
+  return load_row<Acc>(row_ptr<T>(p.delta, p.delta_batch_stride, p.delta_seq_stride, k.b, t, k.d0), k.width) + k.bias;
+}
+
+// Runs the block right to left. With `states` (L + 1 slots of d_state vectors, the last one zero)
+// every h_t is kept in slot t and y_t . C_t (before the D skip) in ys; otherwise `states` is one slot
+// holding the running state and the gated output is written to p.out.
+template <typename T, typename Acc>
+R2LM_INLINE void block_forward(const ScanParams& p, const Block<Acc>& k, Vec<Acc>* states, Vec<Acc>* ys,
+                               bool keep_states) {
+  const int64_t L = p.seqlen, N = p.d_state;
+  if (keep_states) std::fill(states + L * N, states + (L + 1) * N, Vec<Acc>{});
+  for (int64_t t = L - 1; t >= 0; --t) {
+    const bool carry = carries(p, k.b, t);
+    Vec<Acc>* h = states;
+    if (keep_states) {
+      h = states + t * N;
+      std::copy(states + (carry ? t + 1 : L) * N, states + (carry ? t + 2 : L + 1) * N, h);
+    } else if (!carry) {
+      std::fill(h, h + N, Vec<Acc>{});
+    }
+    const Vec<Acc> x = load_dt_input<T>(p, k, t);
+    const Vec<Acc> dt = p.delta_softplus ? lane_softplus(x) : x;
+    const Vec<Acc> u = load_row<Acc>(row_ptr<T>(p.u, p.u_batch_stride, p.u_seq_stride, k.b, t, k.d0), k.width);
+    const T* B_row = row_ptr<T>(p.B, p.B_batch_stride, p.B_seq_stride, k.b, t, 0);
+    const T* C_row = row_ptr<T>(p.C, p.C_batch_stride, p.C_seq_stride, k.b, t, 0);
+    const Vec<Acc> dt_u = dt * u;
+    Vec<Acc> y{};
+    for (int64_t n = 0; n < N; ++n) {
+      h[n] = lane_exp2(dt * k.A_log2e[n]) * h[n] + dt_u * Acc(load_elem(B_row + n));
+      y += h[n] * Acc(load_elem(C_row + n));
+    }
+    if (keep_states) {
+      ys[t] = y;
+      continue;
+    }
+    Vec<Acc> out = y + k.D * u;
+    if (p.z) {
+      const Vec<Acc> z = load_row<Acc>(row_ptr<T>(p.z, p.z_batch_stride, p.z_seq_stride, k.b, t, k.d0), k.width);
+      out *= z * lane_sigmoid(z);
+    }
+    store_row<Acc>(static_cast<T*>(p.out) + k.b * p.out_batch_stride + t * p.out_seq_stride + k.d0, out, k.width);
+  }
+}
+
+// Per-thread buffers of the backward.
+template <typename Acc>
+struct BwdScratch {
+  VecBuffer<Acc> states, ys, g, dA;
+  void init(int64_t L, int64_t N) {
+    states.resize((L + 1) * N); ys.resize(L); g.resize(N); dA.resize(N);
+  }
+};
+
+// The block's backward: recompute its states, then the adjoint left to right. g holds dL/dh_t; it
+// reaches h_{t+1} as exp(dt_t A) g where the state carries (h_t depends on h_{t+1} only then).
+// Adds the block's dB, dC sums to dB_acc, dC_acc (L, d_state) and writes its dA, dD, ddelta_bias.
+template <typename T, typename Acc>
+R2LM_INLINE void block_backward(const ScanParams& p, const Block<Acc>& k, BwdScratch<Acc>& w, Acc* dB_acc,
+                                Acc* dC_acc, Acc* dA_out, Acc* dD_out, Acc* dbias_out) {
+  const int64_t L = p.seqlen, N = p.d_state, dim = p.dim;
+  block_forward<T, Acc>(p, k, w.states.data(), w.ys.data(), true);
+  std::fill(w.g.begin(), w.g.end(), Vec<Acc>{});
+  std::fill(w.dA.begin(), w.dA.end(), Vec<Acc>{});
+  Vec<Acc> dD{}, dbias{};
+  for (int64_t t = 0; t < L; ++t) {
+    const int64_t row = (k.b * L + t) * dim + k.d0;  // gradients of (batch, seqlen, dim) tensors are contiguous
+    const Vec<Acc> x = load_dt_input<T>(p, k, t);
+    const Vec<Acc> dt = p.delta_softplus ? lane_softplus(x) : x;
+    const Vec<Acc> u = load_row<Acc>(row_ptr<T>(p.u, p.u_batch_stride, p.u_seq_stride, k.b, t, k.d0), k.width);
+    Vec<Acc> dy = load_row<Acc>(row_ptr<T>(p.dout, p.dout_batch_stride, p.dout_seq_stride, k.b, t, k.d0), k.width);
+    if (p.z) {
+      const Vec<Acc> z = load_row<Acc>(row_ptr<T>(p.z, p.z_batch_stride, p.z_seq_stride, k.b, t, k.d0), k.width);
+      const Vec<Acc> sig = lane_sigmoid(z), y = w.ys[t] + k.D * u;
+      store_row<Acc>(static_cast<T*>(p.dz) + row, dy * y * sig * (Acc(1) + z * (Acc(1) - sig)), k.width);
+      dy *= z * sig;
+    }
+    dD += dy * u;
+    Vec<Acc> du = dy * k.D, ddt{};
+    const bool carry = carries(p, k.b, t);
+    const Acc carry_scale = carry ? Acc(1) : Acc(0);
+    const Vec<Acc>* h = w.states.data() + t * N;
+    const Vec<Acc>* h_next = w.states.data() + (carry ? t + 1 : L) * N;
+    const T* B_row = row_ptr<T>(p.B, p.B_batch_stride, p.B_seq_stride, k.b, t, 0);
+    const T* C_row = row_ptr<T>(p.C, p.C_batch_stride, p.C_seq_stride, k.b, t, 0);
+    for (int64_t n = 0; n < N; ++n) {
+      const Vec<Acc> g = w.g[n] + dy * Acc(load_elem(C_row + n));
+      const Vec<Acc> decay = lane_exp2(dt * k.A_log2e[n]);
+      Vec<Acc> db{};
+      scan_step_bwd(g, h_next[n], dt, k.A[n], splat(Acc(load_elem(B_row + n))), u, decay, ddt, w.dA[n], db, du);
+      w.g[n] = decay * g * carry_scale;
+      dB_acc[t * N + n] += lane_sum(db);
+      dC_acc[t * N + n] += lane_sum(dy * h[n]);
+    }
+    const Vec<Acc> ddelta = ddt * (p.delta_softplus ? lane_softplus_grad<Acc>(x) : splat(Acc(1)));
+    dbias += ddelta;
+    store_row<Acc>(static_cast<T*>(p.du) + row, du, k.width);
+    store_row<Acc>(static_cast<T*>(p.ddelta) + row, ddelta, k.width);
+  }
+  for (int64_t j = 0; j < k.width; ++j) {
+    for (int64_t n = 0; n < N; ++n) dA_out[(k.d0 + j) * N + n] = w.dA[n][j];
+    dD_out[k.d0 + j] = dD[j];
+    dbias_out[k.d0 + j] = dbias[j];
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define R2LM_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define R2LM_CPU_CLONES
+#endif
+
+// One non-template function per element type, cloned per instruction set (the clones are called from
+// inside the OpenMP regions: an outlined region itself is compiled for the baseline target).
+#define R2LM_SCAN_BLOCK_FNS(suffix, T, Acc)                                                                  \
+  R2LM_CPU_CLONES void forward_##suffix(const ScanParams& p, const Block<Acc>& k, Vec<Acc>* h) {            \
+    block_forward<T, Acc>(p, k, h, nullptr, false);                                                          \
+  }                                                                                                          \
+  R2LM_CPU_CLONES void backward_##suffix(const ScanParams& p, const Block<Acc>& k, BwdScratch<Acc>& w,      \
+                                         Acc* dB_acc, Acc* dC_acc, Acc* dA, Acc* dD, Acc* dbias) {         \
+    block_backward<T, Acc>(p, k, w, dB_acc, dC_acc, dA, dD, dbias);                                          \
+  }                                                                                                          \
+  template <>                                                                                                \
+  struct BlockFns<T> {                                                                                       \
+    static constexpr auto forward = &forward_##suffix;                                                       \
+    static constexpr auto backward = &backward_##suffix;                                                     \
+  };
+template <typename T>
+struct BlockFns;
+R2LM_SCAN_BLOCK_FNS(f32, float, float)
+R2LM_SCAN_BLOCK_FNS(f64, double, double)
+R2LM_SCAN_BLOCK_FNS(f16, Half, float)
+R2LM_SCAN_BLOCK_FNS(bf16, BFloat16, float)
+#undef R2LM_SCAN_BLOCK_FNS
+
+template <typename T, typename Acc>
+void forward(const ScanParams& p) {
+  const int64_t n_blocks = (p.dim + kLanes - 1) / kLanes;
+#pragma omp parallel
+  {
+    Block<Acc> k;
+    VecBuffer<Acc> h;
+    h.resize(p.d_state);
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < p.batch * n_blocks; ++item) {
+      k.load(p, item / n_blocks, (item % n_blocks) * kLanes);
+      BlockFns<T>::forward(p, k, h.data());
+    }
+  }
+}
+
+template <typename T, typename Acc>
+void backward(const ScanParams& p) {
+  const int64_t L = p.seqlen, N = p.d_state, dim = p.dim;
+  const int64_t n_blocks = (dim + kLanes - 1) / kLanes;
+  const int64_t n_parts = std::min(n_blocks, kMaxPartitions);
+  // Partial sums: dB and dC per (sequence, partition of the blocks); dA, dD, ddelta_bias per sequence.
+  std::vector<Acc> part_dB(p.batch * n_parts * L * N, Acc(0)), part_dC(p.batch * n_parts * L * N, Acc(0));
+  std::vector<Acc> part_dA(p.batch * dim * N), part_dD(p.batch * dim), part_dbias(p.batch * dim);
+
+#pragma omp parallel
+  {
+    Block<Acc> k;
+    BwdScratch<Acc> w;
+    w.init(L, N);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < p.batch * n_parts; ++item) {
+      const int64_t b = item / n_parts, part = item % n_parts;
+      Acc* dB_acc = part_dB.data() + item * L * N;
+      Acc* dC_acc = part_dC.data() + item * L * N;
+      for (int64_t blk = part * n_blocks / n_parts; blk < (part + 1) * n_blocks / n_parts; ++blk) {
+        k.load(p, b, blk * kLanes);
+        BlockFns<T>::backward(p, k, w, dB_acc, dC_acc, part_dA.data() + b * dim * N, part_dD.data() + b * dim,
+                              part_dbias.data() + b * dim);
+      }
+    }
+  }
+
+#pragma omp parallel for schedule(static)
+  for (int64_t bt = 0; bt < p.batch * L; ++bt) {
+    const int64_t b = bt / L, t = bt % L;
+    for (int64_t n = 0; n < N; ++n) {
+      Acc db = 0, dc = 0;
+      for (int64_t part = 0; part < n_parts; ++part) {
+        db += part_dB[((b * n_parts + part) * L + t) * N + n];
+        dc += part_dC[((b * n_parts + part) * L + t) * N + n];
+      }
+      store_elem(static_cast<T*>(p.dB) + bt * N + n, db);
+      store_elem(static_cast<T*>(p.dC) + bt * N + n, dc);
+    }
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t d = 0; d < dim; ++d) {
+    for (int64_t n = 0; n < N; ++n) {
+      Acc sum = 0;
+      for (int64_t b = 0; b < p.batch; ++b) sum += part_dA[(b * dim + d) * N + n];
+      static_cast<Acc*>(p.dA)[d * N + n] = sum;
+    }
+    Acc dD = 0, dbias = 0;
+    for (int64_t b = 0; b < p.batch; ++b) {
+      dD += part_dD[b * dim + d];
+      dbias += part_dbias[b * dim + d];
+    }
+    if (p.dD) static_cast<Acc*>(p.dD)[d] = dD;
+    if (p.ddelta_bias) static_cast<Acc*>(p.ddelta_bias)[d] = dbias;
+  }
+}
+
+template <bool kBackward>
+void run(const ScanParams& p) {
+  if (p.batch == 0 || p.seqlen == 0 || p.dim == 0) return;  // the torch layer zeroes the parameter gradients
+  switch (p.dtype) {
+    case DType::kFloat32: return kBackward ? backward<float, float>(p) : forward<float, float>(p);
+    case DType::kFloat64: return kBackward ? backward<double, double>(p) : forward<double, double>(p);
+    case DType::kFloat16: return kBackward ? backward<Half, float>(p) : forward<Half, float>(p);
+    case DType::kBFloat16: return kBackward ? backward<BFloat16, float>(p) : forward<BFloat16, float>(p);
+  }
+}
+
+}  // namespace
+
+void reverse_selective_scan_fwd_cpu(const ScanParams& p) { run<false>(p); }
+void reverse_selective_scan_bwd_cpu(const ScanParams& p) { run<true>(p); }
+
+}  // namespace r2lm

@@ -1,0 +1,102 @@
+"""The benchmark harness (benchmarks/harness.py) and the end-to-end script's pass counts: the figures the
+benchmark reports are derived correctly, skipped peers are reported, and the extrapolation counts the same
+model passes the generators run."""
+import importlib.util
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name):
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))  # e2e_throughput imports harness as a top-level module
+    spec = importlib.util.spec_from_file_location(f"r2lm_bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+harness = _load("harness")
+QUICK = harness.Budget.for_run(quick=True)
+
+
+def test_timing_measures_the_call():
+    timing = harness.time_fn(lambda: time.sleep(0.002), "cpu", QUICK)
+    assert timing.reps >= QUICK.min_reps
+    assert 0.002 <= timing.median_s < 0.2
+    assert timing.p10_s <= timing.median_s <= timing.p90_s
+
+
+def test_failing_and_skipped_impls_are_reported_not_raised():
+    def broken():
+        raise RuntimeError("no kernel for this dtype\nsecond line")
+
+    results = [harness.run_impl("ok", lambda: torch.randn(64).sum(), "cpu", QUICK, True),
+               harness.run_impl("broken", broken, "cpu", QUICK, True),
+               harness.run_impl("absent", harness.Skip("needs CUDA"), "cpu", QUICK, True)]
+    assert results[0].timing is not None and results[0].skipped is None
+    assert results[1].timing is None and results[1].skipped == "RuntimeError: no kernel for this dtype"
+    assert results[2].skipped == "needs CUDA"
+
+
+def test_row_figures_and_reports(tmp_path):
+    primary = harness.ImplResult("r2lm", timing=harness.Timing(0.002, 0.0019, 0.0023, 10))
+    peer = harness.ImplResult("reference", timing=harness.Timing(0.006, 0.0058, 0.0065, 10))
+    skipped = harness.ImplResult("compiled", skipped="too slow")
+    copy_bw = dict(gbps=400.0)
+    row = harness.make_row("op", dict(n=17), "fp32", "cpu", bytes_moved=400_000_000, flops=None, primary="r2lm",
+                           results=[primary, peer, skipped], copy_bw=copy_bw)
+    assert math.isclose(row["gbps"], 200.0)
+    assert math.isclose(row["pct_copy"], 50.0)
+    assert math.isclose(row["speedup"]["reference"], 3.0)
+    assert row["speedup"]["compiled"] is None
+    assert math.isclose(row["spread"], (0.0023 - 0.0019) / 0.002)
+
+    env = harness.environment("cpu", dict(gbps=400.0, bytes=1, median_s=1.0, spread=0.0))
+    harness.write_results(tmp_path, env, [row])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["rows"][0]["gbps"] == row["gbps"] and saved["environment"]["commit"]
+    table = (tmp_path / "results.md").read_text()
+    for text in ("| op | n=17 | fp32 | cpu | r2lm | 2.000 ms", "200.0", "50.0%", "reference 3.00x",
+                 "compiled: skipped (too slow)", env["date"], "torch " + torch.__version__):
+        assert text in table, text
+    assert "reference 3.00x" in harness.compact_table(env, [row])
+
+
+def test_primary_skipped_is_reported():
+    failed = harness.ImplResult("r2lm", skipped="RuntimeError: boom")
+    peer = harness.ImplResult("reference", timing=harness.Timing(0.006, 0.0058, 0.0065, 10))
+    row = harness.make_row("op", dict(n=1), "fp32", "cpu", 10, None, "r2lm", [failed, peer], dict(gbps=1.0))
+    assert "gbps" not in row
+    env = harness.environment("cpu", dict(gbps=1.0))
+    assert "primary skipped: RuntimeError: boom" in harness.markdown(env, [row])
+
+
+@pytest.mark.parametrize("new_tokens,tokens_per_step", [(64, 4), (64, 8)])
+def test_extrapolation_counts_the_passes_generation_runs(new_tokens, tokens_per_step):
+    """decode_passes (the step model's pass counts) against the generators' own counts on a tiny model."""
+    e2e = _load("e2e_throughput")
+    from r2lm_kernels.config import R2LMConfig
+    from r2lm_kernels.generate import autoregressive_generate, bidirectional_generate, generate
+    from r2lm_kernels.model import R2LMForCausalLM
+
+    config = R2LMConfig.tiny(block_size=32)
+    model = R2LMForCausalLM(config, impl="reference")
+    prompts = torch.randint(0, config.mask_token_id, (2, 64))
+    rule = dict(threshold=float("inf"), min_per_step=tokens_per_step, max_per_step=tokens_per_step)
+    runs = {
+        "r2lm": generate(model, prompts, max_new_tokens=new_tokens, **rule).stats.forward_passes,
+        # autoregressive_generate counts the prefill's pass too.
+        "ar": autoregressive_generate(model, prompts, max_new_tokens=new_tokens).stats.forward_passes - 1,
+        "bidirectional": bidirectional_generate(model, prompts, max_new_tokens=new_tokens, **rule).stats.forward_passes,
+    }
+    for method, passes in runs.items():
+        assert e2e.decode_passes(method, new_tokens, 32, tokens_per_step) == passes, method

@@ -1,0 +1,267 @@
+"""cache_attention (DESIGN.md 3.3) against the reference and against SDPA with an explicit mask."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import r2lm_kernels
+from r2lm_kernels import reference as ref
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+def dtypes_for(device):
+    return [torch.float32, torch.bfloat16, torch.float16] + ([torch.float64] if device == "cpu" else [])
+
+
+def strided(shape, dtype, device, pad=64):
+    """Random values in a view of a wider tensor: unit last-dim stride, every other stride padded."""
+    wide = torch.randn(*shape[:-1], shape[-1] + pad, dtype=torch.float32, device=device).to(dtype)
+    return wide[..., : shape[-1]]
+
+
+def make_case(device, dtype, *, batch, q_len, n_heads, n_kv, head_dim, max_len, paged, page_size=16,
+              lens=None, contiguous=False):
+    """Random inputs; cache lengths random in [0, max_len - q_len] with 0 and full caches included."""
+    make = (lambda *s: torch.randn(*s, device=device).to(dtype)) if contiguous else \
+        (lambda *s: strided(s, dtype, device))
+    q = make(batch, q_len, n_heads, head_dim)
+    k = make(batch, q_len, n_kv, head_dim)
+    v = make(batch, q_len, n_kv, head_dim)
+    if lens is None:
+        lens = torch.randint(0, max_len - q_len + 1, (batch,))
+        lens[0] = 0
+        if batch > 1:
+            lens[1] = max_len - q_len
+    cache_seqlens = torch.as_tensor(lens, dtype=torch.int32, device=device)
+    if paged:
+        pages_per_seq = max_len // page_size
+        num_pages = batch * pages_per_seq + 5
+        # A permuted page pool and a non-contiguous table (the left columns of a wider one).
+        perm = torch.randperm(num_pages, device=device)[: batch * pages_per_seq].to(torch.int32)
+        wide = torch.full((batch, pages_per_seq + 3), -7, dtype=torch.int32, device=device)
+        wide[:, :pages_per_seq] = perm.reshape(batch, pages_per_seq)
+        block_table = wide[:, :pages_per_seq]
+        cache_shape = (num_pages, page_size, n_kv, head_dim)
+    else:
+        block_table = None
+        cache_shape = (batch, max_len, n_kv, head_dim)
+    k_cache, v_cache = make(*cache_shape), make(*cache_shape)
+    return q, k, v, k_cache, v_cache, cache_seqlens, block_table
+
+
+def poison_allocator(nbytes, device):
+    """Fill and free a block of the size the op allocates, so reused memory starts as NaN."""
+    junk = torch.full((nbytes // 4 + 16,), math.nan, dtype=torch.float32, device=device)
+    del junk
+
+
+def low_precision_error(q, k, v, k_cache, v_cache, cache_seqlens, block_table, causal, want):
+    """Error of the same attention done in q's dtype with PyTorch ops (FlashAttention's reference rule)."""
+    outs = []
+    for b in range(q.shape[0]):
+        length = int(cache_seqlens[b])
+        keys = torch.cat([ref._gather_cache(k_cache, b, length, block_table), k[b]], 0)
+        vals = torch.cat([ref._gather_cache(v_cache, b, length, block_table), v[b]], 0)
+        group = q.shape[2] // k.shape[2]
+        keys, vals = keys.repeat_interleave(group, 1), vals.repeat_interleave(group, 1)
+        s = torch.einsum("qhd,khd->hqk", q[b], keys).float() / math.sqrt(q.shape[-1])
+        if causal:
+            i = torch.arange(q.shape[1], device=q.device)[:, None]
+            j = torch.arange(keys.shape[0], device=q.device)[None]
+            s = s.masked_fill(j > i + length, -math.inf)
+        p = s.softmax(-1).to(q.dtype)
+        outs.append(torch.einsum("hqk,khd->qhd", p, vals))
+    lowp = torch.stack(outs)
+    return float((lowp.double() - want).norm() / want.norm())
+
+
+def check_against_reference(device, dtype, causal, paged, write_kv=True, rel_err=None, tol=None, **shape):
+    q, k, v, k_cache, v_cache, lens, table = make_case(device, dtype, paged=paged, **shape)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    want, want_lse = ref.cache_attention(*(t.double().cpu() for t in (q, k, v, k_cache, v_cache)), lens.cpu(),
+                                         block_table=None if table is None else table.cpu(), causal=causal,
+                                         write_kv=False, return_lse=True)
+    want, want_lse = want.to(device), want_lse.to(device)
+    poison_allocator(q.numel() * q.element_size(), device)
+    out, lse = r2lm_kernels.cache_attention(q, k, v, k_cache, v_cache, lens, block_table=table, causal=causal,
+                                            write_kv=write_kv, return_lse=True)
+    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
+    assert lse.shape == (q.shape[0], q.shape[2], q.shape[1]) and lse.dtype == torch.float32
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    err = rel_err(out, want)
+    if dtype in HALF:
+        lowp = low_precision_error(q, k, v, k_before, v_before, lens, table, causal, want)
+        assert err <= 3 * lowp + 1e-4 and err <= tol[dtype], (err, lowp)
+    else:
+        assert err <= tol[dtype] * 10, err
+    assert rel_err(lse, want_lse) <= (1e-4 if dtype in HALF else 1e-6), rel_err(lse, want_lse)
+    check_cache_writes(k_cache, k_before, k, lens, table, write_kv)
+    check_cache_writes(v_cache, v_before, v, lens, table, write_kv)
+
+
+def check_cache_writes(cache, before, block, lens, table, write_kv):
+    """Draft slots hold the block exactly (with write_kv); every other slot is bit-for-bit unchanged."""
+    expected = before.clone()
+    if write_kv:
+        for b in range(block.shape[0]):
+            ref._scatter_cache(expected, b, int(lens[b]), block[b], table)
+    assert torch.equal(cache, expected)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("q_len", [1, 17, 33])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_matches_reference(device, causal, paged, q_len, head_dim, rel_err, tol):
+    for dtype in dtypes_for(device):
+        check_against_reference(device, dtype, causal, paged, rel_err=rel_err, tol=tol, batch=5, q_len=q_len,
+                                n_heads=6, n_kv=2, head_dim=head_dim, max_len=160)
+
+
+@pytest.mark.parametrize("n_heads,n_kv", [(4, 4), (8, 1), (12, 4)])
+def test_gqa_groups_and_contiguous_inputs(device, n_heads, n_kv, rel_err, tol):
+    for dtype in dtypes_for(device):
+        check_against_reference(device, dtype, True, False, rel_err=rel_err, tol=tol, batch=3, q_len=7,
+                                n_heads=n_heads, n_kv=n_kv, head_dim=64, max_len=96, contiguous=True)
+
+
+def test_long_block_and_write_kv_off(device, rel_err, tol):
+    # q_len 128 (a large block: many row tiles per kv head), and write_kv=False leaves the caches alone.
+    for causal in (True, False):
+        check_against_reference(device, torch.bfloat16 if device == "cuda" else torch.float32, causal, True,
+                                write_kv=False, rel_err=rel_err, tol=tol, batch=2, q_len=128, n_heads=4, n_kv=2,
+                                head_dim=128, max_len=320, page_size=64)
+
+
+def test_long_cache_small_batch_split_kv(device, rel_err, tol):
+    # Batch 1 with a long cache: the CUDA kernel splits the keys across CTAs and combines by lse.
+    for dtype in (torch.bfloat16, torch.float32):
+        for paged in (False, True):
+            check_against_reference(device, dtype, True, paged, rel_err=rel_err, tol=tol, batch=1, q_len=16,
+                                    n_heads=8, n_kv=2, head_dim=128, max_len=4096, page_size=256,
+                                    lens=[int(torch.randint(3000, 4080, ()))])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_matches_sdpa_with_explicit_mask(device, causal, rel_err):
+    batch, q_len, n_heads, n_kv, head_dim, max_len = 3, 17, 8, 2, 64, 128
+    dtype = torch.float32
+    q, k, v, k_cache, v_cache, lens, _ = make_case(device, dtype, batch=batch, q_len=q_len, n_heads=n_heads,
+                                                   n_kv=n_kv, head_dim=head_dim, max_len=max_len, paged=False)
+    scale = 0.3
+    out = r2lm_kernels.cache_attention(q, k, v, k_cache, v_cache, lens, softmax_scale=scale, causal=causal)
+    # k_cache now holds the block at [len, len + q_len): the whole sequence in one tensor.
+    keys = k_cache.repeat_interleave(n_heads // n_kv, 2).transpose(1, 2)
+    vals = v_cache.repeat_interleave(n_heads // n_kv, 2).transpose(1, 2)
+    i = torch.arange(q_len, device=device)[None, :, None]
+    j = torch.arange(max_len, device=device)[None, None, :]
+    L = lens.long()[:, None, None]
+    mask = (j < L + i + 1) if causal else (j < L + q_len)
+    want = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=mask[:, None],
+                                          scale=scale).transpose(1, 2)
+    assert rel_err(out, want) <= 1e-5
+
+
+def test_opcheck(device):
+    for dtype in (torch.float32, torch.bfloat16):
+        for paged in (False, True):
+            q, k, v, k_cache, v_cache, lens, table = make_case(device, dtype, batch=2, q_len=5, n_heads=4, n_kv=2,
+                                                               head_dim=64, max_len=48, paged=paged)
+            torch.library.opcheck(torch.ops.r2lm.cache_attention.default, (q, k, v, k_cache, v_cache, lens),
+                                  {"block_table": table, "causal": True, "write_kv": True})
+
+
+def test_torch_compile_fullgraph(device, rel_err):
+    q, k, v, k_cache, v_cache, lens, table = make_case(device, torch.float32, batch=2, q_len=5, n_heads=4, n_kv=2,
+                                                       head_dim=64, max_len=48, paged=True)
+    f = torch.compile(lambda *a, **kw: r2lm_kernels.cache_attention(*a, **kw), fullgraph=True, backend="aot_eager")
+    got = f(q, k, v, k_cache.clone(), v_cache.clone(), lens, block_table=table, causal=False)
+    want = r2lm_kernels.cache_attention(q, k, v, k_cache, v_cache, lens, block_table=table, causal=False)
+    assert rel_err(got, want) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_graph_capture(rel_err):
+    q, k, v, k_cache, v_cache, lens, table = make_case("cuda", torch.bfloat16, batch=2, q_len=32, n_heads=16,
+                                                       n_kv=8, head_dim=128, max_len=2048, paged=True, page_size=64)
+    want = r2lm_kernels.cache_attention(q, k, v, k_cache, v_cache, lens, block_table=table)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        r2lm_kernels.cache_attention(q, k, v, k_cache, v_cache, lens, block_table=table)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = r2lm_kernels.cache_attention(q, k, v, k_cache, v_cache, lens, block_table=table)
+    out.fill_(math.nan)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out, want) == 0
+
+
+def bad_call(device, **overrides):
+    args = dict(zip(("q", "k", "v", "k_cache", "v_cache", "cache_seqlens", "block_table"),
+                    make_case(device, torch.float32, batch=2, q_len=4, n_heads=4, n_kv=2, head_dim=64, max_len=32,
+                              paged=overrides.pop("paged", False), page_size=8)))
+    args.update(overrides)
+    return lambda: r2lm_kernels.cache_attention(**args)
+
+
+def test_bad_inputs_raise_naming_the_argument(device):
+    def raises(match, **overrides):
+        with pytest.raises((RuntimeError, ValueError), match=match):
+            bad_call(device, **overrides)()
+
+    f32 = lambda *s: torch.randn(*s, device=device)  # noqa: E731
+    raises("n_heads .* multiple of n_kv_heads", q=f32(2, 4, 3, 64))
+    raises("head_dim .* 64 or 128", q=f32(2, 4, 4, 96), k=f32(2, 4, 2, 96), v=f32(2, 4, 2, 96),
+           k_cache=f32(2, 32, 2, 96), v_cache=f32(2, 32, 2, 96))
+    raises("k must have q's dtype", k=f32(2, 4, 2, 64).half())
+    raises("k_cache must have q's dtype", k_cache=f32(2, 32, 2, 64).double())
+    raises("q must have dtype", q=torch.randint(0, 5, (2, 4, 4, 64), device=device))
+    raises("cache_seqlens must have dtype", cache_seqlens=torch.zeros(2, dtype=torch.int64, device=device))
+    raises("cache_seqlens must have shape", cache_seqlens=torch.zeros(3, dtype=torch.int32, device=device))
+    raises("v must have shape", v=f32(2, 5, 2, 64))
+    raises("v_cache must have shape", v_cache=f32(2, 31, 2, 64))
+    raises("k_cache must have shape", k_cache=f32(3, 32, 2, 64))
+    raises("q must have unit stride", q=f32(2, 4, 4, 128)[..., ::2])
+    raises("block_table must have dtype", paged=True, block_table=torch.zeros(2, 4, dtype=torch.int64, device=device))
+    if device == "cuda":
+        raises("k_cache must be on", k_cache=torch.randn(2, 32, 2, 64))
+        raises("float64 is supported on CPU only", **{n: t.double() for n, t in zip(
+            ("q", "k", "v", "k_cache", "v_cache"), (f32(2, 4, 4, 64), f32(2, 4, 2, 64), f32(2, 4, 2, 64),
+                                                    f32(2, 32, 2, 64), f32(2, 32, 2, 64)))})
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_bad_values_raise_on_cpu(paged, monkeypatch):
+    # Value checks need the data: always on CPU; on CUDA only with R2LM_VALIDATE=1 (they sync).
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    monkeypatch.setenv("R2LM_VALIDATE", "1")
+    for device in devices:
+        lens = lambda *x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
+        with pytest.raises((RuntimeError, ValueError), match="cache too small"):
+            bad_call(device, paged=paged, cache_seqlens=lens(0, 29))()
+        with pytest.raises((RuntimeError, ValueError), match="cache_seqlens.* negative"):
+            bad_call(device, paged=paged, cache_seqlens=lens(-1, 3))()
+        if paged:
+            table = torch.tensor([[0, 1, 2, 3], [4, 5, 99, 7]], dtype=torch.int32, device=device)
+            with pytest.raises((RuntimeError, ValueError), match=r"block_table\[1, 2\] = 99 is out of range"):
+                bad_call(device, paged=True, block_table=table, cache_seqlens=lens(3, 20))()
+            # Pages past the ones a sequence touches may hold anything (here -1: unused).
+            table[1, 2:] = -1
+            bad_call(device, paged=True, block_table=table, cache_seqlens=lens(3, 10))()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_bad_values_on_cuda_stay_in_bounds():
+    # Without R2LM_VALIDATE, CUDA clamps instead of checking: no fault, finite output.
+    q, k, v, k_cache, v_cache, lens, table = make_case("cuda", torch.bfloat16, batch=2, q_len=4, n_heads=4, n_kv=2,
+                                                       head_dim=64, max_len=32, paged=True, page_size=8)
+    table[1, 2] = 10_000
+    lens = torch.tensor([-5, 40], dtype=torch.int32, device="cuda")
+    out = r2lm_kernels.cache_attention(q, k, v, k_cache, v_cache, lens, block_table=table)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()

@@ -1,0 +1,314 @@
+"""Generation: the cacheability invariant, cache-free recompute, batch independence, stopping, statistics,
+the AR and bidirectional baselines, CUDA graphs."""
+import math
+
+import pytest
+import torch
+
+from r2lm_kernels import (R2LMConfig, R2LMForCausalLM, autoregressive_generate, bidirectional_generate, generate,
+                          reference)
+
+IMPLS = ["reference", "kernels"]
+
+
+def run_or_skip(fn):
+    """Runs fn; skips the test while an op has no kernel for the device (NotImplementedError)."""
+    try:
+        return fn()
+    except NotImplementedError as e:
+        pytest.skip(f"no kernel for this device yet: {str(e).splitlines()[0]}")
+
+
+def tiny_model(impl, dtype=torch.float64, device="cpu", **overrides):
+    """A small random model whose sidecar is on (non-zero out_proj) and whose logits vary enough that
+    different inputs give different tokens."""
+    fields = dict(vocab_size=97, hidden_size=44, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=64, block_size=8)
+    fields.update(overrides)
+    model = R2LMForCausalLM(R2LMConfig(**fields), impl=impl)
+    model.init_weights(std=0.3, sidecar_out_std=0.3)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def random_prompts(model, lengths, device="cpu"):
+    prompts = []
+    for n in lengths:
+        ids = torch.randint(0, model.config.vocab_size - 1, (n,), device=device)
+        prompts.append(torch.where(ids >= model.config.mask_token_id, ids + 1, ids))
+    return prompts
+
+
+def device_dtype(device):
+    """fp64 where the kernels have it (CPU): there, cached and cache-free runs agree to ~1e-15 and argmax
+    decisions cannot flip."""
+    return torch.float64 if device == "cpu" else torch.float32
+
+
+LENGTHS = [1, 17, 33]   # with block_size 8: tails of 1 and 1 token, 0, 2 and 4 whole prompt blocks
+
+
+def poison_caches(monkeypatch):
+    """Caches start as NaN: a read of a position past cache_seqlens would turn logits into NaN."""
+    allocate = R2LMForCausalLM.allocate_cache
+
+    def allocate_poisoned(self, batch, max_len):
+        cache = allocate(self, batch, max_len)
+        cache.k.fill_(float("nan"))
+        cache.v.fill_(float("nan"))
+        return cache
+
+    monkeypatch.setattr(R2LMForCausalLM, "allocate_cache", allocate_poisoned)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_cache_invariant(device, impl, monkeypatch):
+    """Every step's logits with the cache == a cache-free forward of [committed blocks + current block]."""
+    poison_caches(monkeypatch)
+    dtype = device_dtype(device)
+    model = tiny_model(impl, dtype, device)
+    prompts = random_prompts(model, LENGTHS, device)
+    seen = []
+    out = run_or_skip(lambda: generate(model, prompts, max_new_tokens=19, threshold=0.6, min_per_step=1,
+                                       max_per_step=3, step_callback=seen.append))
+    bs = model.config.block_size
+    checked, worst = 0, 0.0
+    with torch.no_grad():
+        for info in seen:
+            for b in range(len(prompts)):
+                if not info.active[b]:
+                    continue
+                start = int(info.block_start[b])
+                assert start % bs == 0
+                canvas = torch.cat([out.sequences[b, :start], info.block[b]])[None]
+                fresh = model(canvas)[0, start:]
+                worst = max(worst, float((fresh - info.logits[b]).abs().max()))
+                checked += 1
+    assert checked >= 3 * 3                               # three sequences, three blocks each at least
+    assert worst <= (1e-9 if dtype == torch.float64 else 1e-4), worst   # logits are O(1..10)
+    assert all(int(n) == 19 for n in out.stats.num_generated)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_cache_free_recompute_generates_the_same(impl, temperature):
+    model = tiny_model(impl)
+    prompts = random_prompts(model, LENGTHS)
+    seed = int(torch.randint(0, 2**62, ()))
+    kwargs = dict(max_new_tokens=21, threshold=0.5, min_per_step=1, max_per_step=4, temperature=temperature, seed=seed)
+    cached = run_or_skip(lambda: generate(model, prompts, use_cache=True, **kwargs))
+    recomputed = generate(model, prompts, use_cache=False, **kwargs)
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    assert torch.equal(cached.stats.steps, recomputed.stats.steps)
+    # the sidecar matters: without it the model generates something else
+    plain = generate(model, prompts, sidecar=False, **kwargs)
+    assert not torch.equal(plain.sequences, cached.sequences)
+
+
+def test_kernels_and_reference_generate_the_same(monkeypatch):
+    poison_caches(monkeypatch)
+    model = tiny_model("kernels")
+    prompts = random_prompts(model, [2, 9, 26])
+    kwargs = dict(max_new_tokens=20, threshold=0.5, min_per_step=1, max_per_step=4)
+    runs = {}
+    for impl in IMPLS:
+        model.impl = impl
+        runs[impl] = run_or_skip(lambda: (generate(model, prompts, **kwargs),
+                                          autoregressive_generate(model, prompts, max_new_tokens=6),
+                                          bidirectional_generate(model, prompts, **kwargs)))
+    for ours, theirs in zip(runs["kernels"], runs["reference"]):
+        assert torch.equal(ours.sequences, theirs.sequences)
+        assert torch.equal(ours.stats.steps, theirs.stats.steps)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_batch_independence(impl):
+    model = tiny_model(impl)
+    prompts = random_prompts(model, [5, 17, 1, 30])
+    kwargs = dict(max_new_tokens=18, threshold=0.5, min_per_step=2)
+    together = run_or_skip(lambda: generate(model, prompts, **kwargs))
+    for b, prompt in enumerate(prompts):
+        alone = generate(model, [prompt], **kwargs)
+        assert alone.tolist()[0] == together.tolist()[b]
+        assert int(alone.stats.steps[0]) == int(together.stats.steps[b])
+
+
+def expected_steps(prompt_len, max_new, bs, k):
+    """Steps of the fixed k-per-step policy: per block, ceil(masks in the block / k)."""
+    steps, blocks, pos, end = 0, 0, prompt_len, prompt_len + max_new
+    while pos < end:
+        block_end = min((pos // bs + 1) * bs, end)
+        steps += math.ceil((block_end - pos) / k)
+        blocks += 1
+        pos = block_end
+    return steps, blocks
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_fixed_tokens_per_step_statistics(device, k):
+    model = tiny_model("kernels", device_dtype(device), device)
+    prompts = random_prompts(model, LENGTHS, device)
+    out = run_or_skip(lambda: generate(model, prompts, max_new_tokens=19, threshold=float("inf"), min_per_step=k,
+                                       max_per_step=k))
+    bs = model.config.block_size
+    per_seq = [expected_steps(n, 19, bs, k) for n in LENGTHS]
+    assert out.stats.steps.tolist() == [s for s, _ in per_seq]
+    # every block costs its denoising steps plus one clean pass, except the last block
+    assert out.stats.forward_passes == max(s + blocks - 1 for s, blocks in per_seq)
+    assert out.stats.num_generated.tolist() == [19] * 3
+    assert out.stats.tokens_per_step == pytest.approx(57 / sum(s for s, _ in per_seq))
+    assert out.stats.wall_time > 0 and out.stats.tokens_per_second > 0
+    for b, n in enumerate(LENGTHS):
+        row = out.sequences[b]
+        assert int(out.lengths[b]) == n + 19
+        assert torch.equal(row[:n], prompts[b])
+        assert not (row[: n + 19] == model.config.mask_token_id).any()
+
+
+def test_eos_stops_after_its_block():
+    model = tiny_model("reference")
+    prompts = random_prompts(model, LENGTHS)
+    kwargs = dict(max_new_tokens=30, threshold=0.5, min_per_step=1, pad_token_id=0)
+    free = generate(model, prompts, **kwargs)
+    eos = int(free.sequences[0, LENGTHS[0] + 12])       # a token the first sequence generates in block 2
+    stopped = generate(model, prompts, eos_token_id=eos, **kwargs)
+    bs = model.config.block_size
+    for b, n in enumerate(LENGTHS):
+        gen = free.sequences[b, n: n + 30].tolist()
+        length = n + (gen.index(eos) + 1 if eos in gen else 30)
+        assert int(stopped.lengths[b]) == length
+        assert torch.equal(stopped.sequences[b, :length], free.sequences[b, :length])
+        assert (stopped.sequences[b, length:] == 0).all()
+        assert int(stopped.stats.num_generated[b]) == length - n
+        assert int(stopped.stats.steps[b]) <= int(free.stats.steps[b])
+    # the first sequence stopped when the block holding its EOS was complete
+    eos_block_end = ((LENGTHS[0] + free.sequences[0, LENGTHS[0]:].tolist().index(eos)) // bs + 1) * bs
+    assert int(stopped.stats.steps[0]) < int(free.stats.steps[0]) or eos_block_end >= LENGTHS[0] + 30
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_autoregressive_baseline_matches_naive_loop(impl):
+    model = tiny_model(impl)
+    prompts = random_prompts(model, [1, 9, 20])
+    out = run_or_skip(lambda: autoregressive_generate(model, prompts, max_new_tokens=7))
+    with torch.no_grad():
+        for b, prompt in enumerate(prompts):
+            seq = prompt[None]
+            for _ in range(7):
+                logits = model(seq, sidecar=False)[0, -1]
+                logits[model.config.mask_token_id] = float("-inf")
+                seq = torch.cat([seq, logits.argmax().view(1, 1)], dim=1)
+            assert out.tolist()[b] == seq[0].tolist()
+    assert out.stats.steps.tolist() == [7, 7, 7] and out.stats.tokens_per_step == 1.0
+    assert out.stats.forward_passes == 7
+
+
+def test_autoregressive_eos_and_sampling():
+    model = tiny_model("kernels")
+    prompts = random_prompts(model, [4, 11])
+    seed = int(torch.randint(0, 2**62, ()))
+    a = run_or_skip(lambda: autoregressive_generate(model, prompts, max_new_tokens=9, temperature=1.0, seed=seed))
+    b = autoregressive_generate(model, prompts, max_new_tokens=9, temperature=1.0, seed=seed)
+    assert torch.equal(a.sequences, b.sequences)                  # reproducible for a seed
+    eos = int(a.sequences[1, 11 + 3])
+    c = autoregressive_generate(model, prompts, max_new_tokens=9, temperature=1.0, seed=seed, eos_token_id=eos,
+                                pad_token_id=0)
+    gen = a.sequences[1, 11:20].tolist()
+    assert int(c.lengths[1]) == 11 + gen.index(eos) + 1
+    assert c.tolist()[1] == a.tolist()[1][: 11 + gen.index(eos) + 1]
+
+
+def naive_bidirectional(model, prompt, max_new, bs, **commit):
+    """LLaDA's semi-autoregressive loop written out for one sequence."""
+    mask = model.config.mask_token_id
+    canvas = torch.cat([prompt, torch.full((max_new,), mask)])[None]
+    n, step = len(prompt), 0
+    for start in range(n, n + max_new, bs):
+        end = min(start + bs, n + max_new)
+        while (canvas[0, start:end] == mask).any():
+            logits = model(canvas, causal=False, sidecar=False)[:, start:end]
+            block = canvas[:, start:end].clone()
+            reference.parallel_commit(logits, block, mask_token_id=mask, step=step, **commit)
+            canvas[:, start:end] = block
+            step += 1
+    return canvas[0].tolist(), step
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bidirectional_baseline_matches_naive_loop(impl):
+    model = tiny_model(impl)
+    prompts = random_prompts(model, [3, 12, 7])
+    commit = dict(threshold=0.5, min_per_step=1, max_per_step=3)
+    out = run_or_skip(lambda: bidirectional_generate(model, prompts, max_new_tokens=13, block_size=5, **commit))
+    with torch.no_grad():
+        for b, prompt in enumerate(prompts):
+            tokens, steps = naive_bidirectional(model, prompt, 13, 5, **commit)
+            assert out.tolist()[b] == tokens
+            assert int(out.stats.steps[b]) == steps
+
+
+def test_bad_arguments():
+    model = tiny_model("reference")
+    prompts = random_prompts(model, [4])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, prompts, max_new_tokens=0)
+    with pytest.raises(ValueError, match="min_per_step"):
+        generate(model, prompts, max_new_tokens=4, min_per_step=0)
+    with pytest.raises(ValueError, match="mask_token_id"):
+        generate(model, [[1, model.config.mask_token_id]], max_new_tokens=4)
+    with pytest.raises(ValueError, match="input_ids"):
+        generate(model, torch.zeros(2, 0, dtype=torch.long), max_new_tokens=4)
+    with pytest.raises(ValueError, match="input_ids holds token ids outside"):
+        bidirectional_generate(model, [[1, 2], [model.config.vocab_size]], max_new_tokens=4)
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, [[1, 2], []], max_new_tokens=4)
+    with pytest.raises(ValueError, match="eos_token_id"):
+        generate(model, prompts, max_new_tokens=4, eos_token_id=10_000)
+    with pytest.raises(ValueError, match="pad_token_id"):
+        autoregressive_generate(model, prompts, max_new_tokens=4, pad_token_id=model.config.mask_token_id)
+    with pytest.raises(ValueError, match="block_size"):
+        bidirectional_generate(model, prompts, max_new_tokens=4, block_size=0)
+    with pytest.raises(ValueError, match="cuda_graph"):
+        generate(model, prompts, max_new_tokens=4, cuda_graph=True)
+    with pytest.raises(TypeError, match="R2LMForCausalLM"):
+        generate(torch.nn.Linear(2, 2), prompts, max_new_tokens=4)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_matches_eager(dtype):
+    model = tiny_model("kernels", dtype, "cuda")
+    prompts = random_prompts(model, LENGTHS, "cuda")
+    seed = int(torch.randint(0, 2**62, ()))
+    kwargs = dict(max_new_tokens=27, threshold=0.4, min_per_step=1, max_per_step=4, temperature=0.8, seed=seed)
+    eager = run_or_skip(lambda: generate(model, prompts, **kwargs))
+    graphed = generate(model, prompts, cuda_graph=True, **kwargs)
+    assert torch.equal(eager.sequences, graphed.sequences)
+    assert torch.equal(eager.stats.steps, graphed.stats.steps)
+    ar_eager = autoregressive_generate(model, prompts, max_new_tokens=9, temperature=0.8, seed=seed)
+    ar_graphed = autoregressive_generate(model, prompts, max_new_tokens=9, temperature=0.8, seed=seed, cuda_graph=True)
+    assert torch.equal(ar_eager.sequences, ar_graphed.sequences)
+
+
+@needs_cuda
+def test_bf16_fixed_policy_on_cuda():
+    model = tiny_model("kernels", torch.bfloat16, "cuda", head_dim=128)
+    prompts = torch.randint(0, 96, (5, 40), device="cuda")
+    out = run_or_skip(lambda: generate(model, prompts, max_new_tokens=24, threshold=float("inf"), min_per_step=4,
+                                       max_per_step=4, cuda_graph=True))
+    steps, _ = expected_steps(40, 24, model.config.block_size, 4)
+    assert out.stats.steps.tolist() == [steps] * 5
+    assert not (out.sequences == model.config.mask_token_id).any()
+    assert torch.equal(out.sequences[:, :40], prompts)
+
+
+def test_demo_runs(capsys):
+    from r2lm_kernels import demo
+
+    assert demo.main(["--quick", "--device", "cpu", "--batch", "2", "--new-tokens", "12", "--block-size", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "cache invariant on this run: HELD" in printed
+    for method in ("R2LM", "autoregressive", "bidirectional"):
+        assert method in printed

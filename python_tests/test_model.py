@@ -1,0 +1,233 @@
+"""The R2LM model: Qwen3 parity, segment rules, the kernels path against the reference path, save/load."""
+import pytest
+import torch
+
+from r2lm_kernels import R2LMConfig, R2LMForCausalLM
+
+IMPLS = ["reference", "kernels"]
+
+
+def run_or_skip(fn):
+    """Runs fn; skips the test while an op has no kernel for the device (NotImplementedError)."""
+    try:
+        return fn()
+    except NotImplementedError as e:
+        pytest.skip(f"no kernel for this device yet: {str(e).splitlines()[0]}")
+
+
+def tiny_model(impl, dtype=torch.float64, device="cpu", **overrides):
+    """A small random model whose sidecar is switched on (non-zero out_proj) and whose logits vary."""
+    fields = dict(vocab_size=97, hidden_size=44, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=64, block_size=8)
+    fields.update(overrides)
+    model = R2LMForCausalLM(R2LMConfig(**fields), impl=impl)
+    model.init_weights(std=0.3, sidecar_out_std=0.3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def random_ids(model, *shape, device="cpu"):
+    """Token ids other than the mask token."""
+    ids = torch.randint(0, model.config.vocab_size - 1, shape, device=device)
+    return torch.where(ids >= model.config.mask_token_id, ids + 1, ids)
+
+
+# -- Qwen3 parity -------------------------------------------------------------------------------------------
+
+def hf_qwen3(tied, bias, device):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen3Config(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      max_position_embeddings=256, tie_word_embeddings=tied, attention_bias=bias,
+                                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    hf = transformers.Qwen3ForCausalLM(config).eval()
+    with torch.no_grad():  # every weight random (norms and biases included), so a mis-mapped one shows
+        for name, p in hf.named_parameters():
+            p.copy_((1.0 if name.endswith("norm.weight") else 0.0) + torch.randn_like(p) * 0.1)
+    return hf.to(device)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("tied,bias", [(False, False), (True, True)])
+def test_qwen3_parity(device, impl, tied, bias):
+    hf = hf_qwen3(tied, bias, device)
+    model = R2LMForCausalLM.from_qwen3(hf, block_size=8, impl=impl)
+    assert model.config.tie_word_embeddings == tied and model.config.mask_token_id == 100
+    ids = torch.randint(0, 100, (3, 37), device=device)
+    with torch.no_grad():
+        expected = hf(ids).logits
+        without_sidecar = model(ids, sidecar=False)
+        with_zero_sidecar = run_or_skip(lambda: model(ids))
+    torch.testing.assert_close(without_sidecar, expected, atol=1e-5, rtol=1e-5)
+    # A converted model's sidecars start with out_proj = 0: still exactly the base model.
+    torch.testing.assert_close(with_zero_sidecar, expected, atol=1e-5, rtol=1e-5)
+    assert all(layer.sidecar is not None for layer in model.model.layers)
+    assert all(float(layer.sidecar.out_proj.weight.detach().abs().max()) == 0 for layer in model.model.layers)
+
+
+def test_qwen3_conversion_rejects_unsupported_rope():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen3Config(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4})
+    with pytest.raises(ValueError, match="RoPE"):
+        R2LMForCausalLM.from_qwen3(transformers.Qwen3ForCausalLM(config))
+
+
+# -- segment rules ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sidecar_is_block_local_and_sees_right_context(impl):
+    model = tiny_model(impl)
+    bs = model.config.block_size
+    ids = random_ids(model, 2, 5 * bs + 3)
+    changed = ids.clone()
+    j = 2 * bs + 5                                       # a position inside block 2
+    changed[:, j] = (changed[:, j] + 1) % (model.config.vocab_size - 1)
+    with torch.no_grad():
+        a, b = run_or_skip(lambda: (model(ids), model(changed)))
+        a_plain, b_plain = model(ids, sidecar=False), model(changed, sidecar=False)
+    block_start = (j // bs) * bs
+    # Earlier blocks never see a later change (what makes their K/V cacheable).
+    torch.testing.assert_close(a[:, :block_start], b[:, :block_start], atol=1e-12, rtol=0)
+    # Inside the block, positions left of j see it through the sidecar only.
+    assert (a[:, block_start:j] - b[:, block_start:j]).abs().amax() > 1e-6
+    torch.testing.assert_close(a_plain[:, :j], b_plain[:, :j], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_block_mode_equals_full_forward(impl):
+    """Prefill + one block through the cache == the cache-free forward, per sequence, different lengths."""
+    model = tiny_model(impl)
+    bs = model.config.block_size
+    committed = [0, bs, 3 * bs]                          # committed (cached) length of each sequence
+    ids = random_ids(model, len(committed), 4 * bs)
+    cache = model.allocate_cache(len(committed), 5 * bs)
+    cache.k.fill_(float("nan"))                          # positions past seqlens must never be read
+    cache.v.fill_(float("nan"))
+    block = random_ids(model, len(committed), bs)
+    block[:, 1::3] = model.config.mask_token_id
+    with torch.no_grad():
+        def cached():
+            model.hidden_states(ids[:, : max(committed)], cache=cache, prefill=True)
+            cache.seqlens.copy_(torch.tensor(committed, dtype=torch.int32))
+            return model.logits(model.hidden_states(block, cache=cache))
+        got = run_or_skip(cached)
+        for b, n in enumerate(committed):
+            canvas = torch.cat([ids[b, :n], block[b]])[None]
+            torch.testing.assert_close(got[b], model(canvas)[0, n:], atol=1e-9, rtol=1e-9)
+            # write_kv stored the block's K/V after the committed prefix
+            assert torch.isfinite(cache.k[:, b, : n + bs]).all()
+    assert torch.equal(cache.seqlens, torch.tensor(committed, dtype=torch.int32))
+
+
+# -- kernels path == reference path -------------------------------------------------------------------------
+
+def _rule_error(kernel, reference_low, reference_exact):
+    """FlashAttention's rule: the kernel's error against an exact reference is compared with the error of the
+    same math done by the reference path at the low precision."""
+    err = float((kernel.double() - reference_exact).norm() / reference_exact.norm())
+    base = float((reference_low.double() - reference_exact).norm() / reference_exact.norm())
+    return err, base
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_kernels_path_matches_reference_path(device, dtype, rel_err, tol):
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("the CUDA kernels have no fp64")
+    exact = tiny_model("reference", dtype=torch.float64, device=device)
+    low = tiny_model("reference", dtype=dtype, device=device)
+    low.load_state_dict(exact.state_dict())
+    kern = tiny_model("kernels", dtype=dtype, device=device)
+    kern.load_state_dict(exact.state_dict())
+    ids = random_ids(exact, 3, 33, device=device)
+    with torch.no_grad():
+        got = run_or_skip(lambda: kern(ids))
+        want_low, want_exact = low(ids), exact(ids)
+    if dtype in (torch.float64, torch.float32):
+        assert rel_err(got, want_low) <= 10 * tol[dtype]
+    else:
+        err, base = _rule_error(got, want_low, want_exact)
+        assert err <= 3 * base + 1e-4, (err, base)
+
+
+def test_kernels_path_gradients_match_reference(device, rel_err):
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    ref = tiny_model("reference", dtype=dtype, device=device)
+    kern = tiny_model("kernels", dtype=dtype, device=device)
+    kern.load_state_dict(ref.state_dict())
+    ids = random_ids(ref, 2, 19, device=device)
+    weights = torch.randn(2, 19, ref.config.vocab_size, dtype=dtype, device=device)
+
+    def grads(model):
+        model.zero_grad()
+        (model(ids) * weights).sum().backward()
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    got = run_or_skip(lambda: grads(kern))
+    want = grads(ref)
+    limit = 1e-9 if dtype == torch.float64 else 1e-4
+    for name, g in want.items():
+        assert got[name] is not None, name
+        assert rel_err(got[name], g) <= limit, name
+    assert float(want["model.layers.0.sidecar.A_log"].abs().max()) > 0   # the sidecar is on the graph
+
+
+# -- save / load, configuration -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_save_load_roundtrip(tmp_path, tied):
+    pytest.importorskip("safetensors")
+    model = tiny_model("reference", dtype=torch.float32, tie_word_embeddings=tied, sidecar_layers=[1])
+    path = tmp_path / "r2lm.safetensors"
+    model.save(path)
+    loaded = R2LMForCausalLM.load(path, impl="reference")
+    assert loaded.config == model.config and loaded.dtype == torch.float32
+    assert loaded.model.layers[0].sidecar is None and loaded.model.layers[1].sidecar is not None
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tied
+    ids = random_ids(model, 2, 21)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+    bf16 = R2LMForCausalLM.load(path, impl="reference", dtype=torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16
+
+
+def test_load_rejects_foreign_file(tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    path = tmp_path / "other.safetensors"
+    safetensors_torch.save_file({"w": torch.zeros(2)}, str(path))
+    with pytest.raises(ValueError, match="not an R2LM checkpoint"):
+        R2LMForCausalLM.load(path)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="impl"):
+        R2LMForCausalLM(R2LMConfig.tiny(), impl="cuda")
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        R2LMConfig.tiny(num_key_value_heads=3)
+    with pytest.raises(ValueError, match="mask_token_id"):
+        R2LMConfig.tiny(mask_token_id=512)
+    with pytest.raises(ValueError, match="sidecar_layers"):
+        R2LMConfig.tiny(sidecar_layers=[5])
+    model = tiny_model("reference", dtype=torch.float32)
+    with pytest.raises(ValueError, match="input_ids"):
+        model(torch.rand(2, 5))
+    with pytest.raises(ValueError, match="input_ids"):
+        model(torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="cache"):
+        model.hidden_states(random_ids(model, 3, 4), cache=model.allocate_cache(2, 16))
+    with pytest.raises(ValueError, match="max_len"):
+        model.hidden_states(random_ids(model, 2, 20), cache=model.allocate_cache(2, 16), prefill=True)
+
+
+def test_config_defaults_and_dict_roundtrip():
+    config = R2LMConfig()
+    assert (config.hidden_size, config.num_hidden_layers, config.head_dim) == (2048, 28, 128)
+    assert config.mask_token_id == config.vocab_size - 1
+    assert config.sidecar_d_inner == 1024 and config.sidecar_dt_rank == 128
+    assert R2LMConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown fields"):
+        R2LMConfig.from_dict({"hidden": 3})

@@ -1,0 +1,419 @@
+"""parallel_commit kernels (CPU, and CUDA when available) against r2lm_kernels.reference.parallel_commit."""
+import math
+
+import pytest
+import torch
+
+import r2lm_kernels
+from r2lm_kernels import reference as ref
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+SCORES = ["prob", "margin", "neg_entropy"]
+
+
+def _logits(batch, block, vocab, dtype, device, layout="contiguous"):
+    """Random logits, never zeros, with a per-position spread so the scores differ across positions.
+    layout: "contiguous"; "vocab_slice" (rows cut out of a wider tensor at an odd offset, so rows start
+    unaligned); "transposed" (batch and block strides swapped)."""
+    scale = torch.empty(batch, block, 1, device=device).uniform_(0.5, 4.0)
+    if layout == "vocab_slice":
+        wide = torch.randn(batch, block, vocab + 9, device=device) * scale
+        return wide.to(dtype)[..., 3:3 + vocab]
+    if layout == "transposed":
+        base = torch.randn(block, batch, vocab, device=device) * scale.transpose(0, 1)
+        return base.to(dtype).transpose(0, 1)
+    return (torch.randn(batch, block, vocab, device=device) * scale).to(dtype)
+
+
+def _tokens(batch, block, vocab, mask_id, device, masked_fraction=0.7):
+    tokens = torch.randint(0, vocab - 1, (batch, block), device=device)
+    tokens[tokens >= mask_id] += 1                               # unmasked positions hold other tokens
+    tokens[torch.rand(batch, block, device=device) < masked_fraction] = mask_id
+    return tokens
+
+
+def _run(logits, tokens, **kwargs):
+    """(kernel, reference) results, each (committed, confidence, n_masked, tokens after)."""
+    got_tokens, want_tokens = tokens.clone(), tokens.clone()
+    got = r2lm_kernels.parallel_commit(logits, got_tokens, **kwargs)
+    want = ref.parallel_commit(logits, want_tokens, **kwargs)
+    return (*got, got_tokens), (*want, want_tokens)
+
+
+def _assert_confidence_close(got, want, got_tokens, logits, tokens, kwargs, rel_err):
+    """fp64: against the reference to 1e-12. Lower precisions, FlashAttention-style: the kernel's error
+    against the fp64 reference at most 3x (+ 1e-6) the error of the reference computed in fp32 (which
+    grows with the vocab: torch's fp32 softmax over 262,144 tokens is off by ~1e-5)."""
+    finite = torch.isfinite(want)
+    assert torch.equal(finite, torch.isfinite(got)), "the kernel and the reference disagree on eligibility"
+    assert torch.equal(got[~finite], want[~finite])              # -inf (or +inf margins) exactly
+    if logits.dtype == torch.float64:
+        if finite.any():
+            assert rel_err(got[finite], want[finite]) <= 1e-12
+        return
+    exact_tokens = tokens.clone()
+    exact = ref.parallel_commit(logits.double(), exact_tokens, **kwargs)[1]
+    same = finite & (exact_tokens == got_tokens)                 # sampled candidates may differ on near-ties
+    if same.any():
+        # Errors relative to the scores' norm, or absolute for scores below 1 (an entropy near 0 is
+        # xsum / sum - log(sum), two terms that cancel: its error is small absolutely, not relatively).
+        exact = exact[same].double()
+        scale = max(float(exact.norm()), math.sqrt(exact.numel()))
+        err = float((got[same].double() - exact).norm()) / scale
+        err_ref = float((want[same].double() - exact).norm()) / scale
+        assert err <= 3 * err_ref + 1e-6, f"confidence error {err:.3g} vs the fp32 reference's {err_ref:.3g}"
+
+
+def _assert_same_outcome(got, want):
+    """Same committed positions, tokens and n_masked; confidences equal up to fp32 rounding."""
+    for name, g, w in zip(["committed", "confidence", "n_masked", "tokens"], got, want):
+        if name == "confidence":
+            assert torch.equal(torch.isfinite(g), torch.isfinite(w)) and torch.equal(g[~torch.isfinite(g)],
+                                                                                     w[~torch.isfinite(w)])
+            assert torch.allclose(g, w, rtol=1e-5, atol=1e-7), name
+        else:
+            assert torch.equal(g, w), name
+
+
+def _gumbel_pick(logits, b, i, v, temperature, seed, step):
+    """x / T - log(-log(u)) of token v at (b, i) in fp64, to judge near-ties."""
+    u = float(ref.gumbel_uniform(seed, step, b, i, v))
+    return float(logits[b, i, v]) / temperature - math.log(-math.log(u))
+
+
+def _assert_candidates_equal(got_tokens, want_tokens, logits, temperature, seed, step):
+    """Greedy candidates must agree exactly. Sampled ones too, except where the two best Gumbel picks
+    are so close that one ulp of log() or of x / T decides (CUDA's reference divides by a reciprocal)."""
+    diff = (got_tokens != want_tokens).nonzero().tolist()
+    if temperature == 0:
+        assert not diff, f"candidates differ at {diff[:5]}"
+        return
+    assert len(diff) <= 1 + got_tokens.numel() // 500, f"sampled candidates differ at {len(diff)} positions"
+    for b, i in diff:
+        a = _gumbel_pick(logits, b, i, int(got_tokens[b, i]), temperature, seed, step)
+        c = _gumbel_pick(logits, b, i, int(want_tokens[b, i]), temperature, seed, step)
+        assert abs(a - c) <= 1e-5 * max(1.0, abs(a)), f"sampled candidate at {(b, i)} is not a near-tie: {a} vs {c}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("score", SCORES)
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("shape,layout", [((2, 17, 1000), "contiguous"), ((1, 1, 2), "contiguous"),
+                                          ((3, 33, 4099), "vocab_slice"), ((2, 5, 777), "transposed")])
+def test_candidates_and_scores_match_reference(device, dtype, score, temperature, shape, layout, rel_err):
+    """threshold=-inf commits every eligible position, exposing each candidate and score."""
+    batch, block, vocab = shape
+    mask_id = int(torch.randint(0, vocab, ()))
+    logits = _logits(batch, block, vocab, dtype, device, layout)
+    tokens = _tokens(batch, block, vocab, mask_id, device)
+    seed, step = int(torch.randint(-2**62, 2**62, ())), int(torch.randint(0, 2**40, ()))
+    kwargs = dict(mask_token_id=mask_id, threshold=-math.inf, temperature=temperature, seed=seed, step=step,
+                  score=score)
+    (committed, confidence, n_masked, got_tokens), want = _run(logits, tokens, **kwargs)
+    assert torch.equal(committed, want[0])
+    assert torch.equal(committed, tokens == mask_id)
+    _assert_candidates_equal(got_tokens, want[3], logits, temperature, seed, step)
+    assert torch.equal(n_masked, (got_tokens == mask_id).sum(1).int())
+    _assert_confidence_close(confidence, want[1], got_tokens, logits, tokens, kwargs, rel_err)
+    assert confidence.dtype == torch.float32 and n_masked.dtype == torch.int32 and committed.dtype == torch.bool
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("vocab", [151936, 262144])
+def test_large_vocab(device, dtype, temperature, vocab, rel_err):
+    batch, block = 2, 3                                          # few rows: the CUDA kernel splits each row
+    logits = _logits(batch, block, vocab, dtype, device)
+    mask_id = vocab - 1
+    tokens = torch.full((batch, block), mask_id, device=device)
+    seed, step = int(torch.randint(0, 2**31, ())), 3
+    kwargs = dict(mask_token_id=mask_id, threshold=-math.inf, temperature=temperature, seed=seed, step=step)
+    (committed, confidence, n_masked, got_tokens), want = _run(logits, tokens, **kwargs)
+    assert committed.all()
+    _assert_candidates_equal(got_tokens, want[3], logits, temperature, seed, step)
+    _assert_confidence_close(confidence, want[1], got_tokens, logits, tokens, kwargs, rel_err)
+
+
+def _separated_logits(batch, block, vocab, device):
+    """Each position has one planted peak whose height differs from every other position's of its
+    sequence by >= 0.05 over low noise, so the probability scores are at least ~1e-4 apart: far more
+    than rounding, so kernel and reference must select exactly the same positions."""
+    logits = torch.randn(batch, block, vocab, device=device) * 0.1
+    heights = torch.stack([torch.randperm(block, device=device) for _ in range(batch)]).float() * 0.05 + 4.0
+    peaks = torch.randint(0, vocab, (batch, block, 1), device=device)
+    return logits.scatter_(2, peaks, heights[..., None])
+
+
+def _threshold_in_a_gap(scores):
+    """A threshold near the median score, in the widest gap between neighbouring scores there."""
+    s = scores.flatten().double().sort().values
+    lo, hi = len(s) // 4, max(len(s) // 4 + 1, 3 * len(s) // 4)
+    gaps = s[lo + 1:hi + 1] - s[lo:hi]
+    k = lo + int(gaps.argmax()) if len(gaps) else 0
+    return float((s[k] + s[min(k + 1, len(s) - 1)]) / 2)
+
+
+RULES = {  # (threshold, min_per_step, max_per_step)
+    "threshold": lambda q: (q, 1, 0),
+    "topk": lambda q: (math.inf, 3, 3),
+    "quota": lambda q: (q, 4, 0),
+    "threshold_capped": lambda q: (q, 1, 2),
+    "nothing_passes": lambda q: (1.5, 1, 0),
+    "nothing_passes_min0": lambda q: (1.5, 0, 0),
+    "all_pass": lambda q: (-1.0, 1, 0),
+}
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+@pytest.mark.parametrize("block", [1, 17, 32, 128])
+def test_selection_matches_reference(device, rule, block):
+    batch, vocab = 5, 301
+    mask_id = 7
+    logits = _separated_logits(batch, block, vocab, device)
+    tokens = _tokens(batch, block, vocab, mask_id, device)
+    threshold, min_k, max_k = RULES[rule](_threshold_in_a_gap(logits.softmax(-1).amax(-1)))
+    active = torch.rand(batch, device=device) < 0.8
+    kwargs = dict(mask_token_id=mask_id, threshold=threshold, min_per_step=min_k, max_per_step=max_k, active=active)
+    got, want = _run(logits, tokens, **kwargs)
+    _assert_same_outcome(got, want)
+
+
+def test_strided_tokens_are_updated_in_place(device):
+    """tokens may be any strided view (here every other column of a wider buffer); no copy is made."""
+    batch, block, vocab, mask_id = 3, 17, 500, 2
+    logits = _logits(batch, block, vocab, torch.float16, device, "transposed")
+    wide = torch.full((batch, 2 * block), -5, device=device)
+    tokens = wide[:, ::2]
+    tokens.copy_(_tokens(batch, block, vocab, mask_id, device))
+    want_tokens = tokens.clone()
+    want = ref.parallel_commit(logits, want_tokens, mask_token_id=mask_id, threshold=-math.inf)
+    got = r2lm_kernels.parallel_commit(logits, tokens, mask_token_id=mask_id, threshold=-math.inf)
+    assert torch.equal(wide[:, ::2], want_tokens) and (wide[:, 1::2] == -5).all()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
+
+
+def test_ties_go_to_the_lower_position_and_token(device):
+    batch, block, vocab, mask_id = 2, 8, 64, 0
+    logits = torch.randn(batch, block, vocab, device=device)
+    logits[:, 5] = logits[:, 2]                                  # equal rows: equal confidence
+    logits[:, :, 10] = logits[:, :, 20] = logits.amax(-1) + 1.0  # tokens 10 and 20 tie for the argmax
+    tokens = torch.full((batch, block), mask_id, device=device)
+    kwargs = dict(mask_token_id=mask_id, threshold=math.inf, min_per_step=1, max_per_step=1)
+    logits[:, 2] = logits[:, 2] * 3                              # positions 2 and 5 the most confident
+    logits[:, 5] = logits[:, 2]
+    got, want = _run(logits, tokens, **kwargs)
+    assert got[0].nonzero().tolist() == [[0, 2], [1, 2]]
+    assert (got[3][:, 2] == 10).all()
+    assert got[1][:, 2].equal(got[1][:, 5])
+    _assert_same_outcome(got, want)
+
+
+def test_non_finite_rows_are_never_committed(device):
+    vocab, mask_id = 50, 3
+    logits = torch.randn(1, 8, vocab, device=device)
+    logits[0, :, mask_id] = 1e4                                  # the mask token dominates: never a candidate
+    logits[0, 1, 11] = math.nan
+    logits[0, 2, 12] = math.inf
+    logits[0, 3, :] = -math.inf                                  # only the mask token is possible
+    logits[0, 3, mask_id] = 0.0
+    logits[0, 4, :] = -math.inf                                  # nothing at all is possible
+    logits[0, 5, ::2] = -math.inf                                # some -inf logits: a normal row
+    logits[0, 6, mask_id] = math.nan
+    logits[0, 7, mask_id] = -math.inf
+    tokens = torch.full((1, 8), mask_id, device=device)
+    for score in SCORES:
+        for temperature in (0.0, 1.3):
+            kwargs = dict(mask_token_id=mask_id, threshold=0.0, min_per_step=8, temperature=temperature,
+                          score=score, seed=1, step=2)
+            (committed, confidence, n_masked, got_tokens), want = _run(logits, tokens, **kwargs)
+            assert committed.tolist() == [[True, False, False, False, False, True, False, True]], (score, temperature)
+            assert (got_tokens[committed] != mask_id).all()
+            assert (confidence[~committed] == -math.inf).all()
+            assert int(n_masked) == 5
+            assert torch.equal(committed, want[0]) and torch.equal(got_tokens, want[3])
+
+
+def test_margin_with_a_single_candidate_token_is_infinite(device):
+    logits = torch.randn(2, 3, 2, device=device)
+    tokens = torch.ones(2, 3, dtype=torch.long, device=device)
+    got, want = _run(logits, tokens, mask_token_id=1, threshold=0.5, score="margin")
+    assert (got[1] == math.inf).all() and torch.equal(got[1], want[1]) and (got[3] == 0).all()
+
+
+def test_inactive_sequences_are_untouched(device):
+    batch, block, vocab, mask_id = 4, 16, 100, 99
+    logits = _logits(batch, block, vocab, torch.float32, device)
+    tokens = torch.full((batch, block), mask_id, device=device)
+    active = torch.tensor([True, False, True, False], device=device)
+    got, want = _run(logits, tokens, mask_token_id=mask_id, threshold=0.0, min_per_step=2, active=active)
+    committed, confidence, n_masked, got_tokens = got
+    assert not committed[~active].any() and (confidence[~active] == -math.inf).all()
+    assert (got_tokens[~active] == mask_id).all()
+    assert n_masked.tolist() == [0, block, 0, block]
+    _assert_same_outcome(got, want)
+
+
+def _chi_square_critical(dof, z=3.719):
+    """Wilson-Hilferty approximation of the chi-square quantile; z = 3.719 is the normal 1 - 1e-4 quantile,
+    so a correct sampler fails this test about once in 10,000 runs."""
+    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sampling_follows_softmax(device, temperature, dtype):
+    vocab, mask_id, batch, block, steps = 24, 5, 64, 128, 6
+    # Logits scaled with the temperature keep every probability above ~3e-3 (expected counts >= 100).
+    row = ((torch.randn(vocab, device=device) * 0.6).clamp(-1.2, 1.2) * temperature).to(dtype)
+    logits = row.expand(batch, block, vocab)                     # stride-0 view: one distribution everywhere
+    counts = torch.zeros(vocab, dtype=torch.float64, device=device)
+    seed = int(torch.randint(0, 2**62, ()))
+    for step in range(steps):
+        tokens = torch.full((batch, block), mask_id, device=device)
+        r2lm_kernels.parallel_commit(logits, tokens, mask_token_id=mask_id, threshold=-math.inf,
+                                     temperature=temperature, seed=seed, step=step)
+        counts += torch.bincount(tokens.flatten(), minlength=vocab).double()
+    p = torch.softmax(row.double().masked_fill(torch.arange(vocab, device=device) == mask_id, -math.inf)
+                      / temperature, 0)
+    assert counts[mask_id] == 0
+    keep = torch.arange(vocab, device=device) != mask_id
+    expected = p[keep] * counts.sum()
+    assert float(expected.min()) > 20                            # the chi-square approximation holds
+    chi2 = float(((counts[keep] - expected) ** 2 / expected).sum())
+    assert chi2 < _chi_square_critical(vocab - 2), f"chi2 {chi2:.1f} over {vocab - 2} degrees of freedom"
+
+
+def test_sampling_is_reproducible(device):
+    batch, block, vocab, mask_id = 3, 32, 500, 0
+    logits = _logits(batch, block, vocab, torch.float32, device)
+    mask = torch.full((batch, block), mask_id, device=device)
+
+    def draw(**kwargs):
+        tokens = mask.clone()
+        r2lm_kernels.parallel_commit(logits, tokens, mask_token_id=mask_id, threshold=-math.inf, temperature=1.0,
+                                     **kwargs)
+        return tokens
+
+    first = draw(seed=11, step=4)
+    assert torch.equal(first, draw(seed=11, step=4))
+    assert torch.equal(first, draw(seed=11, step=torch.tensor([4], device=device)))
+    assert not torch.equal(first, draw(seed=11, step=5))
+    assert not torch.equal(first, draw(seed=12, step=4))
+    assert not torch.equal(first, draw(seed=11 + 2**32, step=4))  # the seed's high word counts
+
+
+def test_uniform_rounding_to_one_gives_no_infinite_noise(device):
+    """For (seed 0, step 0, batch 930, position 0, token 2885) the uniform (2^24 - 1/2) / 2^24 rounds
+    to 1.0 in fp32; uncapped, its Gumbel noise would be +inf and that token (logit -50) would win."""
+    batch, vocab, mask_id, unlucky = 931, 4096, 4095, 2885
+    assert float(ref.gumbel_uniform(0, 0, 930, 0, unlucky).float()) == 1.0
+    row = torch.randn(vocab, device=device)
+    row[unlucky] = -50.0
+    logits = row.expand(batch, 1, vocab)
+    tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    tokens[930] = mask_id
+    got, want = _run(logits, tokens, mask_token_id=mask_id, threshold=-math.inf, temperature=1.0, seed=0, step=0)
+    assert bool(got[0][930, 0]) and int(got[3][930, 0]) != unlucky
+    assert torch.equal(got[3], want[3])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replays_draw_fresh_samples():
+    batch, block, vocab, mask_id = 4, 32, 1000, 1
+    logits = _logits(batch, block, vocab, torch.bfloat16, "cuda")
+    step = torch.zeros(1, dtype=torch.long, device="cuda")
+    tokens = torch.full((batch, block), mask_id, device="cuda")
+    kwargs = dict(mask_token_id=mask_id, threshold=-math.inf, temperature=1.0, seed=7)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):                                # warm-up outside the capture
+        r2lm_kernels.parallel_commit(logits, tokens.clone(), step=step, **kwargs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = r2lm_kernels.parallel_commit(logits, tokens, step=step, **kwargs)
+    draws = []
+    for s in (3, 4, 3):
+        step.fill_(s)
+        tokens.fill_(mask_id)
+        graph.replay()
+        eager = torch.full_like(tokens, mask_id)
+        eager_out = r2lm_kernels.parallel_commit(logits, eager, step=s, **kwargs)
+        assert torch.equal(tokens, eager) and torch.equal(outputs[1], eager_out[1])
+        draws.append(tokens.clone())
+    assert torch.equal(draws[0], draws[2]) and not torch.equal(draws[0], draws[1])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_opcheck(device, temperature):
+    logits = _logits(2, 9, 300, torch.float32, device)
+    tokens = _tokens(2, 9, 300, 4, device)
+    step = torch.tensor([3], device=device)
+    active = torch.tensor([True, False], device=device)
+    # No requires_grad variant: the op has no backward (committing is a discrete decision), so autograd
+    # is not registered and inputs requiring grad are not a supported use.
+    for kwargs in (dict(mask_token_id=4, threshold=0.3, temperature=temperature),
+                   dict(mask_token_id=4, threshold=0.3, temperature=temperature, step_tensor=step, active=active,
+                        score="margin", min_per_step=2, max_per_step=3)):
+        torch.library.opcheck(torch.ops.r2lm.parallel_commit.default, (logits, tokens.clone()), kwargs)
+
+
+def test_torch_compile_fullgraph(device):
+    logits = _logits(2, 16, 300, torch.float32, device)
+    tokens = _tokens(2, 16, 300, 4, device)
+
+    def step_fn(lg, tok):
+        committed, confidence, n_masked = r2lm_kernels.parallel_commit(lg, tok, mask_token_id=4, threshold=0.2)
+        return committed, confidence * 2, n_masked
+
+    compiled = torch.compile(step_fn, fullgraph=True, backend="aot_eager")
+    got_tokens, want_tokens = tokens.clone(), tokens.clone()
+    got = compiled(logits, got_tokens)
+    want = step_fn(logits, want_tokens)
+    assert torch.equal(got_tokens, want_tokens)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+def test_bad_inputs_raise_clear_errors(device):
+    logits = _logits(2, 4, 10, torch.float32, device)
+    tokens = torch.full((2, 4), 9, device=device)
+    ok = dict(mask_token_id=9, threshold=0.5)
+
+    def call(lg=logits, tok=tokens, **kwargs):
+        r2lm_kernels.parallel_commit(lg, tok.clone(), **{**ok, **kwargs})
+
+    cases = [
+        (dict(mask_token_id=10), "mask_token_id"),
+        (dict(mask_token_id=-1), "mask_token_id"),
+        (dict(lg=logits[0]), "logits must have shape"),
+        (dict(lg=logits.to(torch.int32)), "logits must have dtype"),
+        (dict(lg=logits.transpose(1, 2)), "logits must have unit stride"),
+        (dict(tok=tokens.int()), "tokens must have dtype"),
+        (dict(tok=tokens[:, :3]), "tokens must have shape"),
+        (dict(active=torch.ones(3, dtype=torch.bool, device=device)), "active must have shape"),
+        (dict(active=torch.ones(2, dtype=torch.int32, device=device)), "active must have dtype"),
+        (dict(step=torch.zeros(2, dtype=torch.long, device=device)), "step_tensor must hold one element"),
+        (dict(step=torch.zeros(1, dtype=torch.int32, device=device)), "step_tensor must have dtype"),
+        (dict(score="entropy"), "score must be"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=math.inf), "temperature"),
+        (dict(min_per_step=-1), "min_per_step"),
+        (dict(max_per_step=-2), "max_per_step"),
+        (dict(threshold=math.nan), "threshold"),
+        (dict(lg=_logits(1, 1025, 10, torch.float32, device), tok=torch.full((1, 1025), 9, device=device)),
+         "block size"),
+    ]
+    if device == "cuda":
+        cases.append((dict(tok=tokens.cpu()), "tokens must be on"))
+    for kwargs, message in cases:
+        with pytest.raises((RuntimeError, ValueError), match=message):
+            call(**kwargs)
+
+
+def test_empty_batch_and_block(device):
+    for batch, block in ((0, 4), (3, 0)):
+        logits = torch.randn(batch, block, 10, device=device)
+        tokens = torch.full((batch, block), 9, device=device)
+        committed, confidence, n_masked = r2lm_kernels.parallel_commit(logits, tokens, mask_token_id=9, threshold=0.5)
+        assert committed.shape == (batch, block) and n_masked.tolist() == [0] * batch

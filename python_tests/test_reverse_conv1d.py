@@ -1,0 +1,319 @@
+"""reverse_conv1d (DESIGN.md 3.2) against r2lm_kernels.reference on every available device.
+
+Inputs are fresh random tensors every run (conftest's per-test seed is printed on failure). Outputs the
+op allocates are poisoned by filling and freeing same-sized NaN buffers right before the call, so an
+element the kernel fails to write shows up as NaN (reliable on CUDA's caching allocator, best effort on
+CPU). Tolerances: fp64 / fp32 from the conftest table against an fp64 reference; bf16 / fp16 also by
+the reference-relative rule (the kernel's error against fp64 at most 2x + eps the error of the
+reference run at that precision).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import r2lm_kernels
+from r2lm_kernels import reference
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+HALF = (torch.bfloat16, torch.float16)
+
+# (batch, seqlen, dim, width): odd sizes, seqlen 1, dims not a multiple of 8, lengths that are not a
+# multiple of the CUDA kernels' token runs (32 / 64 tokens) and blocks (128 / 256 tokens), channel
+# counts that span several CUDA channel blocks (512 bf16 / 256 fp32 channels).
+SHAPES = [
+    (1, 1, 5, 4),
+    (2, 17, 24, 4),
+    (3, 33, 70, 3),
+    (2, 129, 64, 1),
+    (1, 300, 37, 2),
+    (2, 257, 1040, 4),
+    (2, 65, 40, 5),
+    (1, 200, 16, 8),
+]
+
+
+def _check_device(device, dtype):
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("float64 runs on CPU only (gradcheck); the CUDA kernels are fp32/bf16/fp16")
+
+
+def _segments(batch, seqlen, device, kind):
+    """seq_idx (batch, seqlen) int32: None, random monotonic segments (some length 1, some straddling
+    the kernels' run boundaries), or fixed blocks with a random phase as in block diffusion."""
+    if kind == "none":
+        return None
+    if kind == "random":
+        starts = torch.rand(batch, seqlen, device=device) < torch.empty(batch, 1, device=device).uniform_(0.02, 0.4)
+        return torch.cumsum(starts.int(), dim=1, dtype=torch.int32)
+    block = int(torch.randint(2, 40, ()))
+    phase = torch.randint(0, block, (batch, 1), device=device)
+    return ((torch.arange(seqlen, device=device) + phase) // block).to(torch.int32)
+
+
+def _inputs(batch, seqlen, dim, width, dtype, weight_dtype, device, bias=True):
+    x = torch.randn(batch, seqlen, dim, device=device).to(dtype)
+    weight = (torch.randn(dim, width, device=device) / width ** 0.5).to(weight_dtype)
+    b = torch.randn(dim, device=device).to(weight_dtype) if bias else None
+    return x, weight, b
+
+
+def _poison(device, *shapes_dtypes):
+    """Fill and free NaN buffers the size of the outputs about to be allocated."""
+    held = [torch.full(shape, float("nan"), dtype=dt, device=device) for shape, dt in shapes_dtypes]
+    del held
+
+
+def _f64(t):
+    return None if t is None else t.detach().double()
+
+
+def _assert_close(name, out, ref64, ref_low, dtype, tol, rel_err):
+    """out vs the fp64 reference; for half precision also against the low-precision reference's error."""
+    assert not torch.isnan(out).any(), f"{name}: NaN in output (an element left unwritten?)"
+    err = rel_err(out, ref64)
+    assert err <= tol[dtype], f"{name}: relative error {err:.3e} > {tol[dtype]:.1e} ({dtype})"
+    if dtype in HALF:
+        ref_err = rel_err(ref_low, ref64)
+        assert err <= 2 * ref_err + 1e-6, f"{name}: error {err:.3e} > 2x the reference's own {ref_err:.3e}"
+
+
+@pytest.mark.parametrize("mode", ["plain", "bias+silu"])
+@pytest.mark.parametrize("segments", ["none", "random", "blocks"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("weight_dtype", ["same", "fp32"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward(device, dtype, weight_dtype, shape, segments, mode, tol, rel_err):
+    _check_device(device, dtype)
+    batch, seqlen, dim, width = shape
+    wdt = dtype if weight_dtype == "same" else torch.float32
+    x, weight, bias = _inputs(batch, seqlen, dim, width, dtype, wdt, device, bias=mode == "bias+silu")
+    seq_idx = _segments(batch, seqlen, device, segments)
+    silu = mode != "plain"
+    _poison(device, ((batch, seqlen, dim), dtype))
+    y = r2lm_kernels.reverse_conv1d(x, weight, bias, seq_idx, silu)
+    assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous()
+    ref64 = reference.reverse_conv1d(_f64(x), _f64(weight), _f64(bias), seq_idx, silu)
+    ref_low = reference.reverse_conv1d(x, weight, bias, seq_idx, silu)
+    _assert_close("y", y, ref64, ref_low, dtype, tol, rel_err)
+
+
+@pytest.mark.parametrize("mode", ["plain", "bias+silu"])
+@pytest.mark.parametrize("segments", ["none", "random", "blocks"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("weight_dtype", ["same", "fp32"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward(device, dtype, weight_dtype, shape, segments, mode, tol, rel_err):
+    _check_device(device, dtype)
+    batch, seqlen, dim, width = shape
+    wdt = dtype if weight_dtype == "same" else torch.float32
+    x, weight, bias = _inputs(batch, seqlen, dim, width, dtype, wdt, device, bias=mode != "plain")
+    seq_idx = _segments(batch, seqlen, device, segments)
+    silu = mode == "bias+silu"
+    dy = torch.randn(batch, seqlen, dim, device=device).to(dtype)
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias) if t is not None]
+    out = r2lm_kernels.reverse_conv1d(leaves[0], leaves[1], leaves[2] if bias is not None else None, seq_idx, silu)
+    _poison(device, ((batch, seqlen, dim), dtype), ((dim, width), wdt), ((dim,), wdt))
+    grads = torch.autograd.grad(out, leaves, dy)
+
+    leaves64 = [_f64(t).requires_grad_() for t in leaves]
+    out64 = reference.reverse_conv1d(leaves64[0], leaves64[1], leaves64[2] if bias is not None else None,
+                                     seq_idx, silu)
+    grads64 = torch.autograd.grad(out64, leaves64, dy.double())
+    leaves_low = [t.detach().requires_grad_() for t in leaves]
+    out_low = reference.reverse_conv1d(leaves_low[0], leaves_low[1], leaves_low[2] if bias is not None else None,
+                                       seq_idx, silu)
+    grads_low = torch.autograd.grad(out_low, leaves_low, dy)
+    for name, g, g64, g_low, leaf in zip(["dx", "dweight", "dbias"], grads, grads64, grads_low, leaves):
+        assert g.dtype == leaf.dtype and g.shape == leaf.shape
+        # Parameter gradients sum over batch * seqlen in fp32: allow for that at fp32.
+        table = dict(tol)
+        if name != "dx":
+            table[torch.float32] = 1e-5 * max(1.0, (batch * seqlen / 256) ** 0.5)
+        _assert_close(name, g, g64, g_low, leaf.dtype if name != "dx" else dtype, table, rel_err)
+
+
+@pytest.mark.parametrize("view", ["slice", "slice_misaligned", "transposed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_views(device, dtype, view, tol, rel_err):
+    """Strided views with unit last-dim stride are taken as they are (no copies) and give the same result."""
+    batch, seqlen, dim, width = 3, 77, 48, 4
+    if view == "transposed":
+        x = torch.randn(seqlen, batch, dim, device=device).to(dtype).transpose(0, 1)
+        dy = torch.randn(seqlen, batch, dim, device=device).to(dtype).transpose(0, 1)
+    else:
+        offset = 8 if view == "slice" else 1  # 1: not 16-byte aligned, takes the scalar CUDA path
+        x = torch.randn(batch, seqlen, dim + 16, device=device).to(dtype)[..., offset:offset + dim]
+        dy = torch.randn(batch, seqlen, dim + 16, device=device).to(dtype)[..., offset:offset + dim]
+    assert not x.is_contiguous() and x.stride(-1) == 1
+    weight = torch.randn(width + 3, dim, device=device).t()[:, 1:1 + width]  # strided in both dims
+    bias = torch.randn(2 * dim, device=device)[::2]
+    seq_idx = _segments(batch, 2 * seqlen, device, "random")[:, ::2]
+    y = r2lm_kernels.reverse_conv1d(x, weight, bias, seq_idx, True)
+    ref = reference.reverse_conv1d(x.double(), weight.double(), bias.double(), seq_idx, True)
+    assert rel_err(y, ref) <= tol[dtype]
+    dx, dweight, dbias = torch.ops.r2lm.reverse_conv1d_backward(dy, x, weight, bias, seq_idx, True)
+    leaves = [t.double().requires_grad_() for t in (x, weight, bias)]
+    grads = torch.autograd.grad(reference.reverse_conv1d(*leaves, seq_idx, True), leaves, dy.double())
+    for got, want in zip((dx, dweight, dbias), grads):
+        assert rel_err(got, want) <= max(tol[dtype], 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_long_sequence(device, dtype, tol, rel_err):
+    """seqlen >= 16k with block segments and random segments in one batch."""
+    batch, seqlen, dim, width = 2, 16411, 24, 4
+    x, weight, bias = _inputs(batch, seqlen, dim, width, dtype, torch.float32, device)
+    seq_idx = torch.cat([_segments(1, seqlen, device, "blocks"), _segments(1, seqlen, device, "random")])
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
+    y = r2lm_kernels.reverse_conv1d(*leaves, seq_idx, True)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, dy)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    y64 = reference.reverse_conv1d(*leaves64, seq_idx, True)
+    grads64 = torch.autograd.grad(y64, leaves64, dy.double())
+    assert rel_err(y.detach(), y64.detach()) <= tol[dtype]
+    for g, g64 in zip(grads, grads64):
+        assert rel_err(g, g64) <= max(tol[dtype], 1e-4)
+
+
+def test_matches_conv1d_composition(device, rel_err):
+    """Independent formulation (no segments): flip, causal F.conv1d with groups=dim, flip back."""
+    batch, seqlen, dim, width = 2, 93, 40, 4
+    x, weight, bias = _inputs(batch, seqlen, dim, width, torch.float64 if device == "cpu" else torch.float32,
+                              torch.float64 if device == "cpu" else torch.float32, device)
+    flipped = x.flip(1).transpose(1, 2)                                   # (batch, dim, seqlen), reversed time
+    # Output t' of a causal conv over the reversed sequence sums x[t + k] * weight[k]: taps flipped.
+    causal = F.conv1d(F.pad(flipped, (width - 1, 0)), weight.flip(1).unsqueeze(1), bias, groups=dim)
+    expected = causal.transpose(1, 2).flip(1)
+    got = r2lm_kernels.reverse_conv1d(x, weight, bias)
+    assert rel_err(got, expected) <= (1e-12 if x.dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("segments", ["none", "random"])
+def test_gradcheck(silu, segments):
+    batch, seqlen, dim, width = 2, 13, 5, 4
+    x, weight, bias = _inputs(batch, seqlen, dim, width, torch.float64, torch.float64, "cpu")
+    seq_idx = _segments(batch, seqlen, "cpu", segments)
+    leaves = [t.requires_grad_() for t in (x, weight, bias)]
+    assert torch.autograd.gradcheck(lambda a, w, b: r2lm_kernels.reverse_conv1d(a, w, b, seq_idx, silu), leaves)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backward_deterministic(device, dtype):
+    """dweight / dbias reduce over batch * seqlen in a fixed order: bitwise equal run after run."""
+    batch, seqlen, dim, width = 4, 3001, 520, 4
+    x, weight, bias = _inputs(batch, seqlen, dim, width, dtype, torch.float32, device)
+    seq_idx = _segments(batch, seqlen, device, "random")
+    dy = torch.randn_like(x)
+    first = torch.ops.r2lm.reverse_conv1d_backward(dy, x, weight, bias, seq_idx, True)
+    for _ in range(3):
+        again = torch.ops.r2lm.reverse_conv1d_backward(dy, x, weight, bias, seq_idx, True)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("case", ["plain", "bias+seq+silu", "fp32-weight"])
+def test_opcheck(device, case, requires_grad):
+    dtype = torch.bfloat16 if case == "fp32-weight" else torch.float32
+    x, weight, bias = _inputs(2, 19, 12, 4, dtype, torch.float32, device, bias=case != "plain")
+    seq_idx = _segments(2, 19, device, "random") if case == "bias+seq+silu" else None
+    for t in (x, weight, bias):
+        if t is not None:
+            t.requires_grad_(requires_grad)
+    torch.library.opcheck(torch.ops.r2lm.reverse_conv1d.default, (x, weight, bias, seq_idx, case == "bias+seq+silu"))
+    dy = torch.randn_like(x)
+    torch.library.opcheck(torch.ops.r2lm.reverse_conv1d_backward.default,
+                          (dy, x.detach(), weight.detach(), None if bias is None else bias.detach(), seq_idx, True))
+
+
+def test_torch_compile_fullgraph(device, rel_err):
+    x, weight, bias = _inputs(2, 21, 16, 4, torch.float32, torch.float32, device)
+    seq_idx = _segments(2, 21, device, "random")
+
+    def block(x, weight, bias):
+        return r2lm_kernels.reverse_conv1d(x * 2, weight, bias, seq_idx, silu=True).sum(-1)
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    leaves = [t.requires_grad_() for t in (x, weight, bias)]
+    out = compiled(*leaves)
+    grads = torch.autograd.grad(out.sum(), leaves)
+    want = block(*leaves)
+    want_grads = torch.autograd.grad(want.sum(), leaves)
+    assert rel_err(out.detach(), want.detach()) <= 1e-6
+    for g, w in zip(grads, want_grads):
+        assert rel_err(g, w) <= 1e-6
+
+
+def test_expanded_grad_output(device, rel_err):
+    """y.sum().backward() hands the op a stride-0 gradient; the autograd wrapper densifies it."""
+    x, weight, bias = _inputs(2, 9, 6, 3, torch.float32, torch.float32, device)
+    leaves = [t.requires_grad_() for t in (x, weight, bias)]
+    r2lm_kernels.reverse_conv1d(*leaves).sum().backward()
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    reference.reverse_conv1d(*leaves64).sum().backward()
+    for a, b in zip(leaves, leaves64):
+        assert rel_err(a.grad, b.grad) <= 1e-5
+
+
+def _bad_cases(device):
+    f32 = dict(device=device, dtype=torch.float32)
+    x = torch.randn(2, 7, 6, **f32)
+    w = torch.randn(6, 4, **f32)
+    b = torch.randn(6, **f32)
+    s = torch.zeros(2, 7, dtype=torch.int32, device=device)
+    cases = [
+        ("x must have shape", (x[0], w, b, s)),
+        ("x must have dtype", (x.to(torch.int32), w, b, s)),
+        ("x must have unit stride", (torch.randn(2, 7, 12, **f32)[..., ::2], w, b, s)),
+        ("weight must have shape", (x, torch.randn(5, 4, **f32), b, s)),
+        ("weight must have shape", (x, torch.randn(6, 4, 1, **f32), b, s)),
+        ("weight width", (x, torch.randn(6, 0, **f32), b, s)),
+        ("weight width", (x, torch.randn(6, 9, **f32), b, s)),
+        ("weight must have dtype", (x, w.double(), b, s)),
+        ("weight must have dtype", (x.bfloat16(), w.half(), b, s)),
+        ("bias must have shape", (x, w, torch.randn(7, **f32), s)),
+        ("bias must have dtype", (x.half(), w, b.bfloat16(), s)),
+        ("seq_idx must have shape", (x, w, b, s[:, :6])),
+        ("seq_idx must have dtype", (x, w, b, s.long())),
+    ]
+    if device == "cuda":
+        cases += [
+            ("weight must be on", (x, w.cpu(), b, s)),
+            ("bias must be on", (x, w, b.cpu(), s)),
+            ("seq_idx must be on", (x, w, b, s.cpu())),
+            ("x must have dtype", (x.double(), w.double(), b.double(), s)),
+        ]
+    return cases
+
+
+def test_bad_inputs(device):
+    for message, args in _bad_cases(device):
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.r2lm.reverse_conv1d(*args, False)
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.r2lm.reverse_conv1d_backward(torch.randn(2, 7, 6, device=device), *args, False)
+
+
+def test_bad_grad_output(device):
+    x = torch.randn(2, 7, 6, device=device)
+    w = torch.randn(6, 4, device=device)
+    for message, dy in [("dy must have shape", torch.randn(2, 7, 5, device=device)),
+                        ("dy must have dtype", torch.randn(2, 7, 6, device=device).double()),
+                        ("dy must have unit stride", torch.randn(2, 7, 12, device=device)[..., ::2])]:
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.r2lm.reverse_conv1d_backward(dy, x, w, None, None, False)
+    if device == "cuda":
+        with pytest.raises(RuntimeError, match="dy must be on"):
+            torch.ops.r2lm.reverse_conv1d_backward(torch.randn(2, 7, 6), x, w, None, None, False)
+
+
+def test_empty(device):
+    """No tokens: empty output, zero parameter gradients."""
+    x = torch.randn(2, 0, 6, device=device)
+    w = torch.randn(6, 3, device=device)
+    b = torch.randn(6, device=device)
+    assert r2lm_kernels.reverse_conv1d(x, w, b).shape == (2, 0, 6)
+    dx, dw, db = torch.ops.r2lm.reverse_conv1d_backward(torch.randn_like(x), x, w, b, None, True)
+    assert dx.shape == x.shape and torch.equal(dw, torch.zeros_like(w)) and torch.equal(db, torch.zeros_like(b))

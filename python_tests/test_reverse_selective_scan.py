@@ -1,0 +1,404 @@
+"""reverse_selective_scan (DESIGN.md 3.1) against r2lm_kernels.reference on every available device.
+
+Inputs are fresh random tensors every run (conftest's per-test seed is printed on failure). Outputs the
+op allocates are poisoned by filling and freeing same-sized NaN buffers right before the call, so an
+element the kernel fails to write shows up as NaN (reliable on CUDA's caching allocator, best effort on
+CPU). Tolerances: fp64 / fp32 from the conftest table against an fp64 reference; bf16 / fp16 also by
+the reference-relative rule (the kernel's error against fp64 at most 3x + eps the error of the
+reference run at that precision).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import r2lm_kernels
+from r2lm_kernels import reference
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+HALF = (torch.bfloat16, torch.float16)
+GRAD_NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+
+# (batch, seqlen, dim, d_state): seqlen 1, odd lengths (not a multiple of the kernels' internal chunks:
+# 16 channels per CPU block, 32-128 token chunks on CUDA), dims not a multiple of 8 or spanning several
+# channel blocks, d_state 1 to 64.
+SHAPES = [
+    (1, 1, 5, 3),
+    (2, 17, 24, 16),
+    (3, 33, 70, 7),
+    (2, 129, 37, 16),
+    (1, 300, 20, 64),
+    (2, 65, 130, 16),
+]
+
+
+def _check_device(device, dtype):
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("float64 runs on CPU only (gradcheck); the CUDA kernels are fp32/bf16/fp16")
+
+
+def _segments(batch, seqlen, device, kind):
+    """seq_idx (batch, seqlen) int32: None, random monotonic segments (some of length 1, many straddling
+    the kernels' chunk boundaries), or fixed blocks with a random phase as in block diffusion."""
+    if kind == "none":
+        return None
+    if kind == "random":
+        starts = torch.rand(batch, seqlen, device=device) < torch.empty(batch, 1, device=device).uniform_(0.02, 0.4)
+        return torch.cumsum(starts.int(), dim=1, dtype=torch.int32)
+    block = int(torch.randint(2, 40, ()))
+    phase = torch.randint(0, block, (batch, 1), device=device)
+    return ((torch.arange(seqlen, device=device) + phase) // block).to(torch.int32)
+
+
+def _inputs(batch, seqlen, dim, d_state, dtype, device, *, options="all", segments="random"):
+    """Random inputs as a dict of the op's arguments. options="all" uses D, z, delta_bias and softplus;
+    "none" leaves them out (then delta is positive, as a step size must be)."""
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    full = options == "all"
+
+    def act(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device) * scale).to(dtype)
+
+    delta = act(batch, seqlen, dim, scale=0.5) if full else \
+        torch.empty(batch, seqlen, dim, device=device).uniform_(0.01, 0.3).to(dtype)
+    return dict(
+        u=act(batch, seqlen, dim),
+        delta=delta,
+        A=-torch.empty(dim, d_state, device=device).uniform_(0.05, 2.0).to(param_dtype),
+        B=act(batch, seqlen, d_state),
+        C=act(batch, seqlen, d_state),
+        D=torch.randn(dim, device=device).to(param_dtype) if full else None,
+        z=act(batch, seqlen, dim) if full else None,
+        delta_bias=(torch.randn(dim, device=device) * 0.5 - 1.0).to(param_dtype) if full else None,
+        delta_softplus=full,
+        seq_idx=_segments(batch, seqlen, device, segments),
+    )
+
+
+def _f64(args):
+    return {k: (v.detach().double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+            for k, v in args.items()}
+
+
+def _poison(device, *shapes_dtypes):
+    """Fill and free NaN buffers the size of the outputs about to be allocated."""
+    held = [torch.full(shape, float("nan"), dtype=dt, device=device) for shape, dt in shapes_dtypes]
+    del held
+
+
+def _assert_close(name, out, ref64, ref_low, dtype, tol, rel_err, low_factor=3.0):
+    assert not torch.isnan(out).any(), f"{name}: NaN (an element left unwritten?)"
+    err = rel_err(out, ref64)
+    assert err <= tol[dtype], f"{name}: relative error {err:.3e} > {tol[dtype]:.1e} ({dtype})"
+    if dtype in HALF:
+        ref_err = rel_err(ref_low, ref64)
+        assert err <= low_factor * ref_err + 1e-5, \
+            f"{name}: error {err:.3e} > {low_factor}x the low-precision reference's own {ref_err:.3e}"
+
+
+def _run_forward(args):
+    u = args["u"]
+    _poison(u.device, (u.shape, u.dtype))
+    return r2lm_kernels.reverse_selective_scan(**args)
+
+
+@pytest.mark.parametrize("options", ["all", "none"])
+@pytest.mark.parametrize("segments", ["none", "random", "blocks"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward(device, dtype, shape, segments, options, tol, rel_err):
+    _check_device(device, dtype)
+    args = _inputs(*shape, dtype, device, options=options, segments=segments)
+    out = _run_forward(args)
+    assert out.shape == args["u"].shape and out.dtype == dtype and out.is_contiguous()
+    ref64 = reference.reverse_selective_scan(**_f64(args))
+    ref_low = reference.reverse_selective_scan(**args) if dtype in HALF else None
+    _assert_close("out", out, ref64, ref_low, dtype, tol, rel_err)
+
+
+def _grads_through_reference(args, dout):
+    """Gradients of every floating input by autograd through the reference (in the inputs' precision)."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in args.items()
+              if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    out = reference.reverse_selective_scan(**{**args, **leaves})
+    grads = torch.autograd.grad(out, list(leaves.values()), dout)
+    return dict(zip(leaves.keys(), grads))
+
+
+def _grads_through_op(args, dout):
+    # detach() keeps a view's strides, so the kernel sees exactly the layout it was given.
+    leaves = {k: v.detach().requires_grad_() for k, v in args.items()
+              if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    u = args["u"]
+    _poison(u.device, *[(v.shape, v.dtype) for v in leaves.values()])
+    out = r2lm_kernels.reverse_selective_scan(**{**args, **leaves})
+    grads = torch.autograd.grad(out, list(leaves.values()), dout)
+    return dict(zip(leaves.keys(), grads))
+
+
+# Gradient tolerances: fp32 gradients are sums over many steps and channels; 2e-5 leaves room for that
+# accumulation while still catching any wrong term (those show up at 1e-2 and above).
+GRAD_TOL = {torch.float64: 1e-11, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
+
+
+@pytest.mark.parametrize("options", ["all", "none"])
+@pytest.mark.parametrize("segments", ["none", "random"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward(device, dtype, shape, segments, options, rel_err):
+    _check_device(device, dtype)
+    args = _inputs(*shape, dtype, device, options=options, segments=segments)
+    dout = torch.randn(args["u"].shape, device=device).to(dtype)
+    got = _grads_through_op(args, dout)
+    ref64 = _grads_through_reference(_f64(args), dout.double())
+    ref_low = _grads_through_reference(args, dout) if dtype in HALF else None
+    for name, g in got.items():
+        assert g.dtype == args[name].dtype and g.shape == args[name].shape, name
+        _assert_close(f"d{name}", g, ref64[name], ref_low[name] if ref_low else None, dtype, GRAD_TOL, rel_err)
+
+
+def test_absent_optional_grads_are_empty(device):
+    args = _inputs(2, 9, 5, 3, torch.float32, device, options="none")
+    dout = torch.randn_like(args["u"])
+    grads = torch.ops.r2lm.reverse_selective_scan_backward(
+        dout, args["u"], args["delta"], args["A"], args["B"], args["C"], None, None, None, False, None)
+    assert [tuple(g.shape) for g in grads[5:]] == [(0,), (0,), (0,)]
+
+
+def _forward_scan_composition(u, delta, A, B, C, D, z, delta_bias, delta_softplus, seq_idx):
+    """An independent formulation: flip the sequence, run an ordinary (left-to-right) selective scan
+    whose state resets where a segment starts, flip back. fp64 torch ops."""
+    flip = lambda t: None if t is None else t.flip(1)  # noqa: E731
+    u, delta, B, C, z, seq_idx = map(flip, (u, delta, B, C, z, seq_idx))
+    dt = delta + (delta_bias if delta_bias is not None else 0)
+    dt = F.softplus(dt) if delta_softplus else dt
+    decay = torch.exp(dt[..., None] * A)                                  # (batch, seqlen, dim, d_state)
+    drive = (dt * u)[..., None] * B[:, :, None, :]
+    if seq_idx is not None:
+        starts = torch.ones_like(seq_idx, dtype=torch.bool)
+        starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+        decay = decay.masked_fill(starts[..., None, None], 0.0)
+    h = torch.zeros_like(drive[:, 0])
+    ys = []
+    for t in range(u.shape[1]):
+        h = decay[:, t] * h + drive[:, t]
+        ys.append((h * C[:, t, None, :]).sum(-1))
+    y = torch.stack(ys, 1)
+    if D is not None:
+        y = y + D * u
+    if z is not None:
+        y = y * F.silu(z)
+    return y.flip(1)
+
+
+def test_matches_forward_scan_composition(device, rel_err):
+    args = _inputs(2, 45, 21, 8, torch.float32, device, segments="blocks")
+    out = r2lm_kernels.reverse_selective_scan(**args)
+    expected = _forward_scan_composition(**_f64(args))
+    assert rel_err(out, expected) <= 1e-5
+
+
+# Views with unit stride in the last dim: slices of wider tensors, sequence-major storage, A sliced
+# from a wider parameter. None of them may be copied behind the caller's back.
+def _views(args, kind):
+    def widen(t):  # the same values inside a wider tensor
+        if t is None:
+            return None
+        wide = torch.full((*t.shape[:-1], t.shape[-1] + 5), float("nan"), dtype=t.dtype, device=t.device)
+        wide[..., : t.shape[-1]] = t
+        return wide[..., : t.shape[-1]]
+
+    def seq_major(t):
+        return t.transpose(0, 1).contiguous().transpose(0, 1)
+
+    out = dict(args)
+    for name in ("u", "delta", "B", "C", "z"):
+        if args[name] is not None:
+            out[name] = widen(args[name]) if kind == "sliced" else seq_major(args[name])
+    out["A"] = widen(args["A"])
+    if args["seq_idx"] is not None:
+        wide = torch.zeros(args["seq_idx"].shape[0], args["seq_idx"].shape[1] + 3, dtype=torch.int32,
+                           device=args["seq_idx"].device)
+        wide[:, : args["seq_idx"].shape[1]] = args["seq_idx"]
+        out["seq_idx"] = wide[:, : args["seq_idx"].shape[1]]
+    return out
+
+
+def _copies_made(fn):
+    """Names of the copy ops the profiler saw while running fn."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.key for e in prof.key_averages() if e.key in ("aten::contiguous", "aten::clone", "aten::copy_")]
+
+
+@pytest.mark.parametrize("kind", ["sliced", "seq_major"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_views(device, dtype, kind, tol, rel_err):
+    args = _inputs(2, 37, 19, 16, dtype, device)
+    views = _views(args, kind)
+    assert not views["u"].is_contiguous() and not views["A"].is_contiguous()
+    out = _run_forward(views)
+    ref64 = reference.reverse_selective_scan(**_f64(args))
+    ref_low = reference.reverse_selective_scan(**args) if dtype in HALF else None
+    _assert_close("out", out, ref64, ref_low, dtype, tol, rel_err)
+    assert _copies_made(lambda: torch.ops.r2lm.reverse_selective_scan(*views.values())) == []
+
+    dout = torch.randn(args["u"].shape, device=device).to(dtype)
+    got = _grads_through_op(views, dout)
+    want = _grads_through_op(args, dout)
+    for name in got:
+        assert torch.equal(got[name], want[name]), f"d{name} differs between a view and a contiguous copy"
+    dargs = [views[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus", "seq_idx")]
+    assert _copies_made(lambda: torch.ops.r2lm.reverse_selective_scan_backward(dout, *dargs)) == []
+
+
+def test_expanded_grad_output(device, rel_err):
+    """out.sum() hands the backward an expanded (stride 0) gradient."""
+    args = _inputs(2, 20, 9, 4, torch.float32, device)
+    leaves = {k: args[k].clone().requires_grad_() for k in ("u", "A")}
+    r2lm_kernels.reverse_selective_scan(**{**args, **leaves}).sum().backward()
+    want = _grads_through_reference(_f64(args), torch.ones(args["u"].shape, dtype=torch.float64, device=device))
+    for k in leaves:
+        assert rel_err(leaves[k].grad, want[k]) <= 2e-5
+
+
+@pytest.mark.parametrize("d_state", [16, 64])
+def test_long_sequence(device, d_state, rel_err):
+    seqlen = 16384 + 3 if device == "cuda" else 2048 + 3
+    args = _inputs(1, seqlen, 12, d_state, torch.float32, device, segments="blocks")
+    out = _run_forward(args)
+    ref64 = reference.reverse_selective_scan(**_f64(args))
+    assert rel_err(out, ref64) <= 1e-5
+    no_segments = dict(args, seq_idx=None)
+    out = _run_forward(no_segments)
+    ref64 = reference.reverse_selective_scan(**_f64(no_segments))
+    assert rel_err(out, ref64) <= 1e-5
+
+
+@pytest.mark.parametrize("segments", ["none", "random"])
+@pytest.mark.parametrize("options", ["all", "none"])
+def test_gradcheck(options, segments):
+    args = _inputs(2, 11, 5, 3, torch.float64, "cpu", options=options, segments=segments)
+    names = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    for k in names:
+        args[k] = args[k].requires_grad_()
+    ordered = list(args.values())
+    assert torch.autograd.gradcheck(lambda *a: r2lm_kernels.reverse_selective_scan(*a), ordered)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backward_deterministic(device, dtype):
+    """Bitwise-equal gradients run after run (and on the CPU whatever the thread count)."""
+    args = _inputs(3, 200, 300, 16, dtype, device)
+    dout = torch.randn(args["u"].shape, device=device).to(dtype)
+    call = lambda: torch.ops.r2lm.reverse_selective_scan_backward(dout, *args.values())  # noqa: E731
+    first = call()
+    runs = [call() for _ in range(3)]
+    if device == "cpu":
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            runs.append(call())
+        finally:
+            torch.set_num_threads(threads)
+    for run in runs:
+        for name, a, b in zip(GRAD_NAMES, first, run):
+            assert torch.equal(a, b), f"d{name} differs between runs"
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("options", ["all", "none"])
+def test_opcheck(device, options, requires_grad):
+    args = _inputs(2, 13, 10, 4, torch.float32, device, options=options)
+    if requires_grad:
+        for k, v in args.items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                v.requires_grad_()
+    torch.library.opcheck(torch.ops.r2lm.reverse_selective_scan.default, tuple(args.values()))
+    plain = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    dout = torch.randn_like(plain["u"])
+    torch.library.opcheck(torch.ops.r2lm.reverse_selective_scan_backward.default, (dout, *plain.values()))
+
+
+def test_torch_compile_fullgraph(device, rel_err):
+    args = _inputs(2, 19, 11, 4, torch.float32, device)
+    leaves = {k: args[k].clone().requires_grad_() for k in ("u", "delta", "A")}
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(u, delta, A):
+        return r2lm_kernels.reverse_selective_scan(u, delta, A, args["B"], args["C"], args["D"], args["z"],
+                                                   args["delta_bias"], True, args["seq_idx"]) * 2
+
+    out = f(**leaves)
+    assert rel_err(out.detach(), 2 * reference.reverse_selective_scan(**_f64(args))) <= 1e-5
+    out.sum().backward()
+    want = _grads_through_reference(_f64(args), 2 * torch.ones(out.shape, dtype=torch.float64, device=device))
+    for k, leaf in leaves.items():
+        assert rel_err(leaf.grad, want[k]) <= 2e-5
+
+
+def test_empty_sequence(device):
+    args = _inputs(2, 0, 5, 3, torch.float32, device)
+    assert r2lm_kernels.reverse_selective_scan(**args).shape == (2, 0, 5)
+    grads = torch.ops.r2lm.reverse_selective_scan_backward(torch.empty(2, 0, 5, device=device), *args.values())
+    assert grads[2].shape == (5, 3) and not grads[2].any() and not grads[5].any() and not grads[7].any()
+
+
+def _bad_cases(device):
+    """(argument name, replacement value) pairs that the op must reject naming that argument."""
+    a = _inputs(2, 9, 6, 4, torch.float32, device)
+    act = a["u"]
+    cases = [
+        ("u", act[:, :, None]),                                   # 4-D
+        ("u", act.to(torch.int32)),
+        ("u", torch.randn(2, 9, 12, device=device)[..., ::2]),    # non-unit last stride
+        ("delta", act[:, :8]),
+        ("delta", act.to(torch.float16)),
+        ("delta", torch.randn(2, 9, 12, device=device)[..., ::2]),
+        ("A", a["A"][:5]),
+        ("A", a["A"].double()),
+        ("A", torch.randn(4, 6, device=device).t()),
+        ("A", a["A"][:, :0]),                                     # d_state 0
+        ("B", a["B"][:, :, :3]),
+        ("B", a["B"].half()),
+        ("B", torch.randn(2, 9, 8, device=device)[..., ::2]),
+        ("C", a["C"][:1]),
+        ("C", a["C"].double()),
+        ("D", a["D"][:5]),
+        ("D", a["D"].half()),
+        ("z", a["z"][:, :, :5]),
+        ("z", a["z"].bfloat16()),
+        ("delta_bias", a["delta_bias"][None]),
+        ("delta_bias", a["delta_bias"].to(torch.int64)),
+        ("seq_idx", a["seq_idx"][:, :8]),
+        ("seq_idx", a["seq_idx"].long()),
+        ("seq_idx", torch.zeros(2, 18, dtype=torch.int32, device=device)[:, ::2]),
+    ]
+    if device == "cuda":
+        cases += [
+            ("u", act.double()),                                  # fp64 is CPU-only
+            ("A", torch.randn(6, 65, device=device)),             # d_state > 64
+        ]
+        for name in ("delta", "A", "B", "C", "D", "z", "delta_bias", "seq_idx"):
+            cases.append((name, a[name].cpu()))
+    return a, cases
+
+
+def test_bad_inputs(device):
+    base, cases = _bad_cases(device)
+    for name, value in cases:
+        args = dict(base, **{name: value})
+        if name == "u" and value.dtype == torch.float64:
+            args.update(_f64(base), u=value)
+        if name == "A" and value.shape[1] != base["A"].shape[1] and value.shape[1] > 0:
+            args.update(B=torch.randn(2, 9, value.shape[1], device=device),
+                        C=torch.randn(2, 9, value.shape[1], device=device))
+        with pytest.raises(RuntimeError, match=rf"reverse_selective_scan: {name} (must|has)"):
+            torch.ops.r2lm.reverse_selective_scan(*args.values())
+
+
+def test_bad_grad_output(device):
+    args = _inputs(2, 9, 6, 4, torch.float32, device)
+    for dout in (torch.randn(2, 9, 5, device=device), torch.randn(2, 9, 6, device=device).half(),
+                 torch.randn(2, 9, 12, device=device)[..., ::2]):
+        with pytest.raises(RuntimeError, match="reverse_selective_scan_backward: dout must"):
+            torch.ops.r2lm.reverse_selective_scan_backward(dout, *args.values())
