@@ -87,12 +87,14 @@ def flip_forward_scan_flip(u, delta, A, B, C, D, z, delta_bias, delta_softplus, 
         starts = torch.ones_like(seq_idx, dtype=torch.bool)
         starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
         decay = decay.masked_fill(starts[..., None, None], 0.0)
-    dt_u = dt * u
+    # unbind once: indexing step t of the whole tensors would make every step's backward write a
+    # full-size gradient.
+    decays, drives, Cs = decay.unbind(1), (dt * u)[..., None] * B[:, :, None, :], C.unbind(1)
     h = torch.zeros(u.shape[0], u.shape[2], A.shape[1], device=u.device)
     ys = []
-    for t in range(u.shape[1]):
-        h = decay[:, t] * h + dt_u[:, t, :, None] * B[:, t, None, :]
-        ys.append(torch.einsum("bdn,bn->bd", h, C[:, t]))
+    for decay_t, drive_t, C_t in zip(decays, drives.unbind(1), Cs):
+        h = decay_t * h + drive_t
+        ys.append(torch.einsum("bdn,bn->bd", h, C_t))
     y = (torch.stack(ys, 1) + D * u) * F.silu(z.float())
     return y.flip(1).to(dtype)
 

@@ -157,6 +157,10 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     env = _child_env()
     env["R2LM_BENCH_DEVICE"] = device
+    if args.quick and device == "cpu" and "OMP_NUM_THREADS" not in env:
+        # A quick run checks the plumbing; on a busy shared CPU, spinning OpenMP threads slow it tenfold.
+        env["OMP_NUM_THREADS"] = "1"
+        print("== --quick on CPU: OMP_NUM_THREADS=1 (set it to override)")
     codes = {}
 
     if not args.skip_micro:
