@@ -25,4 +25,4 @@ command -v ccache >/dev/null 2>&1 && export CCACHE_BASEDIR="$repo" CCACHE_NOHASH
 echo "== building r2lm_kernels (R2LM_CUDA=${R2LM_CUDA:-AUTO})"
 # --no-build-isolation: build against the torch installed above; an isolated build would fetch another torch.
 "$py" -m pip install -q --no-build-isolation --no-deps "$repo"
-"$py" -c "import r2lm_kernels as r; print('== r2lm_kernels built:', r.compiled_backends())"
+(cd / && "$py" -c "import r2lm_kernels as r; print('== r2lm_kernels built:', r.compiled_backends())")
