@@ -156,6 +156,8 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     print(f"R2LM demo on {torch.cuda.get_device_name(device) if on_gpu else 'CPU'} "
           f"(torch {torch.__version__}, impl={args.impl}, {dtype}, CUDA graphs {'on' if use_graph else 'off'})")
+    backends = compiled_backends()
+    print(f"r2lm kernels compiled in: CPU{', CUDA (' + backends['cuda_archs'] + ')' if backends['cuda'] else ''}")
     print(f"model '{size}': {n_params / 1e6:.1f}M random parameters, {config.num_hidden_layers} layers, "
           f"hidden {config.hidden_size}, vocab {config.vocab_size}, block {config.block_size}")
     print(f"batch {batch}, prompt lengths {min(lengths)}..{max(lengths)}, {new_tokens} new tokens each, "
