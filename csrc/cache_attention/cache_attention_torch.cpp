@@ -145,6 +145,12 @@ std::tuple<at::Tensor, at::Tensor> cache_attention_cuda_impl(
   at::Tensor out = at::empty({p.batch, p.q_len, p.n_heads, p.head_dim}, q.options());
   at::Tensor lse = at::empty({p.batch, p.n_heads, p.q_len}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
+  // Grid limits of the launches (gridDim.x < 2^31, gridDim.y <= 65535): checked here, not truncated.
+  constexpr int64_t kMaxGridX = (int64_t(1) << 31) - 1;
+  TORCH_CHECK((p.q_len * p.group + 63) / 64 <= 65535 && p.batch * p.n_kv_heads <= kMaxGridX &&
+                  p.batch * p.q_len <= kMaxGridX && (p.batch * p.q_len * p.n_heads + 3) / 4 <= kMaxGridX,
+              kOp, ": problem too large for one launch on CUDA (q_len * n_heads / n_kv_heads must be at most ",
+              65535 * 64, ", batch * q_len * n_heads at most ", 4 * kMaxGridX, ")");
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   p.num_splits = cache_attention_num_splits_cuda(p, q.get_device());

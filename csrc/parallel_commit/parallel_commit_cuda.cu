@@ -83,9 +83,14 @@ struct RowContext {
 
 // The running max grew: rare after the first few vectors, kept out of line (fewer live registers in
 // the streaming loop).
+// Takes and returns values (not a reference to s): a reference into a non-inlined call would force
+// the whole running state into local memory.
 template <typename acc_t>
-__device__ __noinline__ void rescale(CommitRowStats<acc_t>& s, acc_t new_max) {
-  commit_rescale(s.sum, s.xsum, s.max, new_max);
+struct SumPair { acc_t sum, xsum; };
+template <typename acc_t>
+__device__ __noinline__ SumPair<acc_t> rescaled(acc_t sum, acc_t xsum, acc_t old_max, acc_t new_max) {
+  commit_rescale(sum, xsum, old_max, new_max);
+  return {sum, xsum};
 }
 
 // Folds logits x[0, N) at token indices base.. into s. mask_lane: the lane holding the mask token, or -1.
@@ -138,7 +143,9 @@ __device__ __forceinline__ void absorb(CommitRowStats<acc_t>& s, const acc_t (&x
     }
   }
   if (vmax > s.max) {
-    rescale(s, vmax);
+    const SumPair<acc_t> r = rescaled(s.sum, s.xsum, s.max, vmax);
+    s.sum = r.sum;
+    s.xsum = r.xsum;
     s.max = vmax;
   }
   const acc_t off = commit_exp_offset(s.max);
@@ -253,8 +260,10 @@ __global__ void __launch_bounds__(kThreads) row_stats_kernel(const CommitParams 
   }
 }
 
+// Up to kMaxBlock = 1024 threads per CTA: the bound caps registers at 64 per thread, without which a
+// large block could fail to launch ("too many resources requested").
 template <typename acc_t>
-__global__ void select_kernel(const CommitParams p) {
+__global__ void __launch_bounds__(1024) select_kernel(const CommitParams p) {
   extern __shared__ unsigned char shared[];
   float* conf = reinterpret_cast<float*>(shared);                   // (block,)
   bool* eligible = reinterpret_cast<bool*>(conf + p.block);         // (block,)
@@ -329,6 +338,10 @@ int64_t parallel_commit_cuda_workspace_bytes(const CommitParams& p) {
 
 const char* parallel_commit_cuda(const CommitParams& p, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
+  if (p.batch <= 0 || p.block <= 0) return nullptr;  // nothing to do (the torch layer returns earlier)
+  if (p.block > 1024) return "block size above 1024 (one CTA ranks a whole block)";
+  if (p.splits < 1 || p.batch * p.block * p.splits > 2147483647 || p.batch > 2147483647)
+    return "batch * block * splits exceeds the grid limit 2^31 - 1";
   switch (p.dtype) {
     case DType::kFloat32: launch<float>(p, s); break;
     case DType::kFloat64: launch<double>(p, s); break;

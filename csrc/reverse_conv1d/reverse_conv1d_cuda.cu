@@ -442,6 +442,9 @@ const char* reverse_conv1d_fwd_cuda(const ConvParams& p, void* stream) {
 
 int64_t reverse_conv1d_bwd_workspace_cuda(const ConvParams& p) {
   const Launch l = make_launch(p, bwd_vector(p), kBwdTokensPerThread, kMaxRunsPerBlock);
+  // A grid that does not fit is refused by reverse_conv1d_bwd_cuda with a clear message; do not ask
+  // for a workspace sized from a truncated grid.x (or a huge one) first.
+  if (!grid_fits(p, l)) return 0;
   return int64_t(l.grid.x) * (p.width + 1) * p.dim * int64_t(sizeof(float));
 }
 

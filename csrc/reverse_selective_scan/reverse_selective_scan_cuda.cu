@@ -34,8 +34,10 @@
 namespace r2lm {
 namespace {
 
-constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
+// A * log2(e) rounded once (product in double), exactly as the CPU kernel's A_log2e: a float log2(e)
+// would round twice and bias large |dt * A| arguments by up to 1.3e-8 relative.
+__device__ __forceinline__ float mul_log2e(float a) { return float(double(a) * 1.4426950408889634); }
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -167,7 +169,7 @@ __global__ void __launch_bounds__(FwdConfig<N>::kThreads) scan_fwd_kernel(const 
   float a2[N];  // A * log2(e)
   const float* A = static_cast<const float*>(p.A) + d * p.A_dim_stride;
 #pragma unroll
-  for (int n = 0; n < N; ++n) a2[n] = (active && n < n_state) ? A[n] * kLog2e : 0.f;
+  for (int n = 0; n < N; ++n) a2[n] = (active && n < n_state) ? mul_log2e(A[n]) : 0.f;
   const float bias = (active && p.delta_bias) ? static_cast<const float*>(p.delta_bias)[d] : 0.f;
   const float skip = (active && p.D) ? static_cast<const float*>(p.D)[d] : 0.f;
 
@@ -339,7 +341,7 @@ __global__ void __launch_bounds__(BwdConfig<N>::kThreads) scan_bwd_kernel(const 
   for (int q = 0; q < kQ; ++q) {
     float v[4];
 #pragma unroll
-    for (int k = 0; k < 4; ++k) v[k] = (active && 4 * q + k < n_state) ? A[4 * q + k] * kLog2e : 0.f;
+    for (int k = 0; k < 4; ++k) v[k] = (active && 4 * q + k < n_state) ? mul_log2e(A[4 * q + k]) : 0.f;
     if constexpr (Cfg::kParamsInSmem) {
       s_a2[q * kThreads + tid] = make_float4(v[0], v[1], v[2], v[3]);
       s_dA[q * kThreads + tid] = make_float4(0.f, 0.f, 0.f, 0.f);
