@@ -6,14 +6,12 @@ so it runs only in the segment-free rows (it is skipped, with that reason, where
 Bytes that must move once: forward reads x and writes y; backward reads x and dy and writes dx (the
 parameters, bias and seq_idx are counted too; they are small).
 """
-import os
-
 import torch
 import torch.nn.functional as F
 
 import r2lm_kernels
 from r2lm_kernels import reference
-from harness import Skip
+from harness import Skip, parametrize_cases
 
 # (batch, seqlen, dim, segmented): the model's shape at training scale (d_inner 2048, bf16 activations,
 # fp32 parameters), its block-diffusion segments (block 32), and one long sequence.
@@ -58,20 +56,9 @@ def _cases(device, quick):
             if not (dtype == torch.float32 and shape[1] > 4096)]
 
 
-def _ids(case):
-    (batch, seqlen, dim, segmented), dtype = case
-    return f"{batch}x{seqlen}x{dim}-{'seg' if segmented else 'noseg'}-{str(dtype).removeprefix('torch.')}"
-
-
 def pytest_generate_tests(metafunc):
-    """Cases depend on the device and --quick (resolved as benchmarks/conftest.py does)."""
-    if "case" in metafunc.fixturenames:
-        config = metafunc.config
-        device = (config.getoption("--bench-device") or os.environ.get("R2LM_BENCH_DEVICE")
-                  or ("cuda" if torch.cuda.is_available() else "cpu"))
-        quick = bool(config.getoption("--quick")) or os.environ.get("R2LM_BENCH_QUICK", "") not in ("", "0")
-        cases = _cases(device, quick)
-        metafunc.parametrize("case", cases, ids=[_ids(c) for c in cases])
+    """Cases depend on the device and --quick."""
+    parametrize_cases(metafunc, _cases)
 
 
 def _shape_dict(batch, seqlen, dim, segmented):

@@ -10,14 +10,13 @@ Bytes that must move once: the forward reads u, delta, z, B, C and writes out; t
 u, delta, z, B, C and writes du, ddelta, dz, dB, dC (A, D, delta_bias, their gradients and seq_idx are
 counted too; they are small). The kernels' recomputation and scratch traffic are not counted.
 """
-import os
 
 import torch
 import torch.nn.functional as F
 
 import r2lm_kernels
 from r2lm_kernels import reference
-from harness import Skip
+from harness import Skip, parametrize_cases
 
 D_STATE = 16
 BLOCK = 32  # block-diffusion segment length
@@ -39,20 +38,9 @@ def _cases(device, quick):
     return [(shape, torch.float32) for shape in CPU_SHAPES]
 
 
-def _ids(case):
-    (batch, seqlen, dim, segmented), dtype = case
-    return f"{batch}x{seqlen}x{dim}-{'seg' if segmented else 'noseg'}-{str(dtype).removeprefix('torch.')}"
-
-
 def pytest_generate_tests(metafunc):
-    """Cases depend on the device and --quick (resolved as benchmarks/conftest.py does)."""
-    if "case" in metafunc.fixturenames:
-        config = metafunc.config
-        device = (config.getoption("--bench-device") or os.environ.get("R2LM_BENCH_DEVICE")
-                  or ("cuda" if torch.cuda.is_available() else "cpu"))
-        quick = bool(config.getoption("--quick")) or os.environ.get("R2LM_BENCH_QUICK", "") not in ("", "0")
-        cases = _cases(device, quick)
-        metafunc.parametrize("case", cases, ids=[_ids(c) for c in cases])
+    """Cases depend on the device and --quick."""
+    parametrize_cases(metafunc, _cases)
 
 
 def _inputs(batch, seqlen, dim, segmented, dtype, device):

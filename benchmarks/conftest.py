@@ -44,18 +44,9 @@ def pytest_addoption(parser):
                          "(also R2LM_BENCH_COMPILE_BUDGET_S; default 0 under --quick, else unlimited)")
 
 
-def _device(config) -> str:
-    chosen = config.getoption("--bench-device") or os.environ.get("R2LM_BENCH_DEVICE")
-    return chosen or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _quick(config) -> bool:
-    return bool(config.getoption("--quick")) or os.environ.get("R2LM_BENCH_QUICK", "") not in ("", "0")
-
-
 def results_dir(config) -> Path:
     chosen = config.getoption("--results-dir") or os.environ.get("R2LM_BENCH_DIR")
-    return Path(chosen) if chosen else harness.REPO / "benchmarks" / "results" / f"latest-{_device(config)}"
+    return Path(chosen) if chosen else harness.REPO / "benchmarks" / "results" / f"latest-{harness.bench_device(config)}"
 
 
 def pytest_configure(config):
@@ -64,12 +55,12 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def device(pytestconfig) -> str:
-    return _device(pytestconfig)
+    return harness.bench_device(pytestconfig)
 
 
 @pytest.fixture(scope="session")
 def quick(pytestconfig) -> bool:
-    return _quick(pytestconfig)
+    return harness.bench_quick(pytestconfig)
 
 
 @pytest.fixture(scope="session")

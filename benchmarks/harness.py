@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -38,6 +39,33 @@ REPO = Path(__file__).resolve().parent.parent
 
 class Skip(Exception):
     """Raised by (or given instead of) an impl that cannot run here; the reason is reported."""
+
+
+# --- the run's device and size, and cases that depend on them ---------------------------------------------
+
+def bench_device(config) -> str:
+    """--bench-device, else $R2LM_BENCH_DEVICE, else "cuda" when available, else "cpu"."""
+    chosen = config.getoption("--bench-device") or os.environ.get("R2LM_BENCH_DEVICE")
+    return chosen or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def bench_quick(config) -> bool:
+    """--quick or R2LM_BENCH_QUICK (other than "" and "0")."""
+    return bool(config.getoption("--quick")) or os.environ.get("R2LM_BENCH_QUICK", "") not in ("", "0")
+
+
+def case_id(case) -> str:
+    """Test id of a ((batch, seqlen, dim, segmented), dtype) case, e.g. "2x1024x512-seg-float32"."""
+    (batch, seqlen, dim, segmented), dtype = case
+    return f"{batch}x{seqlen}x{dim}-{'seg' if segmented else 'noseg'}-{str(dtype).removeprefix('torch.')}"
+
+
+def parametrize_cases(metafunc, cases: Callable, ids: Callable = case_id) -> None:
+    """For a bench module's pytest_generate_tests: parametrizes a test's `case` argument with
+    cases(device, quick), where the cases depend on the run's device and --quick."""
+    if "case" in metafunc.fixturenames:
+        chosen = cases(bench_device(metafunc.config), bench_quick(metafunc.config))
+        metafunc.parametrize("case", chosen, ids=[ids(c) for c in chosen])
 
 
 @dataclass

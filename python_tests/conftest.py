@@ -55,3 +55,86 @@ def pytest_runtest_makereport(item, call):
         for name, value in item.user_properties:
             if name == "seed":
                 report.sections.append(("random seed", f"replay with R2LM_TEST_SEED={value}"))
+
+
+# -- shared input helpers (tests run with --import-mode=importlib, so they are shared as fixtures) -----------
+
+@pytest.fixture
+def check_device():
+    """Skips a (device, dtype) case the CUDA kernels do not have: float64 on CUDA."""
+    def check(device, dtype):
+        if device == "cuda" and dtype == torch.float64:
+            pytest.skip("float64 runs on CPU only (gradcheck); the CUDA kernels are fp32/bf16/fp16")
+    return check
+
+
+@pytest.fixture
+def make_segments():
+    """make_segments(batch, seqlen, device, kind) -> seq_idx (batch, seqlen) int32: None (kind "none"),
+    random monotonic segments (kind "random": some of length 1, many straddling the kernels' chunk and run
+    boundaries), or fixed blocks with a random phase as in block diffusion (kind "blocks")."""
+    def segments(batch, seqlen, device, kind):
+        if kind == "none":
+            return None
+        if kind == "random":
+            draws = torch.rand(batch, seqlen, device=device)   # before the rates: the historical draw order
+            starts = draws < torch.empty(batch, 1, device=device).uniform_(0.02, 0.4)
+            return torch.cumsum(starts.int(), dim=1, dtype=torch.int32)
+        block = int(torch.randint(2, 40, ()))
+        phase = torch.randint(0, block, (batch, 1), device=device)
+        return ((torch.arange(seqlen, device=device) + phase) // block).to(torch.int32)
+    return segments
+
+
+# -- the model and generation tests --------------------------------------------------------------------------
+
+IMPLS = ["reference", "kernels"]
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request):
+    """The model's implementation: the plain-PyTorch reference path or the kernels path."""
+    return request.param
+
+
+@pytest.fixture
+def run_or_skip():
+    """run_or_skip(fn): runs fn; skips the test while an op has no kernel for the device (NotImplementedError)."""
+    def run(fn):
+        try:
+            return fn()
+        except NotImplementedError as e:
+            pytest.skip(f"no kernel for this device yet: {str(e).splitlines()[0]}")
+    return run
+
+
+@pytest.fixture
+def tiny_model():
+    """tiny_model(impl, dtype=float64, device="cpu", perturb_norms=False, **config_overrides): a small random
+    model whose sidecar is switched on (non-zero out_proj) and whose logits vary enough that different inputs
+    give different tokens. perturb_norms adds N(0, 0.1) noise to every norm weight (so a mis-mapped norm
+    shows)."""
+    from r2lm_kernels import R2LMConfig, R2LMForCausalLM
+
+    def make(impl, dtype=torch.float64, device="cpu", perturb_norms=False, **overrides):
+        fields = dict(vocab_size=97, hidden_size=44, intermediate_size=72, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, block_size=8)
+        fields.update(overrides)
+        model = R2LMForCausalLM(R2LMConfig(**fields), impl=impl)
+        model.init_weights(std=0.3, sidecar_out_std=0.3)
+        if perturb_norms:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if name.endswith("norm.weight"):
+                        p.add_(torch.randn_like(p) * 0.1)
+        return model.to(device=device, dtype=dtype).eval()
+    return make
+
+
+@pytest.fixture
+def random_ids():
+    """random_ids(model, *shape, device="cpu"): random token ids other than the model's mask token."""
+    def ids(model, *shape, device="cpu"):
+        out = torch.randint(0, model.config.vocab_size - 1, shape, device=device)
+        return torch.where(out >= model.config.mask_token_id, out + 1, out)
+    return ids

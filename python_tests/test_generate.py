@@ -5,36 +5,13 @@ import math
 import pytest
 import torch
 
-from r2lm_kernels import (R2LMConfig, R2LMForCausalLM, autoregressive_generate, bidirectional_generate, generate,
-                          reference)
+from r2lm_kernels import R2LMForCausalLM, autoregressive_generate, bidirectional_generate, generate, reference
 
-IMPLS = ["reference", "kernels"]
-
-
-def run_or_skip(fn):
-    """Runs fn; skips the test while an op has no kernel for the device (NotImplementedError)."""
-    try:
-        return fn()
-    except NotImplementedError as e:
-        pytest.skip(f"no kernel for this device yet: {str(e).splitlines()[0]}")
-
-
-def tiny_model(impl, dtype=torch.float64, device="cpu", **overrides):
-    """A small random model whose sidecar is on (non-zero out_proj) and whose logits vary enough that
-    different inputs give different tokens."""
-    fields = dict(vocab_size=97, hidden_size=44, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=64, block_size=8)
-    fields.update(overrides)
-    model = R2LMForCausalLM(R2LMConfig(**fields), impl=impl)
-    model.init_weights(std=0.3, sidecar_out_std=0.3)
-    return model.to(device=device, dtype=dtype).eval()
-
-
-def random_prompts(model, lengths, device="cpu"):
-    prompts = []
-    for n in lengths:
-        ids = torch.randint(0, model.config.vocab_size - 1, (n,), device=device)
-        prompts.append(torch.where(ids >= model.config.mask_token_id, ids + 1, ids))
+@pytest.fixture
+def random_prompts(random_ids):
+    """random_prompts(model, lengths, device="cpu"): one prompt of random non-mask ids per length."""
+    def prompts(model, lengths, device="cpu"):
+        return [random_ids(model, n, device=device) for n in lengths]
     return prompts
 
 
@@ -60,8 +37,7 @@ def poison_caches(monkeypatch):
     monkeypatch.setattr(R2LMForCausalLM, "allocate_cache", allocate_poisoned)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_cache_invariant(device, impl, monkeypatch):
+def test_cache_invariant(device, impl, monkeypatch, tiny_model, random_prompts, run_or_skip):
     """Every step's logits with the cache == a cache-free forward of [committed blocks + current block]."""
     poison_caches(monkeypatch)
     dtype = device_dtype(device)
@@ -88,9 +64,8 @@ def test_cache_invariant(device, impl, monkeypatch):
     assert all(int(n) == 19 for n in out.stats.num_generated)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
-def test_cache_free_recompute_generates_the_same(impl, temperature):
+def test_cache_free_recompute_generates_the_same(impl, temperature, tiny_model, random_prompts, run_or_skip):
     model = tiny_model(impl)
     prompts = random_prompts(model, LENGTHS)
     seed = int(torch.randint(0, 2**62, ()))
@@ -104,13 +79,13 @@ def test_cache_free_recompute_generates_the_same(impl, temperature):
     assert not torch.equal(plain.sequences, cached.sequences)
 
 
-def test_kernels_and_reference_generate_the_same(monkeypatch):
+def test_kernels_and_reference_generate_the_same(monkeypatch, tiny_model, random_prompts, run_or_skip):
     poison_caches(monkeypatch)
     model = tiny_model("kernels")
     prompts = random_prompts(model, [2, 9, 26])
     kwargs = dict(max_new_tokens=20, threshold=0.5, min_per_step=1, max_per_step=4)
     runs = {}
-    for impl in IMPLS:
+    for impl in ("reference", "kernels"):
         model.impl = impl
         runs[impl] = run_or_skip(lambda: (generate(model, prompts, **kwargs),
                                           autoregressive_generate(model, prompts, max_new_tokens=6),
@@ -120,8 +95,7 @@ def test_kernels_and_reference_generate_the_same(monkeypatch):
         assert torch.equal(ours.stats.steps, theirs.stats.steps)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_batch_independence(impl):
+def test_batch_independence(impl, tiny_model, random_prompts, run_or_skip):
     model = tiny_model(impl)
     prompts = random_prompts(model, [5, 17, 1, 30])
     kwargs = dict(max_new_tokens=18, threshold=0.5, min_per_step=2)
@@ -144,7 +118,7 @@ def expected_steps(prompt_len, max_new, bs, k):
 
 
 @pytest.mark.parametrize("k", [1, 3, 8])
-def test_fixed_tokens_per_step_statistics(device, k):
+def test_fixed_tokens_per_step_statistics(device, k, tiny_model, random_prompts, run_or_skip):
     model = tiny_model("kernels", device_dtype(device), device)
     prompts = random_prompts(model, LENGTHS, device)
     out = run_or_skip(lambda: generate(model, prompts, max_new_tokens=19, threshold=float("inf"), min_per_step=k,
@@ -164,7 +138,7 @@ def test_fixed_tokens_per_step_statistics(device, k):
         assert not (row[: n + 19] == model.config.mask_token_id).any()
 
 
-def test_eos_stops_after_its_block():
+def test_eos_stops_after_its_block(tiny_model, random_prompts):
     model = tiny_model("reference")
     prompts = random_prompts(model, LENGTHS)
     kwargs = dict(max_new_tokens=30, threshold=0.5, min_per_step=1, pad_token_id=0)
@@ -185,8 +159,7 @@ def test_eos_stops_after_its_block():
     assert int(stopped.stats.steps[0]) < int(free.stats.steps[0]) or eos_block_end >= LENGTHS[0] + 30
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_autoregressive_baseline_matches_naive_loop(impl):
+def test_autoregressive_baseline_matches_naive_loop(impl, tiny_model, random_prompts, run_or_skip):
     model = tiny_model(impl)
     prompts = random_prompts(model, [1, 9, 20])
     out = run_or_skip(lambda: autoregressive_generate(model, prompts, max_new_tokens=7))
@@ -202,7 +175,7 @@ def test_autoregressive_baseline_matches_naive_loop(impl):
     assert out.stats.forward_passes == 7
 
 
-def test_autoregressive_eos_and_sampling():
+def test_autoregressive_eos_and_sampling(tiny_model, random_prompts, run_or_skip):
     model = tiny_model("kernels")
     prompts = random_prompts(model, [4, 11])
     seed = int(torch.randint(0, 2**62, ()))
@@ -233,8 +206,7 @@ def naive_bidirectional(model, prompt, max_new, bs, **commit):
     return canvas[0].tolist(), step
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_bidirectional_baseline_matches_naive_loop(impl):
+def test_bidirectional_baseline_matches_naive_loop(impl, tiny_model, random_prompts, run_or_skip):
     model = tiny_model(impl)
     prompts = random_prompts(model, [3, 12, 7])
     commit = dict(threshold=0.5, min_per_step=1, max_per_step=3)
@@ -246,7 +218,7 @@ def test_bidirectional_baseline_matches_naive_loop(impl):
             assert int(out.stats.steps[b]) == steps
 
 
-def test_bad_arguments():
+def test_bad_arguments(tiny_model, random_prompts):
     model = tiny_model("reference")
     prompts = random_prompts(model, [4])
     with pytest.raises(ValueError, match="max_new_tokens"):
@@ -278,7 +250,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_matches_eager(dtype):
+def test_cuda_graph_matches_eager(dtype, tiny_model, random_prompts, run_or_skip):
     model = tiny_model("kernels", dtype, "cuda")
     prompts = random_prompts(model, LENGTHS, "cuda")
     seed = int(torch.randint(0, 2**62, ()))
@@ -293,7 +265,7 @@ def test_cuda_graph_matches_eager(dtype):
 
 
 @needs_cuda
-def test_bf16_fixed_policy_on_cuda():
+def test_bf16_fixed_policy_on_cuda(tiny_model, run_or_skip):
     model = tiny_model("kernels", torch.bfloat16, "cuda", head_dim=128)
     prompts = torch.randint(0, 96, (5, 40), device="cuda")
     out = run_or_skip(lambda: generate(model, prompts, max_new_tokens=24, threshold=float("inf"), min_per_step=4,

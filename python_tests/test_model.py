@@ -1,38 +1,15 @@
 """The R2LM model: Qwen3 parity, segment rules, the kernels path against the reference path, save/load."""
+import functools
+
 import pytest
 import torch
 
 from r2lm_kernels import R2LMConfig, R2LMForCausalLM
 
-IMPLS = ["reference", "kernels"]
-
-
-def run_or_skip(fn):
-    """Runs fn; skips the test while an op has no kernel for the device (NotImplementedError)."""
-    try:
-        return fn()
-    except NotImplementedError as e:
-        pytest.skip(f"no kernel for this device yet: {str(e).splitlines()[0]}")
-
-
-def tiny_model(impl, dtype=torch.float64, device="cpu", **overrides):
-    """A small random model whose sidecar is switched on (non-zero out_proj) and whose logits vary."""
-    fields = dict(vocab_size=97, hidden_size=44, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=64, block_size=8)
-    fields.update(overrides)
-    model = R2LMForCausalLM(R2LMConfig(**fields), impl=impl)
-    model.init_weights(std=0.3, sidecar_out_std=0.3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.add_(torch.randn_like(p) * 0.1)
-    return model.to(device=device, dtype=dtype).eval()
-
-
-def random_ids(model, *shape, device="cpu"):
-    """Token ids other than the mask token."""
-    ids = torch.randint(0, model.config.vocab_size - 1, shape, device=device)
-    return torch.where(ids >= model.config.mask_token_id, ids + 1, ids)
+@pytest.fixture
+def tiny_model(tiny_model):
+    """conftest's tiny model, with every norm weight perturbed (so a mis-mapped norm shows)."""
+    return functools.partial(tiny_model, perturb_norms=True)
 
 
 # -- Qwen3 parity -------------------------------------------------------------------------------------------
@@ -50,9 +27,8 @@ def hf_qwen3(tied, bias, device):
     return hf.to(device)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("tied,bias", [(False, False), (True, True)])
-def test_qwen3_parity(device, impl, tied, bias):
+def test_qwen3_parity(device, impl, tied, bias, run_or_skip):
     hf = hf_qwen3(tied, bias, device)
     model = R2LMForCausalLM.from_qwen3(hf, block_size=8, impl=impl)
     assert model.config.tie_word_embeddings == tied and model.config.mask_token_id == 100
@@ -79,8 +55,7 @@ def test_qwen3_conversion_rejects_unsupported_rope():
 
 # -- segment rules ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_sidecar_is_block_local_and_sees_right_context(impl):
+def test_sidecar_is_block_local_and_sees_right_context(impl, tiny_model, random_ids, run_or_skip):
     model = tiny_model(impl)
     bs = model.config.block_size
     ids = random_ids(model, 2, 5 * bs + 3)
@@ -98,8 +73,7 @@ def test_sidecar_is_block_local_and_sees_right_context(impl):
     torch.testing.assert_close(a_plain[:, :j], b_plain[:, :j], atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_block_mode_equals_full_forward(impl):
+def test_block_mode_equals_full_forward(impl, tiny_model, random_ids, run_or_skip):
     """Prefill + one block through the cache == the cache-free forward, per sequence, different lengths."""
     model = tiny_model(impl)
     bs = model.config.block_size
@@ -135,7 +109,7 @@ def _rule_error(kernel, reference_low, reference_exact):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_kernels_path_matches_reference_path(device, dtype, rel_err, tol):
+def test_kernels_path_matches_reference_path(device, dtype, rel_err, tol, tiny_model, random_ids, run_or_skip):
     if device == "cuda" and dtype == torch.float64:
         pytest.skip("the CUDA kernels have no fp64")
     exact = tiny_model("reference", dtype=torch.float64, device=device)
@@ -154,7 +128,7 @@ def test_kernels_path_matches_reference_path(device, dtype, rel_err, tol):
         assert err <= 3 * base + 1e-4, (err, base)
 
 
-def test_kernels_path_gradients_match_reference(device, rel_err):
+def test_kernels_path_gradients_match_reference(device, rel_err, tiny_model, random_ids, run_or_skip):
     dtype = torch.float64 if device == "cpu" else torch.float32
     ref = tiny_model("reference", dtype=dtype, device=device)
     kern = tiny_model("kernels", dtype=dtype, device=device)
@@ -179,7 +153,7 @@ def test_kernels_path_gradients_match_reference(device, rel_err):
 # -- save / load, configuration -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_save_load_roundtrip(tmp_path, tied):
+def test_save_load_roundtrip(tmp_path, tied, tiny_model, random_ids):
     pytest.importorskip("safetensors")
     model = tiny_model("reference", dtype=torch.float32, tie_word_embeddings=tied, sidecar_layers=[1])
     path = tmp_path / "r2lm.safetensors"
@@ -203,7 +177,7 @@ def test_load_rejects_foreign_file(tmp_path):
         R2LMForCausalLM.load(path)
 
 
-def test_bad_arguments():
+def test_bad_arguments(tiny_model, random_ids):
     with pytest.raises(ValueError, match="impl"):
         R2LMForCausalLM(R2LMConfig.tiny(), impl="cuda")
     with pytest.raises(ValueError, match="num_key_value_heads"):

@@ -157,7 +157,9 @@ def test_attention_equals_sdpa_with_explicit_mask(causal, paged):
             draft = lens[b] <= t < lens[b] + q_len
             page, off = (table[b, t // 4], t % 4) if paged else (b, t)
             want_k = k[b, t - lens[b]] if draft else k_before[page, off]
+            want_v = v[b, t - lens[b]] if draft else v_before[page, off]
             torch.testing.assert_close(k_cache[page, off], want_k, rtol=0, atol=0)
+            torch.testing.assert_close(v_cache[page, off], want_v, rtol=0, atol=0)
 
 
 def _sort_based_commit(logits, tokens, mask_id, threshold, min_per_step, max_per_step, active):

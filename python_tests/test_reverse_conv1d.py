@@ -32,24 +32,6 @@ SHAPES = [
 ]
 
 
-def _check_device(device, dtype):
-    if device == "cuda" and dtype == torch.float64:
-        pytest.skip("float64 runs on CPU only (gradcheck); the CUDA kernels are fp32/bf16/fp16")
-
-
-def _segments(batch, seqlen, device, kind):
-    """seq_idx (batch, seqlen) int32: None, random monotonic segments (some length 1, some straddling
-    the kernels' run boundaries), or fixed blocks with a random phase as in block diffusion."""
-    if kind == "none":
-        return None
-    if kind == "random":
-        starts = torch.rand(batch, seqlen, device=device) < torch.empty(batch, 1, device=device).uniform_(0.02, 0.4)
-        return torch.cumsum(starts.int(), dim=1, dtype=torch.int32)
-    block = int(torch.randint(2, 40, ()))
-    phase = torch.randint(0, block, (batch, 1), device=device)
-    return ((torch.arange(seqlen, device=device) + phase) // block).to(torch.int32)
-
-
 def _inputs(batch, seqlen, dim, width, dtype, weight_dtype, device, bias=True):
     x = torch.randn(batch, seqlen, dim, device=device).to(dtype)
     weight = (torch.randn(dim, width, device=device) / width ** 0.5).to(weight_dtype)
@@ -77,18 +59,31 @@ def _assert_close(name, out, ref64, ref_low, dtype, tol, rel_err):
         assert err <= 2 * ref_err + 1e-6, f"{name}: error {err:.3e} > 2x the reference's own {ref_err:.3e}"
 
 
-@pytest.mark.parametrize("mode", ["plain", "bias+silu"])
-@pytest.mark.parametrize("segments", ["none", "random", "blocks"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("weight_dtype", ["same", "fp32"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_forward(device, dtype, weight_dtype, shape, segments, mode, tol, rel_err):
-    _check_device(device, dtype)
+def _grid(test):
+    """The forward / backward grid: dtype x weight dtype x shape x segments x mode."""
+    test = pytest.mark.parametrize("dtype", DTYPES, ids=str)(test)
+    test = pytest.mark.parametrize("weight_dtype", ["same", "fp32"])(test)
+    test = pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))(test)
+    test = pytest.mark.parametrize("segments", ["none", "random", "blocks"])(test)
+    return pytest.mark.parametrize("mode", ["plain", "bias+silu"])(test)
+
+
+def _grid_case(device, dtype, weight_dtype, shape, segments, mode, check_device, make_segments):
+    """Skips what the device lacks; returns the case's weight dtype, inputs (bias and SiLU only in mode
+    "bias+silu") and seq_idx."""
+    check_device(device, dtype)
     batch, seqlen, dim, width = shape
     wdt = dtype if weight_dtype == "same" else torch.float32
     x, weight, bias = _inputs(batch, seqlen, dim, width, dtype, wdt, device, bias=mode == "bias+silu")
-    seq_idx = _segments(batch, seqlen, device, segments)
-    silu = mode != "plain"
+    seq_idx = make_segments(batch, seqlen, device, segments)
+    return wdt, x, weight, bias, seq_idx, mode == "bias+silu"
+
+
+@_grid
+def test_forward(device, dtype, weight_dtype, shape, segments, mode, tol, rel_err, check_device, make_segments):
+    batch, seqlen, dim, width = shape
+    _, x, weight, bias, seq_idx, silu = _grid_case(device, dtype, weight_dtype, shape, segments, mode, check_device,
+                                                   make_segments)
     _poison(device, ((batch, seqlen, dim), dtype))
     y = r2lm_kernels.reverse_conv1d(x, weight, bias, seq_idx, silu)
     assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous()
@@ -97,18 +92,11 @@ def test_forward(device, dtype, weight_dtype, shape, segments, mode, tol, rel_er
     _assert_close("y", y, ref64, ref_low, dtype, tol, rel_err)
 
 
-@pytest.mark.parametrize("mode", ["plain", "bias+silu"])
-@pytest.mark.parametrize("segments", ["none", "random", "blocks"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("weight_dtype", ["same", "fp32"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_backward(device, dtype, weight_dtype, shape, segments, mode, tol, rel_err):
-    _check_device(device, dtype)
+@_grid
+def test_backward(device, dtype, weight_dtype, shape, segments, mode, tol, rel_err, check_device, make_segments):
     batch, seqlen, dim, width = shape
-    wdt = dtype if weight_dtype == "same" else torch.float32
-    x, weight, bias = _inputs(batch, seqlen, dim, width, dtype, wdt, device, bias=mode != "plain")
-    seq_idx = _segments(batch, seqlen, device, segments)
-    silu = mode == "bias+silu"
+    wdt, x, weight, bias, seq_idx, silu = _grid_case(device, dtype, weight_dtype, shape, segments, mode,
+                                                     check_device, make_segments)
     dy = torch.randn(batch, seqlen, dim, device=device).to(dtype)
     leaves = [t.detach().requires_grad_() for t in (x, weight, bias) if t is not None]
     out = r2lm_kernels.reverse_conv1d(leaves[0], leaves[1], leaves[2] if bias is not None else None, seq_idx, silu)
@@ -134,7 +122,7 @@ def test_backward(device, dtype, weight_dtype, shape, segments, mode, tol, rel_e
 
 @pytest.mark.parametrize("view", ["slice", "slice_misaligned", "transposed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_views(device, dtype, view, tol, rel_err):
+def test_views(device, dtype, view, tol, rel_err, make_segments):
     """Strided views with unit last-dim stride are taken as they are (no copies) and give the same result."""
     batch, seqlen, dim, width = 3, 77, 48, 4
     if view == "transposed":
@@ -147,7 +135,7 @@ def test_views(device, dtype, view, tol, rel_err):
     assert not x.is_contiguous() and x.stride(-1) == 1
     weight = torch.randn(width + 3, dim, device=device).t()[:, 1:1 + width]  # strided in both dims
     bias = torch.randn(2 * dim, device=device)[::2]
-    seq_idx = _segments(batch, 2 * seqlen, device, "random")[:, ::2]
+    seq_idx = make_segments(batch, 2 * seqlen, device, "random")[:, ::2]
     y = r2lm_kernels.reverse_conv1d(x, weight, bias, seq_idx, True)
     ref = reference.reverse_conv1d(x.double(), weight.double(), bias.double(), seq_idx, True)
     assert rel_err(y, ref) <= tol[dtype]
@@ -159,11 +147,11 @@ def test_views(device, dtype, view, tol, rel_err):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_long_sequence(device, dtype, tol, rel_err):
+def test_long_sequence(device, dtype, tol, rel_err, make_segments):
     """seqlen >= 16k with block segments and random segments in one batch."""
     batch, seqlen, dim, width = 2, 16411, 24, 4
     x, weight, bias = _inputs(batch, seqlen, dim, width, dtype, torch.float32, device)
-    seq_idx = torch.cat([_segments(1, seqlen, device, "blocks"), _segments(1, seqlen, device, "random")])
+    seq_idx = torch.cat([make_segments(1, seqlen, device, "blocks"), make_segments(1, seqlen, device, "random")])
     leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
     y = r2lm_kernels.reverse_conv1d(*leaves, seq_idx, True)
     dy = torch.randn_like(y)
@@ -191,20 +179,20 @@ def test_matches_conv1d_composition(device, rel_err):
 
 @pytest.mark.parametrize("silu", [False, True])
 @pytest.mark.parametrize("segments", ["none", "random"])
-def test_gradcheck(silu, segments):
+def test_gradcheck(silu, segments, make_segments):
     batch, seqlen, dim, width = 2, 13, 5, 4
     x, weight, bias = _inputs(batch, seqlen, dim, width, torch.float64, torch.float64, "cpu")
-    seq_idx = _segments(batch, seqlen, "cpu", segments)
+    seq_idx = make_segments(batch, seqlen, "cpu", segments)
     leaves = [t.requires_grad_() for t in (x, weight, bias)]
     assert torch.autograd.gradcheck(lambda a, w, b: r2lm_kernels.reverse_conv1d(a, w, b, seq_idx, silu), leaves)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_backward_deterministic(device, dtype):
+def test_backward_deterministic(device, dtype, make_segments):
     """dweight / dbias reduce over batch * seqlen in a fixed order: bitwise equal run after run."""
     batch, seqlen, dim, width = 4, 3001, 520, 4
     x, weight, bias = _inputs(batch, seqlen, dim, width, dtype, torch.float32, device)
-    seq_idx = _segments(batch, seqlen, device, "random")
+    seq_idx = make_segments(batch, seqlen, device, "random")
     dy = torch.randn_like(x)
     first = torch.ops.r2lm.reverse_conv1d_backward(dy, x, weight, bias, seq_idx, True)
     for _ in range(3):
@@ -215,10 +203,10 @@ def test_backward_deterministic(device, dtype):
 
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("case", ["plain", "bias+seq+silu", "fp32-weight"])
-def test_opcheck(device, case, requires_grad):
+def test_opcheck(device, case, requires_grad, make_segments):
     dtype = torch.bfloat16 if case == "fp32-weight" else torch.float32
     x, weight, bias = _inputs(2, 19, 12, 4, dtype, torch.float32, device, bias=case != "plain")
-    seq_idx = _segments(2, 19, device, "random") if case == "bias+seq+silu" else None
+    seq_idx = make_segments(2, 19, device, "random") if case == "bias+seq+silu" else None
     for t in (x, weight, bias):
         if t is not None:
             t.requires_grad_(requires_grad)
@@ -228,9 +216,9 @@ def test_opcheck(device, case, requires_grad):
                           (dy, x.detach(), weight.detach(), None if bias is None else bias.detach(), seq_idx, True))
 
 
-def test_torch_compile_fullgraph(device, rel_err):
+def test_torch_compile_fullgraph(device, rel_err, make_segments):
     x, weight, bias = _inputs(2, 21, 16, 4, torch.float32, torch.float32, device)
-    seq_idx = _segments(2, 21, device, "random")
+    seq_idx = make_segments(2, 21, device, "random")
 
     def block(x, weight, bias):
         return r2lm_kernels.reverse_conv1d(x * 2, weight, bias, seq_idx, silu=True).sum(-1)

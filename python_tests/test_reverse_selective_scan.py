@@ -31,47 +31,34 @@ SHAPES = [
 ]
 
 
-def _check_device(device, dtype):
-    if device == "cuda" and dtype == torch.float64:
-        pytest.skip("float64 runs on CPU only (gradcheck); the CUDA kernels are fp32/bf16/fp16")
+@pytest.fixture
+def scan_inputs(make_segments):
+    """scan_inputs(batch, seqlen, dim, d_state, dtype, device, *, options="all", segments="random"): random
+    inputs as a dict of the op's arguments. options="all" uses D, z, delta_bias and softplus; "none" leaves
+    them out (then delta is positive, as a step size must be)."""
+    def make(batch, seqlen, dim, d_state, dtype, device, *, options="all", segments="random"):
+        param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        full = options == "all"
 
+        def act(*shape, scale=1.0):
+            return (torch.randn(*shape, device=device) * scale).to(dtype)
 
-def _segments(batch, seqlen, device, kind):
-    """seq_idx (batch, seqlen) int32: None, random monotonic segments (some of length 1, many straddling
-    the kernels' chunk boundaries), or fixed blocks with a random phase as in block diffusion."""
-    if kind == "none":
-        return None
-    if kind == "random":
-        starts = torch.rand(batch, seqlen, device=device) < torch.empty(batch, 1, device=device).uniform_(0.02, 0.4)
-        return torch.cumsum(starts.int(), dim=1, dtype=torch.int32)
-    block = int(torch.randint(2, 40, ()))
-    phase = torch.randint(0, block, (batch, 1), device=device)
-    return ((torch.arange(seqlen, device=device) + phase) // block).to(torch.int32)
+        delta = act(batch, seqlen, dim, scale=0.5) if full else \
+            torch.empty(batch, seqlen, dim, device=device).uniform_(0.01, 0.3).to(dtype)
+        return dict(
+            u=act(batch, seqlen, dim),
+            delta=delta,
+            A=-torch.empty(dim, d_state, device=device).uniform_(0.05, 2.0).to(param_dtype),
+            B=act(batch, seqlen, d_state),
+            C=act(batch, seqlen, d_state),
+            D=torch.randn(dim, device=device).to(param_dtype) if full else None,
+            z=act(batch, seqlen, dim) if full else None,
+            delta_bias=(torch.randn(dim, device=device) * 0.5 - 1.0).to(param_dtype) if full else None,
+            delta_softplus=full,
+            seq_idx=make_segments(batch, seqlen, device, segments),
+        )
 
-
-def _inputs(batch, seqlen, dim, d_state, dtype, device, *, options="all", segments="random"):
-    """Random inputs as a dict of the op's arguments. options="all" uses D, z, delta_bias and softplus;
-    "none" leaves them out (then delta is positive, as a step size must be)."""
-    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    full = options == "all"
-
-    def act(*shape, scale=1.0):
-        return (torch.randn(*shape, device=device) * scale).to(dtype)
-
-    delta = act(batch, seqlen, dim, scale=0.5) if full else \
-        torch.empty(batch, seqlen, dim, device=device).uniform_(0.01, 0.3).to(dtype)
-    return dict(
-        u=act(batch, seqlen, dim),
-        delta=delta,
-        A=-torch.empty(dim, d_state, device=device).uniform_(0.05, 2.0).to(param_dtype),
-        B=act(batch, seqlen, d_state),
-        C=act(batch, seqlen, d_state),
-        D=torch.randn(dim, device=device).to(param_dtype) if full else None,
-        z=act(batch, seqlen, dim) if full else None,
-        delta_bias=(torch.randn(dim, device=device) * 0.5 - 1.0).to(param_dtype) if full else None,
-        delta_softplus=full,
-        seq_idx=_segments(batch, seqlen, device, segments),
-    )
+    return make
 
 
 def _f64(args):
@@ -105,9 +92,9 @@ def _run_forward(args):
 @pytest.mark.parametrize("segments", ["none", "random", "blocks"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_forward(device, dtype, shape, segments, options, tol, rel_err):
-    _check_device(device, dtype)
-    args = _inputs(*shape, dtype, device, options=options, segments=segments)
+def test_forward(check_device, scan_inputs, device, dtype, shape, segments, options, tol, rel_err):
+    check_device(device, dtype)
+    args = scan_inputs(*shape, dtype, device, options=options, segments=segments)
     out = _run_forward(args)
     assert out.shape == args["u"].shape and out.dtype == dtype and out.is_contiguous()
     ref64 = reference.reverse_selective_scan(**_f64(args))
@@ -144,9 +131,9 @@ GRAD_TOL = {torch.float64: 1e-11, torch.float32: 2e-5, torch.bfloat16: 2e-2, tor
 @pytest.mark.parametrize("segments", ["none", "random"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_backward(device, dtype, shape, segments, options, rel_err):
-    _check_device(device, dtype)
-    args = _inputs(*shape, dtype, device, options=options, segments=segments)
+def test_backward(check_device, scan_inputs, device, dtype, shape, segments, options, rel_err):
+    check_device(device, dtype)
+    args = scan_inputs(*shape, dtype, device, options=options, segments=segments)
     dout = torch.randn(args["u"].shape, device=device).to(dtype)
     got = _grads_through_op(args, dout)
     ref64 = _grads_through_reference(_f64(args), dout.double())
@@ -156,8 +143,8 @@ def test_backward(device, dtype, shape, segments, options, rel_err):
         _assert_close(f"d{name}", g, ref64[name], ref_low[name] if ref_low else None, dtype, GRAD_TOL, rel_err)
 
 
-def test_absent_optional_grads_are_empty(device):
-    args = _inputs(2, 9, 5, 3, torch.float32, device, options="none")
+def test_absent_optional_grads_are_empty(scan_inputs, device):
+    args = scan_inputs(2, 9, 5, 3, torch.float32, device, options="none")
     dout = torch.randn_like(args["u"])
     grads = torch.ops.r2lm.reverse_selective_scan_backward(
         dout, args["u"], args["delta"], args["A"], args["B"], args["C"], None, None, None, False, None)
@@ -190,8 +177,8 @@ def _forward_scan_composition(u, delta, A, B, C, D, z, delta_bias, delta_softplu
     return y.flip(1)
 
 
-def test_matches_forward_scan_composition(device, rel_err):
-    args = _inputs(2, 45, 21, 8, torch.float32, device, segments="blocks")
+def test_matches_forward_scan_composition(scan_inputs, device, rel_err):
+    args = scan_inputs(2, 45, 21, 8, torch.float32, device, segments="blocks")
     out = r2lm_kernels.reverse_selective_scan(**args)
     expected = _forward_scan_composition(**_f64(args))
     assert rel_err(out, expected) <= 1e-5
@@ -232,8 +219,8 @@ def _copies_made(fn):
 
 @pytest.mark.parametrize("kind", ["sliced", "seq_major"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_views(device, dtype, kind, tol, rel_err):
-    args = _inputs(2, 37, 19, 16, dtype, device)
+def test_views(scan_inputs, device, dtype, kind, tol, rel_err):
+    args = scan_inputs(2, 37, 19, 16, dtype, device)
     views = _views(args, kind)
     assert not views["u"].is_contiguous() and not views["A"].is_contiguous()
     out = _run_forward(views)
@@ -251,9 +238,9 @@ def test_views(device, dtype, kind, tol, rel_err):
     assert _copies_made(lambda: torch.ops.r2lm.reverse_selective_scan_backward(dout, *dargs)) == []
 
 
-def test_expanded_grad_output(device, rel_err):
+def test_expanded_grad_output(scan_inputs, device, rel_err):
     """out.sum() hands the backward an expanded (stride 0) gradient."""
-    args = _inputs(2, 20, 9, 4, torch.float32, device)
+    args = scan_inputs(2, 20, 9, 4, torch.float32, device)
     leaves = {k: args[k].clone().requires_grad_() for k in ("u", "A")}
     r2lm_kernels.reverse_selective_scan(**{**args, **leaves}).sum().backward()
     want = _grads_through_reference(_f64(args), torch.ones(args["u"].shape, dtype=torch.float64, device=device))
@@ -262,9 +249,9 @@ def test_expanded_grad_output(device, rel_err):
 
 
 @pytest.mark.parametrize("d_state", [16, 64])
-def test_long_sequence(device, d_state, rel_err):
+def test_long_sequence(scan_inputs, device, d_state, rel_err):
     seqlen = 16384 + 3 if device == "cuda" else 2048 + 3
-    args = _inputs(1, seqlen, 12, d_state, torch.float32, device, segments="blocks")
+    args = scan_inputs(1, seqlen, 12, d_state, torch.float32, device, segments="blocks")
     out = _run_forward(args)
     ref64 = reference.reverse_selective_scan(**_f64(args))
     assert rel_err(out, ref64) <= 1e-5
@@ -276,8 +263,8 @@ def test_long_sequence(device, d_state, rel_err):
 
 @pytest.mark.parametrize("segments", ["none", "random"])
 @pytest.mark.parametrize("options", ["all", "none"])
-def test_gradcheck(options, segments):
-    args = _inputs(2, 11, 5, 3, torch.float64, "cpu", options=options, segments=segments)
+def test_gradcheck(scan_inputs, options, segments):
+    args = scan_inputs(2, 11, 5, 3, torch.float64, "cpu", options=options, segments=segments)
     names = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
     for k in names:
         args[k] = args[k].requires_grad_()
@@ -286,9 +273,9 @@ def test_gradcheck(options, segments):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_backward_deterministic(device, dtype):
+def test_backward_deterministic(scan_inputs, device, dtype):
     """Bitwise-equal gradients run after run (and on the CPU whatever the thread count)."""
-    args = _inputs(3, 200, 300, 16, dtype, device)
+    args = scan_inputs(3, 200, 300, 16, dtype, device)
     dout = torch.randn(args["u"].shape, device=device).to(dtype)
     call = lambda: torch.ops.r2lm.reverse_selective_scan_backward(dout, *args.values())  # noqa: E731
     first = call()
@@ -307,8 +294,8 @@ def test_backward_deterministic(device, dtype):
 
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("options", ["all", "none"])
-def test_opcheck(device, options, requires_grad):
-    args = _inputs(2, 13, 10, 4, torch.float32, device, options=options)
+def test_opcheck(scan_inputs, device, options, requires_grad):
+    args = scan_inputs(2, 13, 10, 4, torch.float32, device, options=options)
     if requires_grad:
         for k, v in args.items():
             if isinstance(v, torch.Tensor) and v.is_floating_point():
@@ -319,8 +306,8 @@ def test_opcheck(device, options, requires_grad):
     torch.library.opcheck(torch.ops.r2lm.reverse_selective_scan_backward.default, (dout, *plain.values()))
 
 
-def test_torch_compile_fullgraph(device, rel_err):
-    args = _inputs(2, 19, 11, 4, torch.float32, device)
+def test_torch_compile_fullgraph(scan_inputs, device, rel_err):
+    args = scan_inputs(2, 19, 11, 4, torch.float32, device)
     leaves = {k: args[k].clone().requires_grad_() for k in ("u", "delta", "A")}
 
     @torch.compile(fullgraph=True, backend="aot_eager")
@@ -336,16 +323,16 @@ def test_torch_compile_fullgraph(device, rel_err):
         assert rel_err(leaf.grad, want[k]) <= 2e-5
 
 
-def test_empty_sequence(device):
-    args = _inputs(2, 0, 5, 3, torch.float32, device)
+def test_empty_sequence(scan_inputs, device):
+    args = scan_inputs(2, 0, 5, 3, torch.float32, device)
     assert r2lm_kernels.reverse_selective_scan(**args).shape == (2, 0, 5)
     grads = torch.ops.r2lm.reverse_selective_scan_backward(torch.empty(2, 0, 5, device=device), *args.values())
     assert grads[2].shape == (5, 3) and not grads[2].any() and not grads[5].any() and not grads[7].any()
 
 
-def _bad_cases(device):
+def _bad_cases(scan_inputs, device):
     """(argument name, replacement value) pairs that the op must reject naming that argument."""
-    a = _inputs(2, 9, 6, 4, torch.float32, device)
+    a = scan_inputs(2, 9, 6, 4, torch.float32, device)
     act = a["u"]
     cases = [
         ("u", act[:, :, None]),                                   # 4-D
@@ -383,8 +370,8 @@ def _bad_cases(device):
     return a, cases
 
 
-def test_bad_inputs(device):
-    base, cases = _bad_cases(device)
+def test_bad_inputs(scan_inputs, device):
+    base, cases = _bad_cases(scan_inputs, device)
     for name, value in cases:
         args = dict(base, **{name: value})
         if name == "u" and value.dtype == torch.float64:
@@ -396,8 +383,8 @@ def test_bad_inputs(device):
             torch.ops.r2lm.reverse_selective_scan(*args.values())
 
 
-def test_bad_grad_output(device):
-    args = _inputs(2, 9, 6, 4, torch.float32, device)
+def test_bad_grad_output(scan_inputs, device):
+    args = scan_inputs(2, 9, 6, 4, torch.float32, device)
     for dout in (torch.randn(2, 9, 5, device=device), torch.randn(2, 9, 6, device=device).half(),
                  torch.randn(2, 9, 12, device=device)[..., ::2]):
         with pytest.raises(RuntimeError, match="reverse_selective_scan_backward: dout must"):

@@ -200,6 +200,26 @@ def _check_graph_args(model, cuda_graph, step_callback):
         raise ValueError("step_callback cannot run inside a captured CUDA graph; pass cuda_graph=False")
 
 
+def _block_committer(ops, step_callback, canvas, steps, **commit):
+    """The denoising step's commit shared by generate and bidirectional_generate, as a function
+    commit(logits, block, block_start, active) -> n_masked: reports the step to step_callback (before the
+    commit), runs ops.parallel_commit on block in place (commit: its keyword arguments; step: a device step
+    counter), then counts a step in `steps` for each active row and advances the counter."""
+    step_counter = torch.zeros(1, dtype=torch.int64, device=canvas.device)
+    callback_index = [0]
+
+    def commit_block(logits, block, block_start, active):
+        if step_callback is not None:
+            step_callback(StepInfo(callback_index[0], block.clone(), block_start.clone(), logits, active.clone(),
+                                   canvas))
+            callback_index[0] += 1
+        _, _, n_masked = ops.parallel_commit(logits, block, step=step_counter, active=active, **commit)
+        steps.add_(active.long())
+        step_counter.add_(1)
+        return n_masked
+    return commit_block
+
+
 # -- R2LM block diffusion ---------------------------------------------------------------------------------
 
 @torch.inference_mode()
@@ -256,8 +276,9 @@ def generate(model: R2LMForCausalLM, input_ids: Prompts, *, max_new_tokens: int,
     block = initial_block(block_start)
     phase = torch.full((batch,), _DENOISE, dtype=torch.int64, device=device)
     steps = torch.zeros(batch, dtype=torch.int64, device=device)
-    step_counter = torch.zeros(1, dtype=torch.int64, device=device)
-    callback_index = [0]
+    commit_block = _block_committer(ops, step_callback, canvas, steps, mask_token_id=mask, threshold=threshold,
+                                    min_per_step=min_per_step, max_per_step=max_per_step, temperature=temperature,
+                                    seed=seed, score=score)
 
     def block_logits():
         if use_cache:
@@ -272,16 +293,7 @@ def generate(model: R2LMForCausalLM, input_ids: Prompts, *, max_new_tokens: int,
         active = phase == _DENOISE
         clean = phase == _CLEAN
         logits = block_logits()
-        if step_callback is not None:
-            step_callback(StepInfo(callback_index[0], block.clone(), block_start.clone(), logits, active.clone(),
-                                   canvas))
-            callback_index[0] += 1
-        _, _, n_masked = ops.parallel_commit(logits, block, mask_token_id=mask, threshold=threshold,
-                                             min_per_step=min_per_step, max_per_step=max_per_step,
-                                             temperature=temperature, seed=seed, step=step_counter,
-                                             active=active, score=score)
-        steps.add_(active.long())
-        step_counter.add_(1)
+        n_masked = commit_block(logits, block, block_start, active)
         pos = block_start[:, None] + offsets
         canvas.scatter_(1, pos, block)
         completed = active & (n_masked == 0)
@@ -415,8 +427,9 @@ def bidirectional_generate(model: R2LMForCausalLM, input_ids: Prompts, *, max_ne
     offsets = torch.arange(bs, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     steps = torch.zeros(batch, dtype=torch.int64, device=device)
-    step_counter = torch.zeros(1, dtype=torch.int64, device=device)
-    callback_index = [0]
+    commit_block = _block_committer(ops, step_callback, canvas, steps, mask_token_id=mask, threshold=threshold,
+                                    min_per_step=min_per_step, max_per_step=max_per_step, temperature=temperature,
+                                    seed=seed, score=score)
 
     def step():
         active = ~done
@@ -425,16 +438,7 @@ def bidirectional_generate(model: R2LMForCausalLM, input_ids: Prompts, *, max_ne
         in_range = pos < gen_end[:, None]
         block = torch.where(in_range, canvas.gather(1, pos), pad)
         logits = model.logits(hidden.gather(1, pos.clamp(max=width - 1)[..., None].expand(-1, -1, hidden.shape[-1])))
-        if step_callback is not None:
-            step_callback(StepInfo(callback_index[0], block.clone(), block_start.clone(), logits, active.clone(),
-                                   canvas))
-            callback_index[0] += 1
-        _, _, n_masked = ops.parallel_commit(logits, block, mask_token_id=mask, threshold=threshold,
-                                             min_per_step=min_per_step, max_per_step=max_per_step,
-                                             temperature=temperature, seed=seed, step=step_counter,
-                                             active=active, score=score)
-        steps.add_(active.long())
-        step_counter.add_(1)
+        n_masked = commit_block(logits, block, block_start, active)
         canvas.scatter_(1, pos, torch.where(in_range, block, canvas.gather(1, pos)))
         completed = active & (n_masked == 0)
         finished = completed & (block_start + bs >= gen_end)

@@ -6,8 +6,6 @@ lower precisions compute in float32 and return the input dtype, as the kernels d
 from __future__ import annotations
 
 import math
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 

@@ -44,12 +44,19 @@ struct CommitParams {
 
 // --- counter-based RNG (mirrors r2lm_kernels.reference.gumbel_uniform bit for bit) ----------------
 
-R2LM_HD uint32_t commit_hash32(uint32_t x) {  // lowbias32
+// lowbias32, in place, on any unsigned 32-bit lane type: uint32_t here, an eight-lane vector in the CPU
+// kernel (by reference, so no vector crosses a call boundary by value).
+template <typename U>
+R2LM_HD void commit_hash32_in_place(U& x) {
   x ^= x >> 16;
   x *= 0x7FEB352Du;
   x ^= x >> 15;
   x *= 0x846CA68Bu;
   x ^= x >> 16;
+}
+
+R2LM_HD uint32_t commit_hash32(uint32_t x) {  // lowbias32
+  commit_hash32_in_place(x);
   return x;
 }
 

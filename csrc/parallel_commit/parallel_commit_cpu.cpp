@@ -125,11 +125,7 @@ typedef uint32_t u32x8 __attribute__((vector_size(32)));
 
 R2LM_INLINE u32x8 hash32x8(const u32x8& key) {  // commit_hash32 on eight lanes
   u32x8 x = key;
-  x ^= x >> 16;
-  x *= 0x7FEB352Du;
-  x ^= x >> 15;
-  x *= 0x846CA68Bu;
-  x ^= x >> 16;
+  commit_hash32_in_place(x);
   return x;
 }
 

@@ -93,9 +93,8 @@ R2LM_INLINE double lane_sum(Vec<double> v) {
   return s;
 }
 
-// 2^x of float lanes, branch-free: x = j + r with j an integer and |r| <= 1/2, 2^r by its degree-7
-// Taylor polynomial (truncation < 1e-8; the constant term is exactly 1, so there is no bias that a
-// long recurrence of decays would accumulate), 2^j added to the exponent field. Inputs are clamped to
+// 2^x of float lanes, branch-free: x = j + r with j an integer and |r| <= 1/2, 2^r by the shared
+// scan_exp2_fraction, 2^j added to the exponent field. Inputs are clamped to
 // [-126, 127]: results below 2^-126 read as 2^-126, as good as 0 for a decay factor; past 128, +inf.
 R2LM_INLINE Vec<float> lane_exp2(Vec<float> x) {
   typedef int32_t Int __attribute__((vector_size(sizeof(Vec<float>))));
@@ -103,14 +102,7 @@ R2LM_INLINE Vec<float> lane_exp2(Vec<float> x) {
   xc = xc > 127.0f ? splat(127.0f) : xc;
   const Vec<float> shifted = xc + 12582912.0f;  // 1.5 * 2^23: rounds xc to the integer j in the low bits
   const Vec<float> r = xc - (shifted - 12582912.0f);
-  Vec<float> poly = splat(1.5252733804059838e-05f);  // ln(2)^k / k!
-  poly = poly * r + 1.5403530393381606e-04f;
-  poly = poly * r + 1.3333558146428441e-03f;
-  poly = poly * r + 9.6181291076284772e-03f;
-  poly = poly * r + 5.5504108664821576e-02f;
-  poly = poly * r + 2.4022650695910071e-01f;
-  poly = poly * r + 6.9314718055994531e-01f;
-  poly = poly * r + 1.0f;
+  const Vec<float> poly = scan_exp2_fraction(r);
   const Int scaled = std::bit_cast<Int>(poly) + ((std::bit_cast<Int>(shifted) - 0x4B400000) << 23);
   return x >= 128.0f ? splat(__builtin_inff()) : std::bit_cast<Vec<float>>(scaled);
 }
