@@ -24,6 +24,7 @@
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 #define R2LM_INLINE inline __attribute__((always_inline))
+#define R2LM_INLINE_LAMBDA __attribute__((always_inline))
 
 namespace r2lm {
 namespace {
@@ -97,13 +98,14 @@ R2LM_INLINE double lane_sum(Vec<double> v) {
 // scan_exp2_fraction, 2^j added to the exponent field. Inputs are clamped to
 // [-126, 127]: results below 2^-126 read as 2^-126, as good as 0 for a decay factor; past 128, +inf.
 R2LM_INLINE Vec<float> lane_exp2(Vec<float> x) {
-  typedef int32_t Int __attribute__((vector_size(sizeof(Vec<float>))));
+  typedef uint32_t UInt __attribute__((vector_size(sizeof(Vec<float>))));
   Vec<float> xc = x < -126.0f ? splat(-126.0f) : x;
   xc = xc > 127.0f ? splat(127.0f) : xc;
   const Vec<float> shifted = xc + 12582912.0f;  // 1.5 * 2^23: rounds xc to the integer j in the low bits
   const Vec<float> r = xc - (shifted - 12582912.0f);
   const Vec<float> poly = scan_exp2_fraction(r);
-  const Int scaled = std::bit_cast<Int>(poly) + ((std::bit_cast<Int>(shifted) - 0x4B400000) << 23);
+  // (bits(shifted) - 0x4B400000) << 23 is bits(shifted) << 23 modulo 2^32 (0x4B400000 << 23 wraps to 0).
+  const UInt scaled = std::bit_cast<UInt>(poly) + (std::bit_cast<UInt>(shifted) << 23);
   return x >= 128.0f ? splat(__builtin_inff()) : std::bit_cast<Vec<float>>(scaled);
 }
 // e^x = 2^(x log2(e)), log2(e) split in two floats so that its rounding does not bias large arguments.
@@ -111,10 +113,28 @@ R2LM_INLINE Vec<float> lane_exp(Vec<float> x) {
   return lane_exp2(x * 1.44269502162933349609375f + x * 1.925963033500011079e-08f);
 }
 
+// lane_exp2 for arguments known to be <= 0 (or NaN): no overflow, so only the lower clamp is needed. Same
+// arithmetic and results as lane_exp2 on that range.
+// kClamp = false: the caller knows x >= -126 (or NaN) too, where the clamp changes nothing.
+template <bool kClamp = true>
+R2LM_INLINE Vec<float> lane_exp2_nonpos(Vec<float> x) {
+  typedef uint32_t UInt __attribute__((vector_size(sizeof(Vec<float>))));
+  Vec<float> xc = x;
+  if constexpr (kClamp) xc = x < -126.0f ? splat(-126.0f) : x;
+  const Vec<float> shifted = xc + 12582912.0f;
+  const Vec<float> r = xc - (shifted - 12582912.0f);
+  const Vec<float> poly = scan_exp2_fraction(r);
+  return std::bit_cast<Vec<float>>(std::bit_cast<UInt>(poly) + (std::bit_cast<UInt>(shifted) << 23));
+}
+// e^x for x <= 0 (or NaN).
+R2LM_INLINE Vec<float> lane_exp_nonpos(Vec<float> x) {
+  return lane_exp2_nonpos(x * 1.44269502162933349609375f + x * 1.925963033500011079e-08f);
+}
+
 // softplus of float lanes as in torch (x past 20 passes through): max(x, 0) + log1p(exp(-|x|)), with
 // log1p(e) = 2 atanh(e / (2 + e)) summed as a series (|s| <= 1/3, 8 terms: < 1e-9 relative).
 R2LM_INLINE Vec<float> lane_softplus(Vec<float> x) {
-  const Vec<float> e = lane_exp(x < 0.0f ? x : -x);
+  const Vec<float> e = lane_exp_nonpos(x < 0.0f ? x : -x);
   const Vec<float> s = e / (2.0f + e), s2 = s * s;
   Vec<float> series = splat(1.0f / 15.0f);
   for (float k : {13.0f, 11.0f, 9.0f, 7.0f, 5.0f, 3.0f, 1.0f}) series = series * s2 + 1.0f / k;
@@ -224,9 +244,12 @@ struct Block {
   int64_t b, d0, width;
   VecBuffer<Acc> A, A_log2e;  // (d_state) vectors over the lanes; A * log2(e) turns exp into exp2
   Vec<Acc> D, bias;
+  bool A_nonpos;  // every A <= 0: with dt >= 0 (softplus) the decay arguments dt * A are <= 0
+  Vec<Acc> A_log2e_min;  // per lane, the smallest A_log2e over the states
 
   void load(const ScanParams& p, int64_t b_, int64_t d0_) {
     b = b_; d0 = d0_; width = std::min(kLanes, p.dim - d0);
+    A_nonpos = true;
     alignas(64) Acc tmp[kLanes];
     A.resize(p.d_state);
     A_log2e.resize(p.d_state);
@@ -234,9 +257,11 @@ struct Block {
       for (int64_t j = 0; j < kLanes; ++j)
         tmp[j] = j < width ? static_cast<const Acc*>(p.A)[(d0 + j) * p.A_dim_stride + n] : Acc(0);
       A[n] = load_vec(tmp);
+      for (int64_t j = 0; j < kLanes; ++j) A_nonpos = A_nonpos && tmp[j] <= Acc(0);
       // Rounded once from double: a float product would carry log2(e)'s own rounding into every decay.
       for (int64_t j = 0; j < kLanes; ++j) tmp[j] = Acc(double(tmp[j]) * 1.44269504088896340736);
       A_log2e[n] = load_vec(tmp);
+      for (int64_t j = 0; j < kLanes; ++j) A_log2e_min[j] = n == 0 ? tmp[j] : std::min(A_log2e_min[j], tmp[j]);
     }
     D = load_row<Acc>(p.D ? static_cast<const Acc*>(p.D) + d0 : nullptr, p.D ? width : 0);
     bias = load_row<Acc>(p.delta_bias ? static_cast<const Acc*>(p.delta_bias) + d0 : nullptr, p.delta_bias ? width : 0);
@@ -249,6 +274,59 @@ R2LM_INLINE Vec<Acc> load_dt_input(const ScanParams& p, const Block<Acc>& k, int
   return load_row<Acc>(row_ptr<T>(p.delta, p.delta_batch_stride, p.delta_seq_stride, k.b, t, k.d0), k.width) + k.bias;
 }
 
+// The forward of a float block with d_state == kN, written to p.out: the state stays in registers.
+// kNonpos: the decay arguments are known to be <= 0 (softplus dt, A <= 0). Same arithmetic, in the same
+// order, as block_forward.
+template <typename T, int kN, bool kNonpos>
+R2LM_INLINE void block_forward_fixed(const ScanParams& p, const Block<float>& k) {
+  const int64_t L = p.seqlen;
+  Vec<float> h[kN], a[kN];
+  for (int n = 0; n < kN; ++n) { h[n] = Vec<float>{}; a[n] = k.A_log2e[n]; }
+  const int32_t* seq = p.seq_idx ? p.seq_idx + k.b * p.seq_idx_batch_stride : nullptr;
+  for (int64_t t = L - 1; t >= 0; --t) {
+    const bool carry = t + 1 < L && (!seq || seq[t] == seq[t + 1]);
+    if (!carry) {
+      for (int n = 0; n < kN; ++n) h[n] = Vec<float>{};
+    }
+    const Vec<float> x = load_dt_input<T>(p, k, t);
+    const Vec<float> dt = p.delta_softplus ? lane_softplus(x) : x;
+    const Vec<float> u = load_row<float>(row_ptr<T>(p.u, p.u_batch_stride, p.u_seq_stride, k.b, t, k.d0), k.width);
+    const T* B_row = row_ptr<T>(p.B, p.B_batch_stride, p.B_seq_stride, k.b, t, 0);
+    const T* C_row = row_ptr<T>(p.C, p.C_batch_stride, p.C_seq_stride, k.b, t, 0);
+    const Vec<float> dt_u = dt * u;
+    Vec<float> y{};
+    // The state updates; kExp 0: general exp2, 1: arguments <= 0, 2: arguments in [-126, 0] (no clamp).
+    auto states = [&](auto kExp) R2LM_INLINE_LAMBDA {
+#pragma GCC unroll 16
+      for (int n = 0; n < kN; ++n) {
+        Vec<float> decay;
+        if constexpr (kExp.value == 0) decay = lane_exp2(dt * a[n]);
+        else decay = lane_exp2_nonpos<kExp.value == 1>(dt * a[n]);
+        h[n] = decay * h[n] + dt_u * float(load_elem(B_row + n));
+        y += h[n] * float(load_elem(C_row + n));
+      }
+    };
+    if constexpr (kNonpos) {
+      // dt * A >= dt * min(A) per lane: when that is >= -126 in every lane, no argument needs the clamp.
+      typedef int32_t Int __attribute__((vector_size(sizeof(Vec<float>))));
+      const Int low = dt * k.A_log2e_min < -126.0f;
+      const auto h8 = __builtin_shufflevector(low, low, 0, 1, 2, 3, 4, 5, 6, 7) |
+                      __builtin_shufflevector(low, low, 8, 9, 10, 11, 12, 13, 14, 15);
+      const auto h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) | __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
+      if ((h4[0] | h4[1] | h4[2] | h4[3]) == 0) states(std::integral_constant<int, 2>{});
+      else states(std::integral_constant<int, 1>{});
+    } else {
+      states(std::integral_constant<int, 0>{});
+    }
+    Vec<float> out = y + k.D * u;
+    if (p.z) {
+      const Vec<float> z = load_row<float>(row_ptr<T>(p.z, p.z_batch_stride, p.z_seq_stride, k.b, t, k.d0), k.width);
+      out *= z * lane_sigmoid(z);
+    }
+    store_row<float>(static_cast<T*>(p.out) + k.b * p.out_batch_stride + t * p.out_seq_stride + k.d0, out, k.width);
+  }
+}
+
 // Runs the block right to left. With `states` (L + 1 slots of d_state vectors, the last one zero)
 // every h_t is kept in slot t and y_t . C_t (before the D skip) in ys; otherwise `states` is one slot
 // holding the running state and the gated output is written to p.out.
@@ -256,6 +334,12 @@ template <typename T, typename Acc>
 R2LM_INLINE void block_forward(const ScanParams& p, const Block<Acc>& k, Vec<Acc>* states, Vec<Acc>* ys,
                                bool keep_states) {
   const int64_t L = p.seqlen, N = p.d_state;
+  if constexpr (std::is_same_v<Acc, float>) {
+    if (!keep_states && N == 16) {
+      if (p.delta_softplus && k.A_nonpos) return block_forward_fixed<T, 16, true>(p, k);
+      return block_forward_fixed<T, 16, false>(p, k);
+    }
+  }
   if (keep_states) std::fill(states + L * N, states + (L + 1) * N, Vec<Acc>{});
   for (int64_t t = L - 1; t >= 0; --t) {
     const bool carry = carries(p, k.b, t);
@@ -388,7 +472,7 @@ void forward(const ScanParams& p) {
     Block<Acc> k;
     VecBuffer<Acc> h;
     h.resize(p.d_state);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < p.batch * n_blocks; ++item) {
       k.load(p, item / n_blocks, (item % n_blocks) * kLanes);
       BlockFns<T>::forward(p, k, h.data());
