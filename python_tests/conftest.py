@@ -99,7 +99,8 @@ def impl(request):
 
 @pytest.fixture
 def run_or_skip():
-    """run_or_skip(fn): runs fn; skips the test while an op has no kernel for the device (NotImplementedError)."""
+    """run_or_skip(fn): runs fn; skips the test when the dispatcher has no kernel of an op for the device
+    (NotImplementedError, e.g. a CUDA device with a build made without CUDA kernels)."""
     def run(fn):
         try:
             return fn()

@@ -261,6 +261,22 @@ def test_long_sequence(scan_inputs, device, d_state, rel_err):
     assert rel_err(out, ref64) <= 1e-5
 
 
+@pytest.mark.parametrize("decay", ["underflow", "growth"])
+def test_extreme_decays(scan_inputs, device, decay, rel_err):
+    """Decay arguments past the fast exponential's range: dt * A far below -126 / ln 2 (decays that
+    underflow, the clamped path), and positive A entries (growth, the general path)."""
+    args = scan_inputs(2, 67, 40, 16, torch.float32, device)
+    A = args["A"]
+    if decay == "underflow":
+        A[:, ::3] *= 200.0
+    else:
+        A[::2, 1] = torch.rand(A.shape[0] // 2 + A.shape[0] % 2, device=device) * 0.3
+    out = _run_forward(args)
+    ref64 = reference.reverse_selective_scan(**_f64(args))
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref64) <= 1e-5
+
+
 @pytest.mark.parametrize("segments", ["none", "random"])
 @pytest.mark.parametrize("options", ["all", "none"])
 def test_gradcheck(scan_inputs, options, segments):
