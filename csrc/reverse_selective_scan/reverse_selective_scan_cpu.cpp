@@ -274,6 +274,24 @@ R2LM_INLINE Vec<Acc> load_dt_input(const ScanParams& p, const Block<Acc>& k, int
   return load_row<Acc>(row_ptr<T>(p.delta, p.delta_batch_stride, p.delta_seq_stride, k.b, t, k.d0), k.width) + k.bias;
 }
 
+// One token's inputs to the state update, shared by the forward paths and the backward: the step size
+// dt = softplus(delta + bias) (or delta + bias), u, and the B and C rows.
+template <typename T, typename Acc>
+struct TokenInputs {
+  Vec<Acc> dt, u;
+  const T* B_row;
+  const T* C_row;
+};
+
+template <typename T, typename Acc>
+R2LM_INLINE TokenInputs<T, Acc> load_token_inputs(const ScanParams& p, const Block<Acc>& k, int64_t t) {
+  const Vec<Acc> x = load_dt_input<T>(p, k, t);
+  return {p.delta_softplus ? lane_softplus(x) : x,
+          load_row<Acc>(row_ptr<T>(p.u, p.u_batch_stride, p.u_seq_stride, k.b, t, k.d0), k.width),
+          row_ptr<T>(p.B, p.B_batch_stride, p.B_seq_stride, k.b, t, 0),
+          row_ptr<T>(p.C, p.C_batch_stride, p.C_seq_stride, k.b, t, 0)};
+}
+
 // The forward of a float block with d_state == kN, written to p.out: the state stays in registers.
 // kNonpos: the decay arguments are known to be <= 0 (softplus dt, A <= 0). Same arithmetic, in the same
 // order, as block_forward.
@@ -288,11 +306,7 @@ R2LM_INLINE void block_forward_fixed(const ScanParams& p, const Block<float>& k)
     if (!carry) {
       for (int n = 0; n < kN; ++n) h[n] = Vec<float>{};
     }
-    const Vec<float> x = load_dt_input<T>(p, k, t);
-    const Vec<float> dt = p.delta_softplus ? lane_softplus(x) : x;
-    const Vec<float> u = load_row<float>(row_ptr<T>(p.u, p.u_batch_stride, p.u_seq_stride, k.b, t, k.d0), k.width);
-    const T* B_row = row_ptr<T>(p.B, p.B_batch_stride, p.B_seq_stride, k.b, t, 0);
-    const T* C_row = row_ptr<T>(p.C, p.C_batch_stride, p.C_seq_stride, k.b, t, 0);
+    const auto [dt, u, B_row, C_row] = load_token_inputs<T>(p, k, t);
     const Vec<float> dt_u = dt * u;
     Vec<float> y{};
     // The state updates; kExp 0: general exp2, 1: arguments <= 0, 2: arguments in [-126, 0] (no clamp).
@@ -350,11 +364,7 @@ R2LM_INLINE void block_forward(const ScanParams& p, const Block<Acc>& k, Vec<Acc
     } else if (!carry) {
       std::fill(h, h + N, Vec<Acc>{});
     }
-    const Vec<Acc> x = load_dt_input<T>(p, k, t);
-    const Vec<Acc> dt = p.delta_softplus ? lane_softplus(x) : x;
-    const Vec<Acc> u = load_row<Acc>(row_ptr<T>(p.u, p.u_batch_stride, p.u_seq_stride, k.b, t, k.d0), k.width);
-    const T* B_row = row_ptr<T>(p.B, p.B_batch_stride, p.B_seq_stride, k.b, t, 0);
-    const T* C_row = row_ptr<T>(p.C, p.C_batch_stride, p.C_seq_stride, k.b, t, 0);
+    const auto [dt, u, B_row, C_row] = load_token_inputs<T>(p, k, t);
     const Vec<Acc> dt_u = dt * u;
     Vec<Acc> y{};
     for (int64_t n = 0; n < N; ++n) {
