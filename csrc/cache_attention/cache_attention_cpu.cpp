@@ -21,12 +21,18 @@ namespace {
 
 constexpr int kKeyTile = 64;   // keys per tile
 constexpr int kRowTile = 64;   // rows per work item
+constexpr int kKeyGroup = 8;   // keys per score micro-kernel (tiles are padded to a multiple)
+constexpr int kRowBlock = 6;   // rows per P . V micro-kernel: 6 x 4 accumulator vectors + 4 value vectors
 
 template <typename Acc>
 struct Vec {
   typedef Acc type __attribute__((vector_size(64)));
   static constexpr int lanes = 64 / sizeof(Acc);
 };
+
+// Value columns per P . V micro-kernel: 4 vectors (64 floats), or the whole head when narrower.
+template <typename Acc, int D>
+constexpr int kColVecs = D / Vec<Acc>::lanes < 4 ? D / Vec<Acc>::lanes : 4;
 
 template <typename V>
 inline V load_vec(const void* p) {
@@ -77,37 +83,77 @@ struct Scratch {
   alignas(64) Acc qt[D][kRowTile];        // scaled queries, transposed
   alignas(64) Acc o[kRowTile][D];         // unnormalised output accumulators
   alignas(64) Acc st[kKeyTile][kRowTile]; // scores, then probabilities, key-major
-  alignas(64) Acc k[kKeyTile][D];         // converted key / value tiles (when T is not Acc)
+  alignas(64) Acc k[kKeyTile][D];         // key / value tiles, converted; keys that do not exist are 0
   alignas(64) Acc v[kKeyTile][D];
-  alignas(64) Acc zero[D];                // stands in for keys that do not exist
   alignas(64) Acc row_max[kRowTile], row_sum[kRowTile], correction[kRowTile];
   int64_t row_query[kRowTile];            // query position i of each row
-  const Acc* key_rows[kKeyTile];
-  const Acc* value_rows[kKeyTile];
 };
 
 template <typename T>
 inline const T* elem(const void* base, int64_t offset) { return static_cast<const T*>(base) + offset; }
 
-// st[n][:] = K[n] . Qt for keys [0, n_keys) (a multiple of 4), kRowVecs row vectors of queries.
+// st[n][rows] = K[n] . Qt for keys [0, n_keys) (a multiple of kKeyGroup) and the kRowVecs row vectors
+// from row vector c0. kKeyGroup keys x kRowVecs row vectors of accumulators: every query vector loaded
+// feeds kKeyGroup FMAs, and the group's slice of qt (16 KB in fp32) stays in L1 across the key groups.
 template <typename Acc, int D, int kRowVecs>
-inline __attribute__((always_inline)) void tile_scores(Scratch<Acc, D>& w, int n_keys) {
+inline __attribute__((always_inline)) void score_rows(Scratch<Acc, D>& w, int c0, int n_keys) {
   using V = typename Vec<Acc>::type;
   constexpr int L = Vec<Acc>::lanes;
-  for (int n0 = 0; n0 < n_keys; n0 += 4) {
-    const Acc* kr[4] = {w.key_rows[n0], w.key_rows[n0 + 1], w.key_rows[n0 + 2], w.key_rows[n0 + 3]};
-    V acc[4][kRowVecs] = {};
+  for (int n0 = 0; n0 < n_keys; n0 += kKeyGroup) {
+    const Acc* kr[kKeyGroup];
+    for (int kk = 0; kk < kKeyGroup; ++kk) kr[kk] = w.k[n0 + kk];
+    V acc[kKeyGroup][kRowVecs] = {};
     for (int d = 0; d < D; ++d) {
       V qv[kRowVecs];
-      for (int c = 0; c < kRowVecs; ++c) qv[c] = load_vec<V>(&w.qt[d][c * L]);
-      for (int kk = 0; kk < 4; ++kk) {
+      for (int c = 0; c < kRowVecs; ++c) qv[c] = load_vec<V>(&w.qt[d][(c0 + c) * L]);
+      for (int kk = 0; kk < kKeyGroup; ++kk) {
         const Acc kd = kr[kk][d];
         for (int c = 0; c < kRowVecs; ++c) acc[kk][c] += kd * qv[c];
       }
     }
-    for (int kk = 0; kk < 4; ++kk)
-      for (int c = 0; c < kRowVecs; ++c) store_vec(&w.st[n0 + kk][c * L], acc[kk][c]);
+    for (int kk = 0; kk < kKeyGroup; ++kk)
+      for (int c = 0; c < kRowVecs; ++c) store_vec(&w.st[n0 + kk][(c0 + c) * L], acc[kk][c]);
   }
+}
+
+// O[r0, r0 + kRows) x columns [col0, col0 + kColVecs vectors) = O * correction + P . V over the tile's
+// keys: each loaded value vector feeds kRows FMAs, and the value columns (16 KB per 64 keys in fp32)
+// stay in L1 across the row blocks.
+template <typename Acc, int D, int kRows>
+inline __attribute__((always_inline)) void update_rows(Scratch<Acc, D>& w, int r0, int col0, int n_keys) {
+  using V = typename Vec<Acc>::type;
+  constexpr int L = Vec<Acc>::lanes;
+  V acc[kRows][kColVecs<Acc, D>];
+  for (int m = 0; m < kRows; ++m)
+    for (int c = 0; c < kColVecs<Acc, D>; ++c)
+      acc[m][c] = load_vec<V>(&w.o[r0 + m][col0 + c * L]) * w.correction[r0 + m];
+  for (int n = 0; n < n_keys; ++n) {
+    V vv[kColVecs<Acc, D>];
+    for (int c = 0; c < kColVecs<Acc, D>; ++c) vv[c] = load_vec<V>(&w.v[n][col0 + c * L]);
+    for (int m = 0; m < kRows; ++m) {
+      const Acc pm = w.st[n][r0 + m];
+      for (int c = 0; c < kColVecs<Acc, D>; ++c) acc[m][c] += pm * vv[c];
+    }
+  }
+  for (int m = 0; m < kRows; ++m)
+    for (int c = 0; c < kColVecs<Acc, D>; ++c) store_vec(&w.o[r0 + m][col0 + c * L], acc[m][c]);
+}
+
+// The key and value rows of key position `key` of (b, kvh): the cache below len, the block's k / v
+// above; left untouched when the cache slot has no valid page.
+template <typename T>
+inline void key_value_rows(const CacheAttnParams& p, int64_t b, int64_t kvh, int64_t len, int64_t key,
+                           const T*& ks, const T*& vs) {
+  if (key >= len) {
+    const int64_t j = key - len;
+    ks = elem<T>(p.k, b * p.k_batch_stride + j * p.k_seq_stride + kvh * p.k_head_stride);
+    vs = elem<T>(p.v, b * p.v_batch_stride + j * p.v_seq_stride + kvh * p.v_head_stride);
+    return;
+  }
+  int64_t page, slot;
+  if (!attn_cache_slot(p, b, key, page, slot)) return;
+  ks = elem<T>(p.k_cache, page * p.k_cache_page_stride + slot * p.k_cache_slot_stride + kvh * p.k_cache_head_stride);
+  vs = elem<T>(p.v_cache, page * p.v_cache_page_stride + slot * p.v_cache_slot_stride + kvh * p.v_cache_head_stride);
 }
 
 // Attention for rows [row0, row0 + rows) of (b, kvh).
@@ -116,12 +162,9 @@ inline __attribute__((always_inline)) void attend_rows(const CacheAttnParams& p,
                                                        int64_t row0, int64_t rows, Scratch<Acc, D>& w) {
   using V = typename Vec<Acc>::type;
   constexpr int L = Vec<Acc>::lanes;
-  constexpr int kDimVecs = D / L;
-  constexpr bool kDirect = std::is_same_v<T, Acc>;  // K / V rows are read in place, no conversion
   const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
   const int64_t len = attn_cache_len(p, b);
-  // Row vectors the score kernel computes: 1, 2, 3, or all of the tile (fp64 has 8 per tile).
-  const int row_vecs = int((rows + L - 1) / L) <= 3 ? int((rows + L - 1) / L) : kRowTile / L;
+  const int row_vecs = int((rows + L - 1) / L);
   const int padded = row_vecs * L;
 
   int64_t last_query = 0;
@@ -137,46 +180,30 @@ inline __attribute__((always_inline)) void attend_rows(const CacheAttnParams& p,
     w.row_max[r] = neg_inf;
     w.row_sum[r] = Acc(0);
   }
-  for (int d = 0; d < D; ++d) w.zero[d] = Acc(0);
   // Keys past the last visible one for these rows are skipped entirely.
   const int64_t n_keys = len + (p.causal ? last_query + 1 : p.q_len);
 
   for (int64_t k0 = 0; k0 < n_keys; k0 += kKeyTile) {
     const int nt = int(std::min<int64_t>(kKeyTile, n_keys - k0));
-    const int nt4 = (nt + 3) / 4 * 4;
-    for (int n = 0; n < nt4; ++n) {
-      const int64_t key = k0 + n;
+    const int nt_padded = (nt + kKeyGroup - 1) / kKeyGroup * kKeyGroup;
+    for (int n = 0; n < nt_padded; ++n) {
       const T* ks = nullptr;
       const T* vs = nullptr;
-      int64_t page, slot;
-      if (n < nt && key < len) {
-        if (attn_cache_slot(p, b, key, page, slot)) {
-          ks = elem<T>(p.k_cache, page * p.k_cache_page_stride + slot * p.k_cache_slot_stride +
-                                      kvh * p.k_cache_head_stride);
-          vs = elem<T>(p.v_cache, page * p.v_cache_page_stride + slot * p.v_cache_slot_stride +
-                                      kvh * p.v_cache_head_stride);
-        }
-      } else if (n < nt) {
-        const int64_t j = key - len;
-        ks = elem<T>(p.k, b * p.k_batch_stride + j * p.k_seq_stride + kvh * p.k_head_stride);
-        vs = elem<T>(p.v, b * p.v_batch_stride + j * p.v_seq_stride + kvh * p.v_head_stride);
-      }
-      if constexpr (kDirect) {
-        w.key_rows[n] = ks ? ks : w.zero;
-        w.value_rows[n] = vs ? vs : w.zero;
+      if (n < nt) key_value_rows(p, b, kvh, len, k0 + n, ks, vs);
+      // Copied even when no conversion is needed: consecutive keys of a token-major cache are a whole
+      // token's heads apart (4 KB in the benchmark shape), so the rows in place would all map to the
+      // same few L1 sets and be refetched by every row block.
+      if (ks) {
+        for (int d = 0; d < D; ++d) w.k[n][d] = to_acc<Acc>(ks[d]);
+        for (int d = 0; d < D; ++d) w.v[n][d] = to_acc<Acc>(vs[d]);
       } else {
-        for (int d = 0; d < D; ++d) w.k[n][d] = ks ? to_acc<Acc>(ks[d]) : Acc(0);
-        for (int d = 0; d < D; ++d) w.v[n][d] = vs ? to_acc<Acc>(vs[d]) : Acc(0);
-        w.key_rows[n] = w.k[n];
-        w.value_rows[n] = w.v[n];
+        for (int d = 0; d < D; ++d) w.k[n][d] = w.v[n][d] = Acc(0);
       }
     }
 
-    switch (row_vecs) {
-      case 1: tile_scores<Acc, D, 1>(w, nt4); break;
-      case 2: tile_scores<Acc, D, 2>(w, nt4); break;
-      case 3: tile_scores<Acc, D, 3>(w, nt4); break;
-      default: tile_scores<Acc, D, kRowTile / L>(w, nt4);
+    for (int c0 = 0; c0 < row_vecs; c0 += 2) {
+      if (c0 + 1 < row_vecs) score_rows<Acc, D, 2>(w, c0, nt_padded);
+      else score_rows<Acc, D, 1>(w, c0, nt_padded);
     }
 
     // Mask (only tiles that reach the block need it), then the online softmax on whole row vectors.
@@ -205,28 +232,18 @@ inline __attribute__((always_inline)) void attend_rows(const CacheAttnParams& p,
       store_vec(&w.correction[c * L], correction);
     }
 
-    // O = O * correction + P . V, two rows x the whole head dim in registers (padded is even).
-    for (int r0 = 0; r0 < int(rows); r0 += 2) {
-      const int r1 = r0 + 1;
-      V acc[2][kDimVecs];
-      for (int c = 0; c < kDimVecs; ++c) {
-        acc[0][c] = load_vec<V>(&w.o[r0][c * L]) * w.correction[r0];
-        acc[1][c] = load_vec<V>(&w.o[r1][c * L]) * w.correction[r1];
-      }
-      for (int n = 0; n < nt; ++n) {
-        const Acc p0 = w.st[n][r0], p1 = w.st[n][r1];
-        const Acc* vr = w.value_rows[n];
-        for (int c = 0; c < kDimVecs; ++c) {
-          const V vv = load_vec<V>(vr + c * L);
-          acc[0][c] += p0 * vv;
-          acc[1][c] += p1 * vv;
+    // O = O * correction + P . V in blocks of kRowBlock rows x kColVecs vectors of columns.
+    for (int col0 = 0; col0 < D; col0 += kColVecs<Acc, D> * L)
+      for (int r0 = 0; r0 < int(rows); r0 += kRowBlock) {
+        switch (std::min<int>(kRowBlock, int(rows) - r0)) {
+          case 1: update_rows<Acc, D, 1>(w, r0, col0, nt); break;
+          case 2: update_rows<Acc, D, 2>(w, r0, col0, nt); break;
+          case 3: update_rows<Acc, D, 3>(w, r0, col0, nt); break;
+          case 4: update_rows<Acc, D, 4>(w, r0, col0, nt); break;
+          case 5: update_rows<Acc, D, 5>(w, r0, col0, nt); break;
+          default: update_rows<Acc, D, kRowBlock>(w, r0, col0, nt);
         }
       }
-      for (int c = 0; c < kDimVecs; ++c) {
-        store_vec(&w.o[r0][c * L], acc[0][c]);
-        store_vec(&w.o[r1][c * L], acc[1][c]);
-      }
-    }
   }
 
   for (int64_t r = 0; r < rows; ++r) {
