@@ -87,15 +87,28 @@ struct Scratch {
   alignas(64) Acc v[kKeyTile][D];
   alignas(64) Acc row_max[kRowTile], row_sum[kRowTile], correction[kRowTile];
   int64_t row_query[kRowTile];            // query position i of each row
+  const char* next_rows[2 * kKeyTile];    // key (even) and value (odd) rows of the next tile, to prefetch
 };
 
 template <typename T>
 inline const T* elem(const void* base, int64_t offset) { return static_cast<const T*>(base) + offset; }
 
+// Prefetches (into L2) a share of the next tile's rows for iteration d of key group n0 of the score
+// kernel: the kKeyGroup keys' key and value rows, spread evenly over the group's D iterations. Consecutive
+// keys of a token-major cache are a page apart, which the hardware prefetchers do not follow, and a
+// burst of prefetches would stall on the fill buffers; spread over the FMAs they cost nearly nothing.
+template <typename T, int D>
+inline __attribute__((always_inline)) void prefetch_next_rows(const char* const* next_rows, int n0, int d) {
+  constexpr int kIterationsPerRow = D / (2 * kKeyGroup);
+  constexpr int kBytesPerIteration = D * int(sizeof(T)) / kIterationsPerRow;
+  const char* row = next_rows[2 * n0 + d / kIterationsPerRow] + (d % kIterationsPerRow) * kBytesPerIteration;
+  for (int byte = 0; byte < kBytesPerIteration; byte += 64) __builtin_prefetch(row + byte, 0, 2);
+}
+
 // st[n][rows] = K[n] . Qt for keys [0, n_keys) (a multiple of kKeyGroup) and the kRowVecs row vectors
 // from row vector c0. kKeyGroup keys x kRowVecs row vectors of accumulators: every query vector loaded
 // feeds kKeyGroup FMAs, and the group's slice of qt (16 KB in fp32) stays in L1 across the key groups.
-template <typename Acc, int D, int kRowVecs>
+template <typename T, typename Acc, int D, int kRowVecs, bool kPrefetch>
 inline __attribute__((always_inline)) void score_rows(Scratch<Acc, D>& w, int c0, int n_keys) {
   using V = typename Vec<Acc>::type;
   constexpr int L = Vec<Acc>::lanes;
@@ -104,6 +117,7 @@ inline __attribute__((always_inline)) void score_rows(Scratch<Acc, D>& w, int c0
     for (int kk = 0; kk < kKeyGroup; ++kk) kr[kk] = w.k[n0 + kk];
     V acc[kKeyGroup][kRowVecs] = {};
     for (int d = 0; d < D; ++d) {
+      if constexpr (kPrefetch) prefetch_next_rows<T, D>(w.next_rows, n0, d);
       V qv[kRowVecs];
       for (int c = 0; c < kRowVecs; ++c) qv[c] = load_vec<V>(&w.qt[d][(c0 + c) * L]);
       for (int kk = 0; kk < kKeyGroup; ++kk) {
@@ -199,11 +213,18 @@ inline __attribute__((always_inline)) void attend_rows(const CacheAttnParams& p,
       } else {
         for (int d = 0; d < D; ++d) w.k[n][d] = w.v[n][d] = Acc(0);
       }
+      // The next tile's rows, prefetched by the first score pass; scratch stands in for missing keys.
+      const T* next_k = reinterpret_cast<const T*>(w.k[0]);
+      const T* next_v = next_k;
+      if (k0 + kKeyTile + n < n_keys) key_value_rows(p, b, kvh, len, k0 + kKeyTile + n, next_k, next_v);
+      w.next_rows[2 * n] = reinterpret_cast<const char*>(next_k);
+      w.next_rows[2 * n + 1] = reinterpret_cast<const char*>(next_v);
     }
 
     for (int c0 = 0; c0 < row_vecs; c0 += 2) {
-      if (c0 + 1 < row_vecs) score_rows<Acc, D, 2>(w, c0, nt_padded);
-      else score_rows<Acc, D, 1>(w, c0, nt_padded);
+      const bool two = c0 + 1 < row_vecs;
+      if (c0 == 0) two ? score_rows<T, Acc, D, 2, true>(w, c0, nt_padded) : score_rows<T, Acc, D, 1, true>(w, c0, nt_padded);
+      else two ? score_rows<T, Acc, D, 2, false>(w, c0, nt_padded) : score_rows<T, Acc, D, 1, false>(w, c0, nt_padded);
     }
 
     // Mask (only tiles that reach the block need it), then the online softmax on whole row vectors.
