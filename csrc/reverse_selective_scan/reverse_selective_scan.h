@@ -61,18 +61,18 @@ R2LM_HD T scan_dt_grad(T delta, T bias, bool softplus) {
   return softplus ? (x > T(20) ? T(1) : scan_sigmoid(x)) : T(1);
 }
 
-// 2^r for |r| <= 1/2 on the FMA pipes: the degree-7 Taylor polynomial of e^(r ln2), coefficients
-// ln(2)^k / k!. Its constant term is exactly 1, so 2^0 = 1 exactly and decays near 1 carry no bias that a
-// long recurrence would accumulate; truncation error < 6e-9 relative. F is float, or a GCC float vector
-// (the CPU kernel's lanes).
+// 2^r for |r| <= 1/2 on the FMA pipes: a degree-6 polynomial whose constant term is exactly 1 and linear
+// term ln(2) (rounded to float), so 2^0 = 1 exactly and decays near 1 carry no bias that a long
+// recurrence would accumulate; the other coefficients minimise the maximum relative error (truncation
+// < 4e-9, float coefficients included; see NOTES.md). F is float, or a float vector (the CPU kernel's
+// lanes).
 template <typename F>
 R2LM_HD F scan_exp2_fraction(F r) {
-  F p = r * 1.5252733804059838e-05f + 1.5403530393381606e-04f;
-  p = p * r + 1.3333558146428441e-03f;
-  p = p * r + 9.6181291076284772e-03f;
-  p = p * r + 5.5504108664821576e-02f;
-  p = p * r + 2.4022650695910071e-01f;
-  p = p * r + 6.9314718055994531e-01f;
+  F p = r * 1.5324316e-04f + 1.3390959e-03f;
+  p = p * r + 9.618518e-03f;
+  p = p * r + 5.5503596e-02f;
+  p = p * r + 2.4022648e-01f;
+  p = p * r + 6.931472e-01f;
   return p * r + 1.0f;
 }
 
@@ -86,7 +86,7 @@ R2LM_HD float scan_exp2_poly(float x) {
   const float shifted = x + 12582912.f;
   const float j = shifted - 12582912.f;
   const float r = x - j;
-  // Measured max relative error 9.2e-8 over [-126, 127], with or without FMA (see NOTES.md).
+  // Measured max relative error 9.1e-8 over [-126, 127], with or without FMA (see NOTES.md).
   float p = scan_exp2_fraction(r);
   // Scale by 2^j: add j to the exponent field (the clamp keeps the result's exponent field in [0, 254]).
   int32_t shifted_bits, p_bits;

@@ -4,7 +4,8 @@
 // block's channels contiguous, so a block's step is GCC vector arithmetic over kLanes lanes (the state
 // is d_state such vectors), with exp, softplus and SiLU evaluated branch-free on whole vectors. Blocks
 // are independent, so OpenMP runs them in parallel; the per-block function is compiled for AVX-512,
-// AVX2 and baseline x86-64 and picked at load time.
+// AVX2 and baseline x86-64 and picked at load time. The float, d_state 16 forward (the model's shape)
+// has its own AVX-512 intrinsics kernel, forward_f32_n16_avx512, picked at run time.
 //
 // The backward recomputes a block's states right to left into a per-thread buffer, then runs the
 // adjoint left to right. dB and dC sum over channels, dA, dD and ddelta_bias over the batch: each goes
@@ -19,6 +20,10 @@
 #include <new>
 #include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 // The vector helpers are always inlined, so the vector-passing ABI note does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -474,9 +479,143 @@ R2LM_SCAN_BLOCK_FNS(f16, Half, float)
 R2LM_SCAN_BLOCK_FNS(bf16, BFloat16, float)
 #undef R2LM_SCAN_BLOCK_FNS
 
+#if defined(__x86_64__)
+// The float, d_state 16 forward in AVX-512 intrinsics, chosen at run time where the CPU has AVX-512 (the
+// generic path above stays for other machines and dtypes; the backward always uses it). The math of
+// block_forward_fixed, but with the exponent applied by vscalefps, subnormals flushed instead of clamped,
+// SiLU as one division, and the loop software-pipelined: a token's step size and gate are computed two
+// tokens ahead and its decays one token ahead, so that their long dependency chains overlap other
+// tokens' work instead of stalling the state updates (the loop is then bound by its vector-op count,
+// 13 per state and token).
+#define R2LM_AVX512 __attribute__((target("avx512f,avx512dq,fma")))
+#define R2LM_AVX512_INLINE R2LM_AVX512 inline __attribute__((always_inline))
+// Full-mask forms of the intrinsics: GCC 12's unmasked ones trip -Wmaybe-uninitialized.
+constexpr __mmask16 kAll = 0xffff;
+
+// 2^x: r = x - round(x) in [-1/2, 1/2] (one vreduceps, exact), 2^r by the shared polynomial, times 2^j
+// (j = x - r, exact) by vscalefps, which overflows to inf and underflows without a clamp.
+R2LM_AVX512_INLINE __m512 avx512_exp2(__m512 x) {
+  const __m512 r = _mm512_maskz_reduce_ps(kAll, x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_maskz_scalef_ps(kAll, scan_exp2_fraction<__m512>(r), x - r);
+}
+// As lane_exp.
+R2LM_AVX512_INLINE __m512 avx512_exp(__m512 x) {
+  return avx512_exp2(x * 1.44269502162933349609375f + x * 1.925963033500011079e-08f);
+}
+// As lane_softplus.
+R2LM_AVX512_INLINE __m512 avx512_softplus(__m512 x) {
+  const __m512 e = avx512_exp(-_mm512_abs_ps(x));
+  const __m512 s = e / (2.0f + e), s2 = s * s;
+  __m512 series = _mm512_set1_ps(1.0f / 15.0f);
+  for (float k : {13.0f, 11.0f, 9.0f, 7.0f, 5.0f, 3.0f, 1.0f}) series = series * s2 + 1.0f / k;
+  const __m512 result = _mm512_maskz_max_ps(kAll, x, _mm512_setzero_ps()) + 2.0f * s * series;
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(20.0f), _CMP_GT_OQ), result, x);
+}
+// SiLU as x / (1 + e^-x): one division and no multiply.
+R2LM_AVX512_INLINE __m512 avx512_silu(__m512 x) { return x / (1.0f + avx512_exp(-x)); }
+
+// Step size and SiLU gate of one token, from its delta and z rows (z_row unused without the gate).
+template <bool kSoftplus, bool kGate>
+R2LM_AVX512_INLINE void avx512_token(const float* delta_row, const float* z_row, __mmask16 lanes, __m512 bias,
+                                     __m512& dt, __m512& gate) {
+  const __m512 x = _mm512_maskz_loadu_ps(lanes, delta_row) + bias;
+  dt = kSoftplus ? avx512_softplus(x) : x;
+  if constexpr (kGate) gate = avx512_silu(_mm512_maskz_loadu_ps(lanes, z_row));
+}
+
+// One token's state updates, h <- decay h + dt u B, with this token's decays read from `decay` and the
+// next token's (step size dt_next) written there; returns y = h . C.
+R2LM_AVX512_INLINE __m512 avx512_step(__m512 (&h)[16], __m512 (&decay)[16], const __m512* a, __m512 dt_next,
+                                      __m512 dt_u, const float* B_row, const float* C_row) {
+  __m512 y0 = _mm512_setzero_ps(), y1 = _mm512_setzero_ps();  // two sums: half the dependency chain
+#pragma GCC unroll 16
+  for (int n = 0; n < 16; ++n) {
+    const __m512 d = decay[n];
+    decay[n] = avx512_exp2(dt_next * a[n]);
+    h[n] = d * h[n] + dt_u * B_row[n];
+    if (n % 2) y1 += h[n] * C_row[n];
+    else y0 += h[n] * C_row[n];
+  }
+  return y0 + y1;
+}
+
+// The block's forward, written to p.out (seqlen >= 1).
+template <bool kSoftplus, bool kGate>
+R2LM_AVX512 void forward_f32_n16_avx512(const ScanParams& p, const Block<float>& k) {
+  constexpr int kN = 16;
+  // Consecutive tokens' rows are a sequence stride apart, too far for the hardware prefetchers.
+  constexpr int64_t kPrefetch = 16;  // tokens ahead
+  const int64_t L = p.seqlen;
+  const __mmask16 lanes = __mmask16((1u << k.width) - 1);
+  auto row0 = [&](const void* base, int64_t batch_stride) R2LM_INLINE_LAMBDA {
+    return static_cast<const float*>(base) + k.b * batch_stride + k.d0;
+  };
+  const float* u = row0(p.u, p.u_batch_stride);
+  const float* delta = row0(p.delta, p.delta_batch_stride);
+  const float* z = kGate ? row0(p.z, p.z_batch_stride) : nullptr;
+  const float* B = static_cast<const float*>(p.B) + k.b * p.B_batch_stride;
+  const float* C = static_cast<const float*>(p.C) + k.b * p.C_batch_stride;
+  float* out = static_cast<float*>(p.out) + k.b * p.out_batch_stride + k.d0;
+  const int64_t u_stride = p.u_seq_stride, delta_stride = p.delta_seq_stride, z_stride = kGate ? p.z_seq_stride : 0;
+  const int64_t B_stride = p.B_seq_stride, C_stride = p.C_seq_stride, out_stride = p.out_seq_stride;
+  const int32_t* seq = p.seq_idx ? p.seq_idx + k.b * p.seq_idx_batch_stride : nullptr;
+  const __m512* a = reinterpret_cast<const __m512*>(&k.A_log2e[0]);
+  const __m512 bias = k.bias, D = k.D;
+  // Token max(t, 0): the lookahead past token 0 computes values that go unused.
+  auto token = [&](int64_t t, __m512& dt, __m512& gate) R2LM_AVX512 R2LM_INLINE_LAMBDA {
+    t = std::max<int64_t>(t, 0);
+    avx512_token<kSoftplus, kGate>(delta + t * delta_stride, z + t * z_stride, lanes, bias, dt, gate);
+  };
+
+  // Decays below 2^-126 would be subnormal, and subnormal arithmetic takes microcode assists: flush
+  // subnormals to zero while the block runs (the generic path clamps such decays to 2^-126 instead).
+  const unsigned csr = _mm_getcsr();
+  _mm_setcsr(csr | _MM_FLUSH_ZERO_ON | _MM_DENORMALS_ZERO_ON);
+  __m512 h[kN], decay[kN];
+  __m512 dt, dt1, dt2, gate, gate1, gate2;  // 1, 2: the next tokens, t - 1 and t - 2
+  gate = gate1 = gate2 = _mm512_set1_ps(1.0f);
+  token(L - 1, dt, gate);
+  token(L - 2, dt1, gate1);
+  for (int n = 0; n < kN; ++n) {
+    h[n] = _mm512_setzero_ps();
+    decay[n] = avx512_exp2(dt * a[n]);
+  }
+  for (int64_t t = L - 1; t >= 0; --t) {
+    const bool carry = t + 1 < L && (!seq || seq[t] == seq[t + 1]);
+    if (!carry) {
+      for (int n = 0; n < kN; ++n) h[n] = _mm512_setzero_ps();
+    }
+    const int64_t ahead = std::max<int64_t>(t - kPrefetch, 0);
+    _mm_prefetch(reinterpret_cast<const char*>(delta + ahead * delta_stride), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(u + ahead * u_stride), _MM_HINT_T0);
+    if constexpr (kGate) _mm_prefetch(reinterpret_cast<const char*>(z + ahead * z_stride), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(out + ahead * out_stride), _MM_HINT_ET0);
+    token(t - 2, dt2, gate2);
+    const __m512 u_t = _mm512_maskz_loadu_ps(lanes, u + t * u_stride);
+    const __m512 y = avx512_step(h, decay, a, dt1, dt * u_t, B + t * B_stride, C + t * C_stride);
+    _mm512_mask_storeu_ps(out + t * out_stride, lanes, (y + D * u_t) * gate);
+    dt = dt1; dt1 = dt2;
+    gate = gate1; gate1 = gate2;
+  }
+  _mm_setcsr(csr);
+}
+
+// Whether forward() takes forward_f32_n16_avx512: the CPU has AVX-512 and the environment variable
+// R2LM_SCAN_CPU_GENERIC is unset (the tests set it to cover the generic path on AVX-512 machines too).
+bool use_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+  return has && !std::getenv("R2LM_SCAN_CPU_GENERIC");
+}
+#endif
+
 template <typename T, typename Acc>
 void forward(const ScanParams& p) {
   const int64_t n_blocks = (p.dim + kLanes - 1) / kLanes;
+#if defined(__x86_64__)
+  const bool avx512 = std::is_same_v<T, float> && p.d_state == 16 && use_avx512();
+#else
+  constexpr bool avx512 = false;
+#endif
 #pragma omp parallel
   {
     Block<Acc> k;
@@ -485,6 +624,18 @@ void forward(const ScanParams& p) {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < p.batch * n_blocks; ++item) {
       k.load(p, item / n_blocks, (item % n_blocks) * kLanes);
+#if defined(__x86_64__)
+      if constexpr (std::is_same_v<T, float>) {
+        if (avx512) {
+          if (p.delta_softplus) {
+            p.z ? forward_f32_n16_avx512<true, true>(p, k) : forward_f32_n16_avx512<true, false>(p, k);
+          } else {
+            p.z ? forward_f32_n16_avx512<false, true>(p, k) : forward_f32_n16_avx512<false, false>(p, k);
+          }
+          continue;
+        }
+      }
+#endif
       BlockFns<T>::forward(p, k, h.data());
     }
   }
