@@ -88,27 +88,29 @@ struct Scratch {
   alignas(64) Acc row_max[kRowTile], row_sum[kRowTile], correction[kRowTile];
   int64_t row_query[kRowTile];            // query position i of each row
   const char* next_rows[2 * kKeyTile];    // key (even) and value (odd) rows of the next tile, to prefetch
+  int prefetch_cursor, prefetch_lines;    // next_rows' cache lines: the next one to prefetch, how many
 };
 
 template <typename T>
 inline const T* elem(const void* base, int64_t offset) { return static_cast<const T*>(base) + offset; }
 
-// Prefetches (into L2) a share of the next tile's rows for iteration d of key group n0 of the score
-// kernel: the kKeyGroup keys' key and value rows, spread evenly over the group's D iterations. Consecutive
-// keys of a token-major cache are a page apart, which the hardware prefetchers do not follow, and a
-// burst of prefetches would stall on the fill buffers; spread over the FMAs they cost nearly nothing.
-template <typename T, int D>
-inline __attribute__((always_inline)) void prefetch_next_rows(const char* const* next_rows, int n0, int d) {
-  constexpr int kIterationsPerRow = D / (2 * kKeyGroup);
-  constexpr int kBytesPerIteration = D * int(sizeof(T)) / kIterationsPerRow;
-  const char* row = next_rows[2 * n0 + d / kIterationsPerRow] + (d % kIterationsPerRow) * kBytesPerIteration;
-  for (int byte = 0; byte < kBytesPerIteration; byte += 64) __builtin_prefetch(row + byte, 0, 2);
+// Prefetches (into L2) the next of the next tile's cache lines, if any are left. Consecutive keys of a
+// token-major cache are a page apart, which the hardware prefetchers do not follow. A prefetch holds a
+// fill buffer until its line arrives, and with the buffers full the core stalls, so the score and P . V
+// kernels call this at a fixed cadence (every 48-64 FMAs) that spreads a tile's lines over its compute.
+template <typename T, typename Acc, int D>
+inline __attribute__((always_inline)) void prefetch_step(Scratch<Acc, D>& w) {
+  constexpr int kLinesPerRow = (D * int(sizeof(T)) + 63) / 64;
+  if (w.prefetch_cursor < w.prefetch_lines) {
+    const int line = w.prefetch_cursor++;
+    __builtin_prefetch(w.next_rows[line / kLinesPerRow] + line % kLinesPerRow * 64, 0, 2);
+  }
 }
 
 // st[n][rows] = K[n] . Qt for keys [0, n_keys) (a multiple of kKeyGroup) and the kRowVecs row vectors
 // from row vector c0. kKeyGroup keys x kRowVecs row vectors of accumulators: every query vector loaded
 // feeds kKeyGroup FMAs, and the group's slice of qt (16 KB in fp32) stays in L1 across the key groups.
-template <typename T, typename Acc, int D, int kRowVecs, bool kPrefetch>
+template <typename T, typename Acc, int D, int kRowVecs>
 inline __attribute__((always_inline)) void score_rows(Scratch<Acc, D>& w, int c0, int n_keys) {
   using V = typename Vec<Acc>::type;
   constexpr int L = Vec<Acc>::lanes;
@@ -117,7 +119,7 @@ inline __attribute__((always_inline)) void score_rows(Scratch<Acc, D>& w, int c0
     for (int kk = 0; kk < kKeyGroup; ++kk) kr[kk] = w.k[n0 + kk];
     V acc[kKeyGroup][kRowVecs] = {};
     for (int d = 0; d < D; ++d) {
-      if constexpr (kPrefetch) prefetch_next_rows<T, D>(w.next_rows, n0, d);
+      if (d % 4 == 0) prefetch_step<T>(w);
       V qv[kRowVecs];
       for (int c = 0; c < kRowVecs; ++c) qv[c] = load_vec<V>(&w.qt[d][(c0 + c) * L]);
       for (int kk = 0; kk < kKeyGroup; ++kk) {
@@ -133,7 +135,7 @@ inline __attribute__((always_inline)) void score_rows(Scratch<Acc, D>& w, int c0
 // O[r0, r0 + kRows) x columns [col0, col0 + kColVecs vectors) = O * correction + P . V over the tile's
 // keys: each loaded value vector feeds kRows FMAs, and the value columns (16 KB per 64 keys in fp32)
 // stay in L1 across the row blocks.
-template <typename Acc, int D, int kRows>
+template <typename T, typename Acc, int D, int kRows>
 inline __attribute__((always_inline)) void update_rows(Scratch<Acc, D>& w, int r0, int col0, int n_keys) {
   using V = typename Vec<Acc>::type;
   constexpr int L = Vec<Acc>::lanes;
@@ -142,6 +144,7 @@ inline __attribute__((always_inline)) void update_rows(Scratch<Acc, D>& w, int r
     for (int c = 0; c < kColVecs<Acc, D>; ++c)
       acc[m][c] = load_vec<V>(&w.o[r0 + m][col0 + c * L]) * w.correction[r0 + m];
   for (int n = 0; n < n_keys; ++n) {
+    if (n % 2 == 0) prefetch_step<T>(w);
     V vv[kColVecs<Acc, D>];
     for (int c = 0; c < kColVecs<Acc, D>; ++c) vv[c] = load_vec<V>(&w.v[n][col0 + c * L]);
     for (int m = 0; m < kRows; ++m) {
@@ -213,18 +216,21 @@ inline __attribute__((always_inline)) void attend_rows(const CacheAttnParams& p,
       } else {
         for (int d = 0; d < D; ++d) w.k[n][d] = w.v[n][d] = Acc(0);
       }
-      // The next tile's rows, prefetched by the first score pass; scratch stands in for missing keys.
-      const T* next_k = reinterpret_cast<const T*>(w.k[0]);
-      const T* next_v = next_k;
-      if (k0 + kKeyTile + n < n_keys) key_value_rows(p, b, kvh, len, k0 + kKeyTile + n, next_k, next_v);
-      w.next_rows[2 * n] = reinterpret_cast<const char*>(next_k);
-      w.next_rows[2 * n + 1] = reinterpret_cast<const char*>(next_v);
+      // The next tile's rows, prefetched while this one is computed.
+      if (k0 + kKeyTile + n < n_keys) {
+        const T* next_k = reinterpret_cast<const T*>(w.k[0]);  // scratch stands in for a missing page
+        const T* next_v = next_k;
+        key_value_rows(p, b, kvh, len, k0 + kKeyTile + n, next_k, next_v);
+        w.next_rows[2 * n] = reinterpret_cast<const char*>(next_k);
+        w.next_rows[2 * n + 1] = reinterpret_cast<const char*>(next_v);
+      }
     }
+    w.prefetch_cursor = 0;
+    w.prefetch_lines = 2 * int(std::clamp<int64_t>(n_keys - k0 - kKeyTile, 0, nt_padded)) * ((D * int(sizeof(T)) + 63) / 64);
 
     for (int c0 = 0; c0 < row_vecs; c0 += 2) {
-      const bool two = c0 + 1 < row_vecs;
-      if (c0 == 0) two ? score_rows<T, Acc, D, 2, true>(w, c0, nt_padded) : score_rows<T, Acc, D, 1, true>(w, c0, nt_padded);
-      else two ? score_rows<T, Acc, D, 2, false>(w, c0, nt_padded) : score_rows<T, Acc, D, 1, false>(w, c0, nt_padded);
+      if (c0 + 1 < row_vecs) score_rows<T, Acc, D, 2>(w, c0, nt_padded);
+      else score_rows<T, Acc, D, 1>(w, c0, nt_padded);
     }
 
     // Mask (only tiles that reach the block need it), then the online softmax on whole row vectors.
@@ -257,12 +263,12 @@ inline __attribute__((always_inline)) void attend_rows(const CacheAttnParams& p,
     for (int col0 = 0; col0 < D; col0 += kColVecs<Acc, D> * L)
       for (int r0 = 0; r0 < int(rows); r0 += kRowBlock) {
         switch (std::min<int>(kRowBlock, int(rows) - r0)) {
-          case 1: update_rows<Acc, D, 1>(w, r0, col0, nt); break;
-          case 2: update_rows<Acc, D, 2>(w, r0, col0, nt); break;
-          case 3: update_rows<Acc, D, 3>(w, r0, col0, nt); break;
-          case 4: update_rows<Acc, D, 4>(w, r0, col0, nt); break;
-          case 5: update_rows<Acc, D, 5>(w, r0, col0, nt); break;
-          default: update_rows<Acc, D, kRowBlock>(w, r0, col0, nt);
+          case 1: update_rows<T, Acc, D, 1>(w, r0, col0, nt); break;
+          case 2: update_rows<T, Acc, D, 2>(w, r0, col0, nt); break;
+          case 3: update_rows<T, Acc, D, 3>(w, r0, col0, nt); break;
+          case 4: update_rows<T, Acc, D, 4>(w, r0, col0, nt); break;
+          case 5: update_rows<T, Acc, D, 5>(w, r0, col0, nt); break;
+          default: update_rows<T, Acc, D, kRowBlock>(w, r0, col0, nt);
         }
       }
   }
