@@ -136,14 +136,18 @@ R2LM_INLINE Vec<float> lane_exp_nonpos(Vec<float> x) {
   return lane_exp2_nonpos(x * 1.44269502162933349609375f + x * 1.925963033500011079e-08f);
 }
 
-// softplus of float lanes as in torch (x past 20 passes through): max(x, 0) + log1p(exp(-|x|)), with
-// log1p(e) = 2 atanh(e / (2 + e)) summed as a series (|s| <= 1/3, 8 terms: < 1e-9 relative).
-R2LM_INLINE Vec<float> lane_softplus(Vec<float> x) {
-  const Vec<float> e = lane_exp_nonpos(x < 0.0f ? x : -x);
-  const Vec<float> s = e / (2.0f + e), s2 = s * s;
-  Vec<float> series = splat(1.0f / 15.0f);
+// log1p(e) of float vectors F (GCC vector types, __m512 included) for e in [0, 1]:
+// 2 atanh(e / (2 + e)) summed as a series (|s| <= 1/3, 8 terms: < 1e-9 relative).
+template <typename F>
+R2LM_INLINE F log1p_of_small(F e) {
+  const F s = e / (2.0f + e), s2 = s * s;
+  F series = F{} + 1.0f / 15.0f;
   for (float k : {13.0f, 11.0f, 9.0f, 7.0f, 5.0f, 3.0f, 1.0f}) series = series * s2 + 1.0f / k;
-  const Vec<float> result = (x > 0.0f ? x : splat(0.0f)) + 2.0f * s * series;
+  return 2.0f * s * series;
+}
+// softplus of float lanes as in torch (x past 20 passes through): max(x, 0) + log1p(exp(-|x|)).
+R2LM_INLINE Vec<float> lane_softplus(Vec<float> x) {
+  const Vec<float> result = (x > 0.0f ? x : splat(0.0f)) + log1p_of_small(lane_exp_nonpos(x < 0.0f ? x : -x));
   return x > 20.0f ? x : result;
 }
 R2LM_INLINE Vec<float> lane_sigmoid(Vec<float> x) { return 1.0f / (1.0f + lane_exp(-x)); }
@@ -504,11 +508,8 @@ R2LM_AVX512_INLINE __m512 avx512_exp(__m512 x) {
 }
 // As lane_softplus.
 R2LM_AVX512_INLINE __m512 avx512_softplus(__m512 x) {
-  const __m512 e = avx512_exp(-_mm512_abs_ps(x));
-  const __m512 s = e / (2.0f + e), s2 = s * s;
-  __m512 series = _mm512_set1_ps(1.0f / 15.0f);
-  for (float k : {13.0f, 11.0f, 9.0f, 7.0f, 5.0f, 3.0f, 1.0f}) series = series * s2 + 1.0f / k;
-  const __m512 result = _mm512_maskz_max_ps(kAll, x, _mm512_setzero_ps()) + 2.0f * s * series;
+  const __m512 result = _mm512_maskz_max_ps(kAll, x, _mm512_setzero_ps()) +
+                        log1p_of_small(avx512_exp(-_mm512_abs_ps(x)));
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(20.0f), _CMP_GT_OQ), result, x);
 }
 // SiLU as x / (1 + e^-x): one division and no multiply.
