@@ -34,6 +34,10 @@ struct Vec {
 template <typename Acc, int D>
 constexpr int kColVecs = D / Vec<Acc>::lanes < 4 ? D / Vec<Acc>::lanes : 4;
 
+// 64-byte cache lines per key / value row.
+template <typename T, int D>
+constexpr int kRowLines = (D * int(sizeof(T)) + 63) / 64;
+
 template <typename V>
 inline V load_vec(const void* p) {
   V v;
@@ -100,10 +104,9 @@ inline const T* elem(const void* base, int64_t offset) { return static_cast<cons
 // kernels call this at a fixed cadence (every 48-64 FMAs) that spreads a tile's lines over its compute.
 template <typename T, typename Acc, int D>
 inline __attribute__((always_inline)) void prefetch_step(Scratch<Acc, D>& w) {
-  constexpr int kLinesPerRow = (D * int(sizeof(T)) + 63) / 64;
   if (w.prefetch_cursor < w.prefetch_lines) {
     const int line = w.prefetch_cursor++;
-    __builtin_prefetch(w.next_rows[line / kLinesPerRow] + line % kLinesPerRow * 64, 0, 2);
+    __builtin_prefetch(w.next_rows[line / kRowLines<T, D>] + line % kRowLines<T, D> * 64, 0, 2);
   }
 }
 
@@ -226,7 +229,7 @@ inline __attribute__((always_inline)) void attend_rows(const CacheAttnParams& p,
       }
     }
     w.prefetch_cursor = 0;
-    w.prefetch_lines = 2 * int(std::clamp<int64_t>(n_keys - k0 - kKeyTile, 0, nt_padded)) * ((D * int(sizeof(T)) + 63) / 64);
+    w.prefetch_lines = 2 * int(std::clamp<int64_t>(n_keys - k0 - kKeyTile, 0, nt_padded)) * kRowLines<T, D>;
 
     for (int c0 = 0; c0 < row_vecs; c0 += 2) {
       if (c0 + 1 < row_vecs) score_rows<T, Acc, D, 2>(w, c0, nt_padded);

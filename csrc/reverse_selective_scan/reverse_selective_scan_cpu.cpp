@@ -113,9 +113,13 @@ R2LM_INLINE Vec<float> lane_exp2(Vec<float> x) {
   const UInt scaled = std::bit_cast<UInt>(poly) + (std::bit_cast<UInt>(shifted) << 23);
   return x >= 128.0f ? splat(__builtin_inff()) : std::bit_cast<Vec<float>>(scaled);
 }
-// e^x = 2^(x log2(e)), log2(e) split in two floats so that its rounding does not bias large arguments.
+// x log2(e) for float vectors, log2(e) split in two floats so that its rounding does not bias large
+// arguments (e^x = 2^(x log2(e)) in every float exp below).
+template <typename F>
+R2LM_INLINE F times_log2e(F x) { return x * 1.44269502162933349609375f + x * 1.925963033500011079e-08f; }
+// e^x = 2^(x log2(e)).
 R2LM_INLINE Vec<float> lane_exp(Vec<float> x) {
-  return lane_exp2(x * 1.44269502162933349609375f + x * 1.925963033500011079e-08f);
+  return lane_exp2(times_log2e(x));
 }
 
 // lane_exp2 for arguments known to be <= 0 (or NaN): no overflow, so only the lower clamp is needed. Same
@@ -133,7 +137,7 @@ R2LM_INLINE Vec<float> lane_exp2_nonpos(Vec<float> x) {
 }
 // e^x for x <= 0 (or NaN).
 R2LM_INLINE Vec<float> lane_exp_nonpos(Vec<float> x) {
-  return lane_exp2_nonpos(x * 1.44269502162933349609375f + x * 1.925963033500011079e-08f);
+  return lane_exp2_nonpos(times_log2e(x));
 }
 
 // log1p(e) of float vectors F (GCC vector types, __m512 included) for e in [0, 1]:
@@ -504,7 +508,7 @@ R2LM_AVX512_INLINE __m512 avx512_exp2(__m512 x) {
 }
 // As lane_exp.
 R2LM_AVX512_INLINE __m512 avx512_exp(__m512 x) {
-  return avx512_exp2(x * 1.44269502162933349609375f + x * 1.925963033500011079e-08f);
+  return avx512_exp2(times_log2e(x));
 }
 // As lane_softplus.
 R2LM_AVX512_INLINE __m512 avx512_softplus(__m512 x) {
