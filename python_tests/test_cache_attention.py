@@ -15,6 +15,17 @@ def dtypes_for(device):
     return [torch.float32, torch.bfloat16, torch.float16] + ([torch.float64] if device == "cpu" else [])
 
 
+@pytest.fixture(params=["auto", "generic"])
+def cpu_kernel(request, device, monkeypatch):
+    """Which CPU kernel runs: "auto" (on CPUs with AMX-BF16, blocks of >= 16 query rows per kv head use the
+    tile-unit kernel) or "generic" (R2LM_ATTENTION_CPU_GENERIC=1 forces the FMA kernel), so both stay tested."""
+    if request.param == "generic":
+        if device != "cpu":
+            pytest.skip("R2LM_ATTENTION_CPU_GENERIC only affects the CPU kernels")
+        monkeypatch.setenv("R2LM_ATTENTION_CPU_GENERIC", "1")
+    return request.param
+
+
 def strided(shape, dtype, device, pad=64):
     """Random values in a view of a wider tensor: unit last-dim stride, every other stride padded."""
     wide = torch.randn(*shape[:-1], shape[-1] + pad, dtype=torch.float32, device=device).to(dtype)
@@ -114,20 +125,21 @@ def check_cache_writes(cache, before, block, lens, table, write_kv):
 @pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("q_len", [1, 17, 33])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_matches_reference(device, causal, paged, q_len, head_dim, rel_err, tol):
+def test_matches_reference(device, cpu_kernel, causal, paged, q_len, head_dim, rel_err, tol):
     for dtype in dtypes_for(device):
         check_against_reference(device, dtype, causal, paged, rel_err=rel_err, tol=tol, batch=5, q_len=q_len,
                                 n_heads=6, n_kv=2, head_dim=head_dim, max_len=160)
 
 
-@pytest.mark.parametrize("n_heads,n_kv", [(4, 4), (8, 1), (12, 4)])
-def test_gqa_groups_and_contiguous_inputs(device, n_heads, n_kv, rel_err, tol):
+# (20, 10): more kv heads than one CPU work item takes (8), the last item gets the other 2.
+@pytest.mark.parametrize("n_heads,n_kv", [(4, 4), (8, 1), (12, 4), (20, 10)])
+def test_gqa_groups_and_contiguous_inputs(device, cpu_kernel, n_heads, n_kv, rel_err, tol):
     for dtype in dtypes_for(device):
-        check_against_reference(device, dtype, True, False, rel_err=rel_err, tol=tol, batch=3, q_len=7,
+        check_against_reference(device, dtype, True, False, rel_err=rel_err, tol=tol, batch=3, q_len=9,
                                 n_heads=n_heads, n_kv=n_kv, head_dim=64, max_len=96, contiguous=True)
 
 
-def test_long_block_and_write_kv_off(device, rel_err, tol):
+def test_long_block_and_write_kv_off(device, cpu_kernel, rel_err, tol):
     # q_len 128 (a large block: many row tiles per kv head), and write_kv=False leaves the caches alone.
     for causal in (True, False):
         check_against_reference(device, torch.bfloat16 if device == "cuda" else torch.float32, causal, True,
@@ -135,7 +147,7 @@ def test_long_block_and_write_kv_off(device, rel_err, tol):
                                 head_dim=128, max_len=320, page_size=64)
 
 
-def test_long_cache_small_batch_split_kv(device, rel_err, tol):
+def test_long_cache_small_batch_split_kv(device, cpu_kernel, rel_err, tol):
     # Batch 1 with a long cache: the CUDA kernel splits the keys across CTAs and combines by lse.
     for dtype in (torch.bfloat16, torch.float32):
         for paged in (False, True):
@@ -145,7 +157,7 @@ def test_long_cache_small_batch_split_kv(device, rel_err, tol):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_matches_sdpa_with_explicit_mask(device, causal, rel_err):
+def test_matches_sdpa_with_explicit_mask(device, cpu_kernel, causal, rel_err):
     batch, q_len, n_heads, n_kv, head_dim, max_len = 3, 17, 8, 2, 64, 128
     dtype = torch.float32
     q, k, v, k_cache, v_cache, lens, _ = make_case(device, dtype, batch=batch, q_len=q_len, n_heads=n_heads,

@@ -1,17 +1,33 @@
-// cache_attention CPU kernel: FlashAttention-style tiles with an online softmax.
+// cache_attention CPU kernels: FlashAttention-style tiles with an online softmax.
 //
 // One work item = (batch, kv head, tile of up to kRowTile rows), rows being the q_len x group queries
 // that share the kv head, so every key/value tile is loaded (and converted) once for all of them; that
-// reuse is what a per-head attention with repeated KV cannot get. Scores and the P.V update use GCC
-// vector types (one 64-byte vector = 16 floats or 8 doubles) with register blocking over rows; the
-// hot function is compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time.
+// reuse is what a per-head attention with repeated KV cannot get. Two kernels:
+// * FMA: scores and the P.V update use GCC vector types (one 64-byte vector = 16 floats or 8 doubles)
+//   with register blocking over rows; compiled for AVX-512, AVX2 and baseline x86-64, picked at load time.
+// * AMX (Linux x86 CPUs with AMX-BF16, fp32 / fp16 / bf16, >= 16 rows per kv head): both matmuls on the
+//   tile unit with fp32 accuracy (operands split into three bf16 parts), a work item spanning up to 8
+//   kv heads. R2LM_ATTENTION_CPU_GENERIC=1 forces the FMA kernel.
 #include "cache_attention/cache_attention.h"
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <type_traits>
 #include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define R2LM_ATTENTION_AMX 1
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 // The 64-byte vector helpers are always inlined, so the vector-passing ABI note does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -92,29 +108,34 @@ struct Scratch {
   alignas(64) Acc row_max[kRowTile], row_sum[kRowTile], correction[kRowTile];
   int64_t row_query[kRowTile];            // query position i of each row
   const char* next_rows[2 * kKeyTile];    // key (even) and value (odd) rows of the next tile, to prefetch
-  int prefetch_cursor, prefetch_lines;    // next_rows' cache lines: the next one to prefetch, how many
 };
 
 template <typename T>
 inline const T* elem(const void* base, int64_t offset) { return static_cast<const T*>(base) + offset; }
 
-// Prefetches (into L2) the next of the next tile's cache lines, if any are left. Consecutive keys of a
+// Walks the next tile's cache lines, prefetching them (into L2) a few at a time. Consecutive keys of a
 // token-major cache are a page apart, which the hardware prefetchers do not follow. A prefetch holds a
-// fill buffer until its line arrives, and with the buffers full the core stalls, so the score and P . V
-// kernels call this at a fixed cadence (every 48-64 FMAs) that spreads a tile's lines over its compute.
-template <typename T, typename Acc, int D>
-inline __attribute__((always_inline)) void prefetch_step(Scratch<Acc, D>& w) {
-  if (w.prefetch_cursor < w.prefetch_lines) {
-    const int line = w.prefetch_cursor++;
-    __builtin_prefetch(w.next_rows[line / kRowLines<T, D>] + line % kRowLines<T, D> * 64, 0, 2);
+// fill buffer until its line arrives, and with the buffers full the core stalls, so the kernels call
+// step() at a fixed cadence that spreads a tile's lines over its compute. A local of the kernel: the
+// cursor stays in a register.
+template <typename T, int D>
+struct PrefetchCursor {
+  const char* const* rows;  // the tile's key (even) and value (odd) rows
+  int next, lines;
+  inline __attribute__((always_inline)) void step() {
+    if (next < lines) {
+      __builtin_prefetch(rows[next / kRowLines<T, D>] + next % kRowLines<T, D> * 64, 0, 2);
+      ++next;
+    }
   }
-}
+};
 
 // st[n][rows] = K[n] . Qt for keys [0, n_keys) (a multiple of kKeyGroup) and the kRowVecs row vectors
 // from row vector c0. kKeyGroup keys x kRowVecs row vectors of accumulators: every query vector loaded
 // feeds kKeyGroup FMAs, and the group's slice of qt (16 KB in fp32) stays in L1 across the key groups.
 template <typename T, typename Acc, int D, int kRowVecs>
-inline __attribute__((always_inline)) void score_rows(Scratch<Acc, D>& w, int c0, int n_keys) {
+inline __attribute__((always_inline)) void score_rows(Scratch<Acc, D>& w, PrefetchCursor<T, D>& prefetch, int c0,
+                                                      int n_keys) {
   using V = typename Vec<Acc>::type;
   constexpr int L = Vec<Acc>::lanes;
   for (int n0 = 0; n0 < n_keys; n0 += kKeyGroup) {
@@ -122,7 +143,7 @@ inline __attribute__((always_inline)) void score_rows(Scratch<Acc, D>& w, int c0
     for (int kk = 0; kk < kKeyGroup; ++kk) kr[kk] = w.k[n0 + kk];
     V acc[kKeyGroup][kRowVecs] = {};
     for (int d = 0; d < D; ++d) {
-      if (d % 4 == 0) prefetch_step<T>(w);
+      if (d % 4 == 0) prefetch.step();
       V qv[kRowVecs];
       for (int c = 0; c < kRowVecs; ++c) qv[c] = load_vec<V>(&w.qt[d][(c0 + c) * L]);
       for (int kk = 0; kk < kKeyGroup; ++kk) {
@@ -139,7 +160,8 @@ inline __attribute__((always_inline)) void score_rows(Scratch<Acc, D>& w, int c0
 // keys: each loaded value vector feeds kRows FMAs, and the value columns (16 KB per 64 keys in fp32)
 // stay in L1 across the row blocks.
 template <typename T, typename Acc, int D, int kRows>
-inline __attribute__((always_inline)) void update_rows(Scratch<Acc, D>& w, int r0, int col0, int n_keys) {
+inline __attribute__((always_inline)) void update_rows(Scratch<Acc, D>& w, PrefetchCursor<T, D>& prefetch, int r0,
+                                                       int col0, int n_keys) {
   using V = typename Vec<Acc>::type;
   constexpr int L = Vec<Acc>::lanes;
   V acc[kRows][kColVecs<Acc, D>];
@@ -147,7 +169,7 @@ inline __attribute__((always_inline)) void update_rows(Scratch<Acc, D>& w, int r
     for (int c = 0; c < kColVecs<Acc, D>; ++c)
       acc[m][c] = load_vec<V>(&w.o[r0 + m][col0 + c * L]) * w.correction[r0 + m];
   for (int n = 0; n < n_keys; ++n) {
-    if (n % 2 == 0) prefetch_step<T>(w);
+    if (n % 2 == 0) prefetch.step();
     V vv[kColVecs<Acc, D>];
     for (int c = 0; c < kColVecs<Acc, D>; ++c) vv[c] = load_vec<V>(&w.v[n][col0 + c * L]);
     for (int m = 0; m < kRows; ++m) {
@@ -176,17 +198,66 @@ inline void key_value_rows(const CacheAttnParams& p, int64_t b, int64_t kvh, int
   vs = elem<T>(p.v_cache, page * p.v_cache_page_stride + slot * p.v_cache_slot_stride + kvh * p.v_cache_head_stride);
 }
 
-// Attention for rows [row0, row0 + rows) of (b, kvh).
-template <typename T, typename Acc, int D>
-inline __attribute__((always_inline)) void attend_rows(const CacheAttnParams& p, int64_t b, int64_t kvh,
-                                                       int64_t row0, int64_t rows, Scratch<Acc, D>& w) {
+// Masks the scores st[0, nt)[rows] of the key tile at k0 (only tiles that reach the block need it), then
+// turns them into probabilities relative to the updated running maximum, on whole row vectors (no
+// horizontal reductions): row_sum and row_max are updated, and correction holds exp(old max - new max)
+// for rescaling the output accumulators.
+template <typename Acc>
+inline __attribute__((always_inline)) void online_softmax(const CacheAttnParams& p, int64_t len, int64_t k0, int nt,
+                                                          int row_vecs, Acc (*st)[kRowTile], const int64_t* row_query,
+                                                          Acc* row_max, Acc* row_sum, Acc* correction_out) {
   using V = typename Vec<Acc>::type;
   constexpr int L = Vec<Acc>::lanes;
   const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
-  const int64_t len = attn_cache_len(p, b);
-  const int row_vecs = int((rows + L - 1) / L);
   const int padded = row_vecs * L;
+  if (k0 + nt > len)
+    for (int n = 0; n < nt; ++n)
+      if (k0 + n >= len)
+        for (int r = 0; r < padded; ++r)
+          if (!attn_visible(k0 + n, row_query[r], len, p.q_len, p.causal)) st[n][r] = neg_inf;
+  for (int c = 0; c < row_vecs; ++c) {
+    V tile_max = load_vec<V>(&row_max[c * L]);
+    for (int n = 0; n < nt; ++n) {
+      const V s = load_vec<V>(&st[n][c * L]);
+      tile_max = s > tile_max ? s : tile_max;
+    }
+    const V old_max = load_vec<V>(&row_max[c * L]);
+    const V base = tile_max == neg_inf ? V{} : tile_max;  // nothing visible yet: p = 0, no NaN
+    const V correction = exp_vec(old_max - base);         // exp(-inf) = 0 for a fresh row
+    V sum{};
+    for (int n = 0; n < nt; ++n) {
+      const V e = exp_vec(load_vec<V>(&st[n][c * L]) - base);
+      store_vec(&st[n][c * L], e);
+      sum += e;
+    }
+    store_vec(&row_sum[c * L], load_vec<V>(&row_sum[c * L]) * correction + sum);
+    store_vec(&row_max[c * L], tile_max);
+    store_vec(&correction_out[c * L], correction);
+  }
+}
 
+// Lists the rows of the key tile at `next` (up to kKeyTile keys below n_keys) in w.next_rows and
+// returns a cursor over their lines.
+template <typename T, int D, typename W>
+inline PrefetchCursor<T, D> plan_prefetch(const CacheAttnParams& p, int64_t b, int64_t kvh, int64_t len, int64_t next,
+                                          int64_t n_keys, W& w) {
+  const int count = int(std::clamp<int64_t>(n_keys - next, 0, kKeyTile));
+  for (int n = 0; n < count; ++n) {
+    const T* next_k = reinterpret_cast<const T*>(&w);  // the scratch stands in for a missing page
+    const T* next_v = next_k;
+    key_value_rows(p, b, kvh, len, next + n, next_k, next_v);
+    w.next_rows[2 * n] = reinterpret_cast<const char*>(next_k);
+    w.next_rows[2 * n + 1] = reinterpret_cast<const char*>(next_v);
+  }
+  return {w.next_rows, 0, 2 * count * kRowLines<T, D>};
+}
+
+// Loads rows [row0, row0 + rows) of (b, kvh) into qt as scaled, transposed queries (padding rows up to
+// `padded` are 0 and repeat the last row's query position) and resets w's output and softmax state.
+// Returns the number of keys to visit: those past the last one visible to these rows are skipped.
+template <typename T, int D, typename Acc, typename W>
+inline int64_t start_rows(const CacheAttnParams& p, int64_t b, int64_t kvh, int64_t row0, int64_t rows, int padded,
+                          int64_t len, Acc (*qt)[kRowTile], W& w) {
   int64_t last_query = 0;
   for (int r = 0; r < padded; ++r) {
     const bool real = r < rows;
@@ -195,13 +266,35 @@ inline __attribute__((always_inline)) void attend_rows(const CacheAttnParams& p,
     w.row_query[r] = i;
     last_query = std::max(last_query, i);
     const T* src = elem<T>(p.q, b * p.q_batch_stride + i * p.q_seq_stride + h * p.q_head_stride);
-    for (int d = 0; d < D; ++d) w.qt[d][r] = real ? to_acc<Acc>(src[d]) * Acc(p.scale) : Acc(0);
+    for (int d = 0; d < D; ++d) qt[d][r] = real ? to_acc<Acc>(src[d]) * Acc(p.scale) : Acc(0);
     for (int d = 0; d < D; ++d) w.o[r][d] = Acc(0);
-    w.row_max[r] = neg_inf;
+    w.row_max[r] = -std::numeric_limits<Acc>::infinity();
     w.row_sum[r] = Acc(0);
   }
-  // Keys past the last visible one for these rows are skipped entirely.
-  const int64_t n_keys = len + (p.causal ? last_query + 1 : p.q_len);
+  return len + (p.causal ? last_query + 1 : p.q_len);
+}
+
+// Normalises and stores the output rows and their log-sum-exp.
+template <typename T, int D, typename W>
+inline void finish_rows(const CacheAttnParams& p, int64_t b, int64_t kvh, int64_t row0, int64_t rows, const W& w) {
+  using Acc = std::remove_cv_t<std::remove_reference_t<decltype(w.row_max[0])>>;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t row = row0 + r, i = row / p.group, h = kvh * p.group + row % p.group;
+    const Acc inv = Acc(1) / w.row_sum[r];
+    T* dst = static_cast<T*>(p.out) + ((b * p.q_len + i) * p.n_heads + h) * D;
+    for (int d = 0; d < D; ++d) dst[d] = from_acc<T>(w.o[r][d] * inv);
+    p.lse[(b * p.n_heads + h) * p.q_len + i] = float(w.row_max[r] + std::log(w.row_sum[r]));
+  }
+}
+
+// Attention for rows [row0, row0 + rows) of (b, kvh).
+template <typename T, typename Acc, int D>
+inline __attribute__((always_inline)) void attend_rows(const CacheAttnParams& p, int64_t b, int64_t kvh,
+                                                       int64_t row0, int64_t rows, Scratch<Acc, D>& w) {
+  constexpr int L = Vec<Acc>::lanes;
+  const int64_t len = attn_cache_len(p, b);
+  const int row_vecs = int((rows + L - 1) / L);
+  const int64_t n_keys = start_rows<T, D>(p, b, kvh, row0, rows, row_vecs * L, len, w.qt, w);
 
   for (int64_t k0 = 0; k0 < n_keys; k0 += kKeyTile) {
     const int nt = int(std::min<int64_t>(kKeyTile, n_keys - k0));
@@ -219,70 +312,31 @@ inline __attribute__((always_inline)) void attend_rows(const CacheAttnParams& p,
       } else {
         for (int d = 0; d < D; ++d) w.k[n][d] = w.v[n][d] = Acc(0);
       }
-      // The next tile's rows, prefetched while this one is computed.
-      if (k0 + kKeyTile + n < n_keys) {
-        const T* next_k = reinterpret_cast<const T*>(w.k[0]);  // scratch stands in for a missing page
-        const T* next_v = next_k;
-        key_value_rows(p, b, kvh, len, k0 + kKeyTile + n, next_k, next_v);
-        w.next_rows[2 * n] = reinterpret_cast<const char*>(next_k);
-        w.next_rows[2 * n + 1] = reinterpret_cast<const char*>(next_v);
-      }
     }
-    w.prefetch_cursor = 0;
-    w.prefetch_lines = 2 * int(std::clamp<int64_t>(n_keys - k0 - kKeyTile, 0, nt_padded)) * kRowLines<T, D>;
+    PrefetchCursor<T, D> prefetch = plan_prefetch<T, D>(p, b, kvh, len, k0 + kKeyTile, n_keys, w);
 
     for (int c0 = 0; c0 < row_vecs; c0 += 2) {
-      if (c0 + 1 < row_vecs) score_rows<T, Acc, D, 2>(w, c0, nt_padded);
-      else score_rows<T, Acc, D, 1>(w, c0, nt_padded);
+      if (c0 + 1 < row_vecs) score_rows<T, Acc, D, 2>(w, prefetch, c0, nt_padded);
+      else score_rows<T, Acc, D, 1>(w, prefetch, c0, nt_padded);
     }
 
-    // Mask (only tiles that reach the block need it), then the online softmax on whole row vectors.
-    if (k0 + nt > len)
-      for (int n = 0; n < nt; ++n)
-        if (k0 + n >= len)
-          for (int r = 0; r < padded; ++r)
-            if (!attn_visible(k0 + n, w.row_query[r], len, p.q_len, p.causal)) w.st[n][r] = neg_inf;
-    for (int c = 0; c < row_vecs; ++c) {
-      V tile_max = load_vec<V>(&w.row_max[c * L]);
-      for (int n = 0; n < nt; ++n) {
-        const V s = load_vec<V>(&w.st[n][c * L]);
-        tile_max = s > tile_max ? s : tile_max;
-      }
-      const V old_max = load_vec<V>(&w.row_max[c * L]);
-      const V base = tile_max == neg_inf ? V{} : tile_max;  // nothing visible yet: p = 0, no NaN
-      const V correction = exp_vec(old_max - base);         // exp(-inf) = 0 for a fresh row
-      V sum{};
-      for (int n = 0; n < nt; ++n) {
-        const V e = exp_vec(load_vec<V>(&w.st[n][c * L]) - base);
-        store_vec(&w.st[n][c * L], e);
-        sum += e;
-      }
-      store_vec(&w.row_sum[c * L], load_vec<V>(&w.row_sum[c * L]) * correction + sum);
-      store_vec(&w.row_max[c * L], tile_max);
-      store_vec(&w.correction[c * L], correction);
-    }
+    online_softmax(p, len, k0, nt, row_vecs, w.st, w.row_query, w.row_max, w.row_sum, w.correction);
 
     // O = O * correction + P . V in blocks of kRowBlock rows x kColVecs vectors of columns.
     for (int col0 = 0; col0 < D; col0 += kColVecs<Acc, D> * L)
       for (int r0 = 0; r0 < int(rows); r0 += kRowBlock) {
         switch (std::min<int>(kRowBlock, int(rows) - r0)) {
-          case 1: update_rows<T, Acc, D, 1>(w, r0, col0, nt); break;
-          case 2: update_rows<T, Acc, D, 2>(w, r0, col0, nt); break;
-          case 3: update_rows<T, Acc, D, 3>(w, r0, col0, nt); break;
-          case 4: update_rows<T, Acc, D, 4>(w, r0, col0, nt); break;
-          case 5: update_rows<T, Acc, D, 5>(w, r0, col0, nt); break;
-          default: update_rows<T, Acc, D, kRowBlock>(w, r0, col0, nt);
+          case 1: update_rows<T, Acc, D, 1>(w, prefetch, r0, col0, nt); break;
+          case 2: update_rows<T, Acc, D, 2>(w, prefetch, r0, col0, nt); break;
+          case 3: update_rows<T, Acc, D, 3>(w, prefetch, r0, col0, nt); break;
+          case 4: update_rows<T, Acc, D, 4>(w, prefetch, r0, col0, nt); break;
+          case 5: update_rows<T, Acc, D, 5>(w, prefetch, r0, col0, nt); break;
+          default: update_rows<T, Acc, D, kRowBlock>(w, prefetch, r0, col0, nt);
         }
       }
   }
 
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t row = row0 + r, i = row / p.group, h = kvh * p.group + row % p.group;
-    const Acc inv = Acc(1) / w.row_sum[r];
-    T* dst = static_cast<T*>(p.out) + ((b * p.q_len + i) * p.n_heads + h) * D;
-    for (int d = 0; d < D; ++d) dst[d] = from_acc<T>(w.o[r][d] * inv);
-    p.lse[(b * p.n_heads + h) * p.q_len + i] = float(w.row_max[r] + std::log(w.row_sum[r]));
-  }
+  finish_rows<T, D>(p, b, kvh, row0, rows, w);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -294,9 +348,9 @@ inline __attribute__((always_inline)) void attend_rows(const CacheAttnParams& p,
 // One non-template function per instantiation, each cloned per instruction set (the clones must sit
 // inside the OpenMP region: the outlined region itself is compiled for the baseline target).
 #define R2LM_ATTEND_ROWS(name, T, Acc, D)                                                                  \
-  R2LM_CPU_CLONES void name(const CacheAttnParams& p, int64_t b, int64_t kvh, int64_t row0, int64_t rows, \
-                            Scratch<Acc, D>& w) {                                                          \
-    attend_rows<T, Acc, D>(p, b, kvh, row0, rows, w);                                                      \
+  R2LM_CPU_CLONES void name(const CacheAttnParams& p, int64_t b, int64_t kvh0, int n_group, int64_t row0,  \
+                            int64_t rows, Scratch<Acc, D>& w) {                                            \
+    for (int g = 0; g < n_group; ++g) attend_rows<T, Acc, D>(p, b, kvh0 + g, row0, rows, w);               \
   }
 R2LM_ATTEND_ROWS(attend_f32_64, float, float, 64)
 R2LM_ATTEND_ROWS(attend_f32_128, float, float, 128)
@@ -308,21 +362,337 @@ R2LM_ATTEND_ROWS(attend_f64_64, double, double, 64)
 R2LM_ATTEND_ROWS(attend_f64_128, double, double, 128)
 #undef R2LM_ATTEND_ROWS
 
-// Every (batch, kv head, row tile) in parallel; each thread owns one scratch.
-template <typename Acc, int D>
+#ifdef R2LM_ATTENTION_AMX
+// AMX path (x86 CPUs with AMX-BF16: Sapphire Rapids and later). Both matmuls of a tile run on the tile
+// unit, which multiplies bf16 pairs into fp32 sums at ~15x the FMA rate. fp32 accuracy comes from
+// splitting every operand exactly into three bf16 parts, x = x0 + x1 + x2 (8 significant bits each), and
+// summing the six part products a_i b_j with i + j <= 2: the three left out are below 2^-24 of the
+// product, the size of fp32 rounding (parts below 2^-126, which the tile unit reads as 0, only matter
+// for inputs below about 2^-110). Scores are computed key-major (S^T = K Q^T, so the key tile is
+// used as stored and the softmax runs on row vectors as in the FMA path); P . V then needs P row-major,
+// one 64 x 64 transpose per tile.
+namespace amx {
+
+#define R2LM_AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,amx-tile,amx-bf16")))
+
+constexpr int kProducts = 6;
+constexpr int kPartA[kProducts] = {0, 0, 0, 1, 1, 2};
+constexpr int kPartB[kProducts] = {0, 1, 2, 0, 1, 0};
+// kv heads per work item: a tile is then read as whole token rows of the cache (heads side by side), in
+// order, which the hardware prefetchers follow, with no software prefetch. Their state, ~180 KB per head
+// at head_dim 128, stays within a 2 MB L2.
+constexpr int kGroupHeads = 8;
+
+using VF = Vec<float>::type;
+using VU = uint32_t __attribute__((vector_size(64)));
+
+// The three bf16 parts of 16 pairs of floats (lo[l], hi[l]), each pair packed in one 32-bit word (lo in
+// the low half), the element order of tile rows: a tile row's 32-bit word k multiplies word k of the
+// other operand's row pairwise. Which elements are paired is free as long as both operands pair them
+// alike; pairing element l of one 16-float vector with element l of another costs a shift and a
+// bitwise select per part. Truncation makes every remainder exact: x - x0 keeps the low 16
+// significant bits, and x1 the top 8 of those.
+inline __attribute__((always_inline)) void split_pairs(VF lo, VF hi, VU part[3]) {
+  const VU high = VU{} + 0xFFFF0000u;
+  for (int i = 0; i < 3; ++i) {
+    part[i] = ((VU)lo >> 16) | ((VU)hi & high);
+    lo -= (VF)((VU)lo & high);
+    hi -= (VF)((VU)hi & high);
+  }
+}
+
+// Stands in for keys past the tile's end and for missing pages.
+template <int D>
+alignas(64) constexpr float kZeroRow[D] = {};
+
+// Transposes a 16 x 16 block of floats held as 16 row vectors: 4 rounds of two-source shuffles (unpack
+// pairs, then 2 x 2 blocks within 128-bit lanes, then 128-bit lanes twice).
+inline __attribute__((always_inline)) void transpose16(VF rows[16]) {
+  using VI = int32_t __attribute__((vector_size(64)));
+  const VI unpack_lo = {0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29};
+  const VI unpack_hi = unpack_lo + 2;
+  const VI pairs_lo = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
+  const VI pairs_hi = pairs_lo + 2;
+  const VI lanes_even = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+  const VI lanes_odd = lanes_even + 4;
+  VF t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = __builtin_shuffle(rows[i], rows[i + 1], unpack_lo);
+    t[i + 1] = __builtin_shuffle(rows[i], rows[i + 1], unpack_hi);
+  }
+  // u[4g + c]: in each 128-bit lane, column c of that lane's 4 columns, rows 4g .. 4g + 3.
+  for (int g = 0; g < 4; ++g) {
+    u[4 * g + 0] = __builtin_shuffle(t[4 * g], t[4 * g + 2], pairs_lo);
+    u[4 * g + 1] = __builtin_shuffle(t[4 * g], t[4 * g + 2], pairs_hi);
+    u[4 * g + 2] = __builtin_shuffle(t[4 * g + 1], t[4 * g + 3], pairs_lo);
+    u[4 * g + 3] = __builtin_shuffle(t[4 * g + 1], t[4 * g + 3], pairs_hi);
+  }
+  // Column 4 * lane + c gathers lane `lane` of u[c], u[4 + c], u[8 + c], u[12 + c].
+  for (int c = 0; c < 4; ++c) {
+    const VF even01 = __builtin_shuffle(u[c], u[4 + c], lanes_even);
+    const VF odd01 = __builtin_shuffle(u[c], u[4 + c], lanes_odd);
+    const VF even23 = __builtin_shuffle(u[8 + c], u[12 + c], lanes_even);
+    const VF odd23 = __builtin_shuffle(u[8 + c], u[12 + c], lanes_odd);
+    rows[c] = __builtin_shuffle(even01, even23, lanes_even);
+    rows[8 + c] = __builtin_shuffle(even01, even23, lanes_odd);
+    rows[4 + c] = __builtin_shuffle(odd01, odd23, lanes_even);
+    rows[12 + c] = __builtin_shuffle(odd01, odd23, lanes_odd);
+  }
+}
+
+// One kv head's state in the AMX path.
+template <int D>
+struct HeadState {
+  alignas(64) uint32_t qv[3][D / 2][kRowTile];     // the scaled queries' parts, dims d, d + 16 paired (B tiles)
+  alignas(64) uint32_t kp[3][kKeyTile][D / 2];     // key tile parts, dims d, d + 16 paired (A tiles)
+  alignas(64) uint32_t vv[3][kKeyTile / 2][D];     // value tile parts, keys n, n + 16 paired (B tiles)
+  alignas(64) float o[kRowTile][D];                // unnormalised output accumulators
+  alignas(64) float row_max[kRowTile], row_sum[kRowTile], correction[kRowTile];
+  int64_t row_query[kRowTile];
+};
+
+// Per-thread scratch of the AMX path: the heads of a work item, and what one head's tile needs.
+template <int D>
+struct Scratch {
+  std::vector<HeadState<D>> heads;
+  alignas(64) float qt[D][kRowTile];               // a head's scaled queries, transposed, while they are split
+  alignas(64) float st[kKeyTile][kRowTile];        // scores, then probabilities, key-major
+  alignas(64) uint32_t pp[3][kRowTile][kKeyTile / 2];  // their parts, keys n, n + 16 paired (A tiles)
+  alignas(64) float pv[kRowTile][D];               // this tile's P . V
+};
+
+// Palette 1, tiles 0-3 accumulators, 4-5 A, 6-7 B: all 16 rows x 64 bytes.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t bytes_per_row[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+};
+
+// Accumulates C += A . B over the products for a kRows x kCols block (each 1 or 2) of 16 x 16 output
+// tiles: tile (m, c) is accumulator 2m + c. `a(part, m, step)` / `b(part, c, step)` give the A / B tile
+// addresses of k-step `step` (32 bf16 of the inner dimension) for a part, with row strides a_stride and
+// b_stride bytes.
+template <int kRows, int kCols, typename AAddr, typename BAddr>
+R2LM_AMX_TARGET inline __attribute__((always_inline)) void block_products(int steps, AAddr a, int a_stride, BAddr b,
+                                                                          int b_stride) {
+  for (int product = 0; product < kProducts; ++product)
+    for (int step = 0; step < steps; ++step) {
+      _tile_loadd(4, a(kPartA[product], 0, step), a_stride);
+      _tile_loadd(6, b(kPartB[product], 0, step), b_stride);
+      _tile_dpbf16ps(0, 4, 6);
+      if (kRows == 2) {
+        _tile_loadd(5, a(kPartA[product], 1, step), a_stride);
+        _tile_dpbf16ps(2, 5, 6);
+      }
+      if (kCols == 2) {
+        _tile_loadd(7, b(kPartB[product], 1, step), b_stride);
+        _tile_dpbf16ps(1, 4, 7);
+        if (kRows == 2) _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+}
+
+// Splits the key / value rows of keys [k0, k0 + nt) of heads [kvh0, kvh0 + n_group) into the heads'
+// parts; keys past the tile's end (and missing pages) are 0. Key rows pair dims d and d + 16 of each
+// 32-dim step (the queries do the same); value rows pair keys n and n + 16 of each 32-key step (the
+// probabilities do the same). Token by token, all heads: in a token-major cache that reads whole token
+// rows in order, which the hardware prefetchers follow.
+template <typename T, int D>
+R2LM_AMX_TARGET inline __attribute__((always_inline)) void split_key_tile(const CacheAttnParams& p, int64_t b,
+                                                                          int64_t kvh0, int n_group, int64_t len,
+                                                                          int64_t k0, int nt, HeadState<D>* heads) {
+  constexpr int L = Vec<float>::lanes;
+  for (int n = 0; n < kKeyTile; n = n % 32 == 15 ? n + 17 : n + 1)
+    for (int g = 0; g < n_group; ++g) {
+      HeadState<D>& h = heads[g];
+      const float* krow[2];
+      const float* vrow[2];
+      alignas(64) float converted[2][2][std::is_same_v<T, float> ? 1 : D];  // fp16 / bf16 rows as fp32
+      for (int e = 0; e < 2; ++e) {
+        const T* ks = nullptr;
+        const T* vs = nullptr;
+        if (n + 16 * e < nt) key_value_rows(p, b, kvh0 + g, len, k0 + n + 16 * e, ks, vs);
+        if (!ks) {
+          krow[e] = vrow[e] = kZeroRow<D>;
+        } else if constexpr (std::is_same_v<T, float>) {
+          krow[e] = ks;
+          vrow[e] = vs;
+        } else {
+          for (int d = 0; d < D; ++d) converted[e][0][d] = to_acc<float>(ks[d]);
+          for (int d = 0; d < D; ++d) converted[e][1][d] = to_acc<float>(vs[d]);
+          krow[e] = converted[e][0];
+          vrow[e] = converted[e][1];
+        }
+      }
+      VU part[3];
+      for (int e = 0; e < 2; ++e)
+        for (int d = 0; d < D; d += 32) {
+          split_pairs(load_vec<VF>(&krow[e][d]), load_vec<VF>(&krow[e][d + 16]), part);
+          for (int i = 0; i < 3; ++i) store_vec(&h.kp[i][n + 16 * e][d / 2], part[i]);
+        }
+      for (int d = 0; d < D; d += L) {
+        split_pairs(load_vec<VF>(&vrow[0][d]), load_vec<VF>(&vrow[1][d]), part);
+        for (int i = 0; i < 3; ++i) store_vec(&h.vv[i][n / 32 * 16 + n % 32][d], part[i]);
+      }
+    }
+}
+
+// Scores, online softmax and P . V of one head over the key tile [k0, k0 + nt).
+template <int D>
+R2LM_AMX_TARGET inline __attribute__((always_inline)) void attend_tile(const CacheAttnParams& p, int64_t len,
+                                                                       int64_t k0, int nt, int row_tiles,
+                                                                       HeadState<D>& h, Scratch<D>& w) {
+  constexpr int L = Vec<float>::lanes;
+  // S^T = K . Q^T in blocks of 2 key tiles x 2 row tiles.
+  for (int kt = 0; kt < kKeyTile / 16; kt += 2)
+    for (int rt = 0; rt < row_tiles; rt += 2) {
+      _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+      auto a = [&](int part, int m, int step) { return &h.kp[part][(kt + m) * 16][step * 16]; };
+      auto bq = [&](int part, int c, int step) { return &h.qv[part][step * 16][(rt + c) * 16]; };
+      float* c0 = &w.st[kt * 16][rt * 16];
+      constexpr int st_stride = kRowTile * 4;
+      if (rt + 1 < row_tiles) {
+        block_products<2, 2>(D / 32, a, D * 2, bq, kRowTile * 4);
+        _tile_stored(1, c0 + 16, st_stride);
+        _tile_stored(3, c0 + 16 * kRowTile + 16, st_stride);
+      } else {
+        block_products<2, 1>(D / 32, a, D * 2, bq, kRowTile * 4);
+      }
+      _tile_stored(0, c0, st_stride);
+      _tile_stored(2, c0 + 16 * kRowTile, st_stride);
+    }
+
+  online_softmax(p, len, k0, nt, row_tiles, w.st, h.row_query, h.row_max, h.row_sum, h.correction);
+  // P row-major (keys past the tile's end have probability 0), split into parts.
+  for (int n = nt; n < kKeyTile; ++n)
+    for (int r = 0; r < row_tiles * 16; ++r) w.st[n][r] = 0.0f;
+  for (int rt = 0; rt < row_tiles; ++rt)
+    for (int kt = 0; kt < kKeyTile / 16; kt += 2) {
+      VF block[2][16];  // key tiles kt and kt + 1, transposed: row i holds its 16 keys for row rt * 16 + i
+      for (int half = 0; half < 2; ++half) {
+        for (int i = 0; i < 16; ++i) block[half][i] = load_vec<VF>(&w.st[(kt + half) * 16 + i][rt * 16]);
+        transpose16(block[half]);
+      }
+      for (int i = 0; i < 16; ++i) {
+        VU part[3];
+        split_pairs(block[0][i], block[1][i], part);
+        for (int j = 0; j < 3; ++j) store_vec(&w.pp[j][rt * 16 + i][kt * 8], part[j]);
+      }
+    }
+
+  // P . V in blocks of 2 row tiles x 2 column tiles, then O = O * correction + P . V.
+  for (int dt = 0; dt < D / 16; dt += 2)
+    for (int rt = 0; rt < row_tiles; rt += 2) {
+      _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+      // Accumulator 2m + c is row tile rt + m, column tile dt + c: A walks row tiles, B column tiles.
+      auto a = [&](int part, int m, int step) { return &w.pp[part][(rt + m) * 16][step * 16]; };
+      auto bv = [&](int part, int c, int step) { return &h.vv[part][step * 16][(dt + c) * 16]; };
+      const bool two_rows = rt + 1 < row_tiles;
+      if (two_rows) block_products<2, 2>(kKeyTile / 32, a, kKeyTile * 2, bv, D * 4);
+      else block_products<1, 2>(kKeyTile / 32, a, kKeyTile * 2, bv, D * 4);
+      float* c0 = &w.pv[rt * 16][dt * 16];
+      _tile_stored(0, c0, D * 4);
+      _tile_stored(1, c0 + 16, D * 4);
+      if (two_rows) {
+        _tile_stored(2, c0 + 16 * D, D * 4);
+        _tile_stored(3, c0 + 16 * D + 16, D * 4);
+      }
+    }
+  for (int r = 0; r < row_tiles * 16; ++r)
+    for (int d = 0; d < D; d += L)
+      store_vec(&h.o[r][d], load_vec<VF>(&h.o[r][d]) * h.correction[r] + load_vec<VF>(&w.pv[r][d]));
+}
+
+// Attention for rows [row0, row0 + rows) of kv heads [kvh0, kvh0 + n_group) of batch b.
+template <typename T, int D>
+R2LM_AMX_TARGET inline __attribute__((always_inline)) void attend_rows(const CacheAttnParams& p, int64_t b,
+                                                                       int64_t kvh0, int n_group, int64_t row0,
+                                                                       int64_t rows, Scratch<D>& w) {
+  constexpr int L = Vec<float>::lanes;
+  const int64_t len = attn_cache_len(p, b);
+  const int row_tiles = int((rows + 15) / 16);  // 16-row tiles; also the softmax's row vectors
+  if (int(w.heads.size()) < n_group) w.heads.resize(n_group);
+  int64_t n_keys = 0;
+  for (int g = 0; g < n_group; ++g) {
+    HeadState<D>& h = w.heads[g];
+    n_keys = start_rows<T, D>(p, b, kvh0 + g, row0, rows, row_tiles * L, len, w.qt, h);
+    // Dims d and d + 16 of each 32-dim step are paired, as in the key rows.
+    for (int j = 0; j < D / 2; ++j)
+      for (int c = 0; c < row_tiles; ++c) {
+        const int d = j / 16 * 32 + j % 16;
+        VU part[3];
+        split_pairs(load_vec<VF>(&w.qt[d][c * L]), load_vec<VF>(&w.qt[d + 16][c * L]), part);
+        for (int i = 0; i < 3; ++i) store_vec(&h.qv[i][j][c * L], part[i]);
+      }
+  }
+  const TileConfig config;
+  _tile_loadconfig(&config);
+  for (int64_t k0 = 0; k0 < n_keys; k0 += kKeyTile) {
+    const int nt = int(std::min<int64_t>(kKeyTile, n_keys - k0));
+    split_key_tile<T, D>(p, b, kvh0, n_group, len, k0, nt, w.heads.data());
+    for (int g = 0; g < n_group; ++g) attend_tile<D>(p, len, k0, nt, row_tiles, w.heads[g], w);
+  }
+  _tile_release();
+  for (int g = 0; g < n_group; ++g) finish_rows<T, D>(p, b, kvh0 + g, row0, rows, w.heads[g]);
+}
+
+#define R2LM_ATTEND_ROWS_AMX(name, T, D)                                                                  \
+  R2LM_AMX_TARGET void name(const CacheAttnParams& p, int64_t b, int64_t kvh0, int n_group, int64_t row0, \
+                            int64_t rows, Scratch<D>& w) {                                                \
+    attend_rows<T, D>(p, b, kvh0, n_group, row0, rows, w);                                                \
+  }
+R2LM_ATTEND_ROWS_AMX(attend_f32_64, float, 64)
+R2LM_ATTEND_ROWS_AMX(attend_f32_128, float, 128)
+R2LM_ATTEND_ROWS_AMX(attend_f16_64, Half16, 64)
+R2LM_ATTEND_ROWS_AMX(attend_f16_128, Half16, 128)
+R2LM_ATTEND_ROWS_AMX(attend_bf16_64, BFloat16Bits, 64)
+R2LM_ATTEND_ROWS_AMX(attend_bf16_128, BFloat16Bits, 128)
+#undef R2LM_ATTEND_ROWS_AMX
+#undef R2LM_AMX_TARGET
+
+// True where the CPU has AMX-BF16 and AVX-512BW and Linux grants the tile state (asked once per process),
+// unless R2LM_ATTENTION_CPU_GENERIC is set (read per call: the tests use it to cover the FMA path too).
+bool usable() {
+  static const bool granted = [] {
+    unsigned eax, ebx, ecx, edx;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    const bool amx = (edx >> 22 & 1) && (edx >> 24 & 1);  // AMX-BF16, AMX-TILE
+    if (!amx || !__builtin_cpu_supports("avx512bw") || !__builtin_cpu_supports("avx512dq")) return false;
+    constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+  }();
+  return granted && !std::getenv("R2LM_ATTENTION_CPU_GENERIC");
+}
+
+}  // namespace amx
+#endif
+
+// Every (batch, group of up to max_group kv heads, row tile) in parallel, groups shrunk while there
+// are fewer work items than threads; each thread owns one scratch.
+template <typename W>
 void attend_all(const CacheAttnParams& p,
-                void (*attend)(const CacheAttnParams&, int64_t, int64_t, int64_t, int64_t, Scratch<Acc, D>&)) {
+                void (*attend)(const CacheAttnParams&, int64_t, int64_t, int, int64_t, int64_t, W&), int max_group) {
   const int64_t rows = p.q_len * p.group;
   const int64_t row_tiles = (rows + kRowTile - 1) / kRowTile;
-  const int64_t items = p.batch * p.n_kv_heads * row_tiles;
+#ifdef _OPENMP
+  const int64_t threads = omp_get_max_threads();
+#else
+  const int64_t threads = 1;
+#endif
+  int64_t group = std::min<int64_t>(max_group, p.n_kv_heads);
+  while (group > 1 && p.batch * row_tiles * ((p.n_kv_heads + group - 1) / group) < threads) group = (group + 1) / 2;
+  const int64_t groups = (p.n_kv_heads + group - 1) / group;
+  const int64_t items = p.batch * groups * row_tiles;
 #pragma omp parallel
   {
-    std::vector<Scratch<Acc, D>> scratch(1);
+    std::vector<W> scratch(1);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
-      const int64_t tile = item % row_tiles, bh = item / row_tiles;
-      const int64_t row0 = tile * kRowTile;
-      attend(p, bh / p.n_kv_heads, bh % p.n_kv_heads, row0, std::min<int64_t>(kRowTile, rows - row0), scratch[0]);
+      const int64_t tile = item % row_tiles, bg = item / row_tiles;
+      const int64_t row0 = tile * kRowTile, kvh0 = bg % groups * group;
+      attend(p, bg / groups, kvh0, int(std::min<int64_t>(group, p.n_kv_heads - kvh0)), row0,
+             std::min<int64_t>(kRowTile, rows - row0), scratch[0]);
     }
   }
 }
@@ -351,11 +721,24 @@ void write_block_kv(const CacheAttnParams& p) {
 
 void cache_attention_cpu(const CacheAttnParams& p, bool write_kv) {
   const bool d64 = p.head_dim == 64;
-  switch (p.dtype) {
-    case DType::kFloat32: d64 ? attend_all(p, attend_f32_64) : attend_all(p, attend_f32_128); break;
-    case DType::kFloat16: d64 ? attend_all(p, attend_f16_64) : attend_all(p, attend_f16_128); break;
-    case DType::kBFloat16: d64 ? attend_all(p, attend_bf16_64) : attend_all(p, attend_bf16_128); break;
-    case DType::kFloat64: d64 ? attend_all(p, attend_f64_64) : attend_all(p, attend_f64_128); break;
+  bool attended = false;
+#ifdef R2LM_ATTENTION_AMX
+  // Below one 16-row tile per kv head (plain decode) the FMA path wastes less.
+  if (p.dtype != DType::kFloat64 && p.q_len * p.group >= 16 && amx::usable()) {
+    constexpr int g = amx::kGroupHeads;
+    switch (p.dtype) {
+      case DType::kFloat32: d64 ? attend_all(p, amx::attend_f32_64, g) : attend_all(p, amx::attend_f32_128, g); break;
+      case DType::kFloat16: d64 ? attend_all(p, amx::attend_f16_64, g) : attend_all(p, amx::attend_f16_128, g); break;
+      default: d64 ? attend_all(p, amx::attend_bf16_64, g) : attend_all(p, amx::attend_bf16_128, g); break;
+    }
+    attended = true;
+  }
+#endif
+  if (!attended) switch (p.dtype) {
+    case DType::kFloat32: d64 ? attend_all(p, attend_f32_64, 1) : attend_all(p, attend_f32_128, 1); break;
+    case DType::kFloat16: d64 ? attend_all(p, attend_f16_64, 1) : attend_all(p, attend_f16_128, 1); break;
+    case DType::kBFloat16: d64 ? attend_all(p, attend_bf16_64, 1) : attend_all(p, attend_bf16_128, 1); break;
+    case DType::kFloat64: d64 ? attend_all(p, attend_f64_64, 1) : attend_all(p, attend_f64_128, 1); break;
   }
   if (!write_kv) return;
   switch (p.dtype) {
