@@ -156,6 +156,20 @@ def test_long_cache_small_batch_split_kv(device, cpu_kernel, rel_err, tol):
                                     lens=[int(torch.randint(3000, 4080, ()))])
 
 
+def test_growing_scores_rescale_the_output(device, cpu_kernel, rel_err, tol):
+    # Keys grow along the cache, so each 64-key tile's best score beats the last one by far more than the
+    # kernels' rescale margin: the running output is rescaled mid-sequence, not only at the first tile.
+    q, k, v, k_cache, v_cache, lens, _ = make_case(device, torch.float32, batch=2, q_len=24, n_heads=4, n_kv=2,
+                                                   head_dim=128, max_len=600, paged=False, lens=[576, 300])
+    k_cache = k_cache * torch.linspace(0.5, 6.0, k_cache.shape[1], device=device)[None, :, None, None]
+    want, want_lse = ref.cache_attention(*(t.double() for t in (q, k, v, k_cache, v_cache)), lens, causal=True,
+                                         softmax_scale=0.5, write_kv=False, return_lse=True)
+    out, lse = r2lm_kernels.cache_attention(q, k, v, k_cache, v_cache, lens, softmax_scale=0.5, write_kv=False,
+                                            return_lse=True)
+    assert rel_err(out, want) <= tol[torch.float32] * 10, rel_err(out, want)
+    assert rel_err(lse, want_lse) <= 1e-6, rel_err(lse, want_lse)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_matches_sdpa_with_explicit_mask(device, cpu_kernel, causal, rel_err):
     batch, q_len, n_heads, n_kv, head_dim, max_len = 3, 17, 8, 2, 64, 128

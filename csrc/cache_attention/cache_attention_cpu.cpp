@@ -199,12 +199,18 @@ inline void key_value_rows(const CacheAttnParams& p, int64_t b, int64_t kvh, int
   vs = elem<T>(p.v_cache, page * p.v_cache_page_stride + slot * p.v_cache_slot_stride + kvh * p.v_cache_head_stride);
 }
 
+// A row keeps its reference maximum until a tile's scores exceed it by more than this (natural log):
+// probabilities then stay below e^8 (sums stay far from fp32 overflow) and the output accumulators need
+// rescaling only when a row's maximum jumps, typically once per row, at its first tile.
+constexpr float kRescaleMargin = 8.0f;
+
 // Masks the scores st[0, nt)[rows] of the key tile at k0 (only tiles that reach the block need it), then
-// turns them into probabilities relative to the updated running maximum, on whole row vectors (no
-// horizontal reductions): row_sum and row_max are updated, and correction holds exp(old max - new max)
-// for rescaling the output accumulators.
+// turns them into unnormalised probabilities exp(s - m) on whole row vectors (no horizontal reductions),
+// m being each row's reference maximum (row_max, moved up to the tile's maximum when that exceeds it by
+// more than kRescaleMargin). row_sum is updated and correction holds exp(old m - new m), for rescaling the
+// output accumulators; returns whether any row's correction differs from 1.
 template <typename Acc>
-inline __attribute__((always_inline)) void online_softmax(const CacheAttnParams& p, int64_t len, int64_t k0, int nt,
+inline __attribute__((always_inline)) bool online_softmax(const CacheAttnParams& p, int64_t len, int64_t k0, int nt,
                                                           int row_vecs, Acc (*st)[kRowTile], const int64_t* row_query,
                                                           Acc* row_max, Acc* row_sum, Acc* correction_out) {
   using V = typename Vec<Acc>::type;
@@ -216,15 +222,20 @@ inline __attribute__((always_inline)) void online_softmax(const CacheAttnParams&
       if (k0 + n >= len)
         for (int r = 0; r < padded; ++r)
           if (!attn_visible(k0 + n, row_query[r], len, p.q_len, p.causal)) st[n][r] = neg_inf;
+  bool rescaled = false;
   for (int c = 0; c < row_vecs; ++c) {
-    V tile_max = load_vec<V>(&row_max[c * L]);
+    const V old_max = load_vec<V>(&row_max[c * L]);
+    V tile_max = old_max;
     for (int n = 0; n < nt; ++n) {
       const V s = load_vec<V>(&st[n][c * L]);
       tile_max = s > tile_max ? s : tile_max;
     }
-    const V old_max = load_vec<V>(&row_max[c * L]);
-    const V base = tile_max == neg_inf ? V{} : tile_max;  // nothing visible yet: p = 0, no NaN
-    const V correction = exp_vec(old_max - base);         // exp(-inf) = 0 for a fresh row
+    // -inf + margin stays -inf: a row that had seen nothing takes the tile's maximum.
+    const auto keep = tile_max <= old_max + Acc(kRescaleMargin);
+    const V new_max = keep ? old_max : tile_max;
+    const V base = new_max == neg_inf ? V{} : new_max;  // nothing visible yet: p = 0, no NaN
+    const V one = V{} + Acc(1);
+    const V correction = keep ? one : exp_vec(old_max - base);  // exp(-inf) = 0 for a fresh row
     V sum{};
     for (int n = 0; n < nt; ++n) {
       const V e = exp_vec(load_vec<V>(&st[n][c * L]) - base);
@@ -232,9 +243,11 @@ inline __attribute__((always_inline)) void online_softmax(const CacheAttnParams&
       sum += e;
     }
     store_vec(&row_sum[c * L], load_vec<V>(&row_sum[c * L]) * correction + sum);
-    store_vec(&row_max[c * L], tile_max);
+    store_vec(&row_max[c * L], new_max);
     store_vec(&correction_out[c * L], correction);
+    for (int l = 0; l < L; ++l) rescaled |= correction[l] != Acc(1);
   }
+  return rescaled;
 }
 
 // Lists the rows of the key tile at `next` (up to kKeyTile keys below n_keys) in w.next_rows and
@@ -459,7 +472,6 @@ struct Scratch {
   alignas(64) float qt[D][kRowTile];               // a head's scaled queries, transposed, while they are split
   alignas(64) float st[kKeyTile][kRowTile];        // scores, then probabilities, key-major
   alignas(64) uint32_t pp[3][kRowTile][kKeyTile / 2];  // their parts, keys n, n + 16 paired (A tiles)
-  alignas(64) float pv[kRowTile][D];               // this tile's P . V
 };
 
 // Palette 1, tiles 0-3 accumulators, 4-5 A, 6-7 B: all 16 rows x 64 bytes.
@@ -565,7 +577,8 @@ R2LM_AMX_TARGET inline __attribute__((always_inline)) void attend_tile(const Cac
       _tile_stored(2, c0 + 16 * kRowTile, st_stride);
     }
 
-  online_softmax(p, len, k0, nt, row_tiles, w.st, h.row_query, h.row_max, h.row_sum, h.correction);
+  const bool rescale = online_softmax(p, len, k0, nt, row_tiles, w.st, h.row_query, h.row_max, h.row_sum,
+                                      h.correction);
   // P row-major (keys past the tile's end have probability 0), split into parts.
   for (int n = nt; n < kKeyTile; ++n)
     for (int r = 0; r < row_tiles * 16; ++r) w.st[n][r] = 0.0f;
@@ -583,17 +596,26 @@ R2LM_AMX_TARGET inline __attribute__((always_inline)) void attend_tile(const Cac
       }
     }
 
-  // P . V in blocks of 2 row tiles x 2 column tiles, then O = O * correction + P . V.
+  // O = O * correction (rarely needed: see kRescaleMargin), then O += P . V through the tile unit, in blocks
+  // of 2 row tiles x 2 column tiles.
+  if (rescale)
+    for (int r = 0; r < row_tiles * 16; ++r)
+      for (int d = 0; d < D; d += L) store_vec(&h.o[r][d], load_vec<VF>(&h.o[r][d]) * h.correction[r]);
   for (int dt = 0; dt < D / 16; dt += 2)
     for (int rt = 0; rt < row_tiles; rt += 2) {
-      _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+      const bool two_rows = rt + 1 < row_tiles;
+      float* c0 = &h.o[rt * 16][dt * 16];
+      _tile_loadd(0, c0, D * 4);
+      _tile_loadd(1, c0 + 16, D * 4);
+      if (two_rows) {
+        _tile_loadd(2, c0 + 16 * D, D * 4);
+        _tile_loadd(3, c0 + 16 * D + 16, D * 4);
+      }
       // Accumulator 2m + c is row tile rt + m, column tile dt + c: A walks row tiles, B column tiles.
       auto a = [&](int part, int m, int step) { return &w.pp[part][(rt + m) * 16][step * 16]; };
       auto bv = [&](int part, int c, int step) { return &h.vv[part][step * 16][(dt + c) * 16]; };
-      const bool two_rows = rt + 1 < row_tiles;
       if (two_rows) block_products<2, 2>(kKeyTile / 32, a, kKeyTile * 2, bv, D * 4);
       else block_products<1, 2>(kKeyTile / 32, a, kKeyTile * 2, bv, D * 4);
-      float* c0 = &w.pv[rt * 16][dt * 16];
       _tile_stored(0, c0, D * 4);
       _tile_stored(1, c0 + 16, D * 4);
       if (two_rows) {
@@ -601,9 +623,6 @@ R2LM_AMX_TARGET inline __attribute__((always_inline)) void attend_tile(const Cac
         _tile_stored(3, c0 + 16 * D + 16, D * 4);
       }
     }
-  for (int r = 0; r < row_tiles * 16; ++r)
-    for (int d = 0; d < D; d += L)
-      store_vec(&h.o[r][d], load_vec<VF>(&h.o[r][d]) * h.correction[r] + load_vec<VF>(&w.pv[r][d]));
 }
 
 // Attention for rows [row0, row0 + rows) of kv heads [kvh0, kvh0 + n_group) of batch b.
