@@ -75,9 +75,9 @@ template <> inline Half16 from_acc<Half16>(float x) { return Half16{float_to_hal
 template <> inline BFloat16Bits from_acc<BFloat16Bits>(float x) { return BFloat16Bits{float_to_bf16_bits(x)}; }
 template <typename T> inline T from_acc(double x) { return T(x); }
 
-// exp on a float vector for arguments <= 0: 2^t = 2^round(t) * 2^f with |f| <= 1/2 and a degree-7
-// Taylor polynomial (within a few float ulps); -inf and arguments below about -88 give exactly 0, NaN
-// stays NaN. Vectorises where std::exp would not.
+// exp on a float vector for arguments up to about 88 (the softmax passes at most kRescaleMargin):
+// 2^t = 2^round(t) * 2^f with |f| <= 1/2 and a degree-7 Taylor polynomial (within a few float ulps); -inf
+// and arguments below about -88 give exactly 0, NaN stays NaN. Vectorises where std::exp would not.
 inline __attribute__((always_inline)) Vec<float>::type exp_vec(Vec<float>::type x) {
   using V = Vec<float>::type;
   using VI = int32_t __attribute__((vector_size(64)));
@@ -489,6 +489,7 @@ struct alignas(64) TileConfig {
 template <int kRows, int kCols, typename AAddr, typename BAddr>
 R2LM_AMX_TARGET inline __attribute__((always_inline)) void block_products(int steps, AAddr a, int a_stride, BAddr b,
                                                                           int b_stride) {
+  __asm__ volatile("" ::: "memory");  // the operands' plain stores before the tile loads
   // Steps outer: one step's tiles of all parts (12 KB) stay in L1 while the products reuse them.
   for (int step = 0; step < steps; ++step)
     for (int product = 0; product < kProducts; ++product) {
@@ -605,6 +606,7 @@ R2LM_AMX_TARGET inline __attribute__((always_inline)) void attend_tile(const Cac
     for (int rt = 0; rt < row_tiles; rt += 2) {
       const bool two_rows = rt + 1 < row_tiles;
       float* c0 = &h.o[rt * 16][dt * 16];
+      __asm__ volatile("" ::: "memory");  // the rescaled O rows' plain stores before the tile loads
       _tile_loadd(0, c0, D * 4);
       _tile_loadd(1, c0 + 16, D * 4);
       if (two_rows) {
@@ -647,7 +649,10 @@ R2LM_AMX_TARGET inline __attribute__((always_inline)) void attend_rows(const Cac
         for (int i = 0; i < 3; ++i) store_vec(&h.qv[i][j][c * L], part[i]);
       }
   }
-  const TileConfig config;
+  // The tile intrinsics' asm declares no memory it reads: a compiler barrier orders the plain stores of
+  // the operands before every phase of tile loads (here and in block_products).
+  static const TileConfig config;
+  __asm__ volatile("" ::: "memory");
   _tile_loadconfig(&config);
   for (int64_t k0 = 0; k0 < n_keys; k0 += kKeyTile) {
     const int nt = int(std::min<int64_t>(kKeyTile, n_keys - k0));
@@ -679,7 +684,9 @@ bool usable() {
     unsigned eax, ebx, ecx, edx;
     if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
     const bool amx = (edx >> 22 & 1) && (edx >> 24 & 1);  // AMX-BF16, AMX-TILE
-    if (!amx || !__builtin_cpu_supports("avx512bw") || !__builtin_cpu_supports("avx512dq")) return false;
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+    if (!amx || !avx512) return false;
     constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
     return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
   }();
