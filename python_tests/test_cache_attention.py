@@ -163,7 +163,7 @@ def test_long_cache_small_batch_split_kv(device, cpu_kernel, rel_err, tol):
 
 
 def test_growing_scores_rescale_the_output(device, cpu_kernel, rel_err, tol):
-    # Keys grow along the cache, so each 64-key tile's best score beats the last one by far more than the
+    # Keys grow along the cache, so each key tile's best score beats the last one by far more than the
     # kernels' rescale margin: the running output is rescaled mid-sequence, not only at the first tile.
     q, k, v, k_cache, v_cache, lens, _ = make_case(device, torch.float32, batch=2, q_len=24, n_heads=4, n_kv=2,
                                                    head_dim=128, max_len=600, paged=False, lens=[576, 300])

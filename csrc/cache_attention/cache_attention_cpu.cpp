@@ -208,11 +208,14 @@ constexpr float kRescaleMargin = 8.0f;
 // turns them into unnormalised probabilities exp(s - m) on whole row vectors (no horizontal reductions),
 // m being each row's reference maximum (row_max, moved up to the tile's maximum when that exceeds it by
 // more than kRescaleMargin). row_sum is updated and correction holds exp(old m - new m), for rescaling the
-// output accumulators; returns whether any row's correction differs from 1.
-template <typename Acc>
+// output accumulators; returns whether any row's correction differs from 1. tick() is called every few
+// keys, softmax_ticks(nt) times per row vector: the AMX path issues tile products there.
+constexpr int softmax_ticks(int nt) { return nt / 32 + nt / 4; }
+template <typename Acc, typename Tick>
 inline __attribute__((always_inline)) bool online_softmax(const CacheAttnParams& p, int64_t len, int64_t k0, int nt,
                                                           int row_vecs, Acc (*st)[kRowTile], const int64_t* row_query,
-                                                          Acc* row_max, Acc* row_sum, Acc* correction_out) {
+                                                          Acc* row_max, Acc* row_sum, Acc* correction_out,
+                                                          Tick&& tick) {
   using V = typename Vec<Acc>::type;
   constexpr int L = Vec<Acc>::lanes;
   const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
@@ -229,6 +232,7 @@ inline __attribute__((always_inline)) bool online_softmax(const CacheAttnParams&
     for (int n = 0; n < nt; ++n) {
       const V s = load_vec<V>(&st[n][c * L]);
       tile_max = s > tile_max ? s : tile_max;
+      if (n % 32 == 31) tick();
     }
     // -inf + margin stays -inf: a row that had seen nothing takes the tile's maximum.
     const auto keep = tile_max <= old_max + Acc(kRescaleMargin);
@@ -241,6 +245,7 @@ inline __attribute__((always_inline)) bool online_softmax(const CacheAttnParams&
       const V e = exp_vec(load_vec<V>(&st[n][c * L]) - base);
       store_vec(&st[n][c * L], e);
       sum += e;
+      if (n % 4 == 3) tick();
     }
     store_vec(&row_sum[c * L], load_vec<V>(&row_sum[c * L]) * correction + sum);
     store_vec(&row_max[c * L], new_max);
@@ -334,7 +339,7 @@ inline __attribute__((always_inline)) void attend_rows(const CacheAttnParams& p,
       else score_rows<T, Acc, D, 1>(w, prefetch, c0, nt_padded);
     }
 
-    online_softmax(p, len, k0, nt, row_vecs, w.st, w.row_query, w.row_max, w.row_sum, w.correction);
+    online_softmax(p, len, k0, nt, row_vecs, w.st, w.row_query, w.row_max, w.row_sum, w.correction, [] {});
 
     // O = O * correction + P . V in blocks of kRowBlock rows x kColVecs vectors of columns.
     for (int col0 = 0; col0 < D; col0 += kColVecs<Acc, D> * L)
@@ -384,17 +389,24 @@ R2LM_ATTEND_ROWS(attend_f64_128, double, double, 128)
 // product, the size of fp32 rounding (parts below 2^-126, which the tile unit reads as 0, only matter
 // for inputs below about 2^-110). Scores are computed key-major (S^T = K Q^T, so the key tile is
 // used as stored and the softmax runs on row vectors as in the FMA path); P . V then needs P row-major,
-// one 64 x 64 transpose per tile.
+// one transpose per tile (16 x 16 blocks). The work is software-pipelined across heads so that the tile
+// unit and the vector units run side by side (see attend_rows).
 namespace amx {
 
 #define R2LM_AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,amx-tile,amx-bf16")))
 
+// The part products a_i b_j, ordered so that consecutive products share one operand (its tiles stay
+// loaded): a step loads 16 tiles instead of 24.
 constexpr int kProducts = 6;
-constexpr int kPartA[kProducts] = {0, 0, 0, 1, 1, 2};
-constexpr int kPartB[kProducts] = {0, 1, 2, 0, 1, 0};
+constexpr int kPartA[kProducts] = {0, 0, 0, 1, 2, 1};
+constexpr int kPartB[kProducts] = {2, 1, 0, 0, 0, 1};
+// Keys per tile. The tile products stream their operands from L2, so the heads' state must stay in it:
+// 32 keys keep it at ~215 KB per head at head_dim 128 (queries' parts 61 KB, double-buffered key and
+// value parts 62 + 55 KB, output 37 KB), 1.7 MB for kGroupHeads heads.
+constexpr int kKeys = 32;
 // kv heads per work item: a tile is then read as whole token rows of the cache (heads side by side), in
-// order, which the hardware prefetchers follow, with no software prefetch. Their state, ~180 KB per head
-// at head_dim 128, stays within a 2 MB L2.
+// order, which the hardware prefetchers follow (4-head items, reading half rows, measured ~1 ms slower;
+// software prefetch slower still).
 constexpr int kGroupHeads = 8;
 
 using VF = Vec<float>::type;
@@ -454,24 +466,29 @@ inline __attribute__((always_inline)) void transpose16(VF rows[16]) {
   }
 }
 
-// One kv head's state in the AMX path.
+// Tile operands' rows are padded by one cache line: a tile's 16 rows at a power-of-two stride would
+// share a few L1 sets with every other tile of the step and evict each other.
+constexpr int kPad = 16;
+
+// One kv head's state in the AMX path. The key / value parts are double-buffered by tile parity: the
+// next tile's parts are split while this tile's are still being multiplied.
 template <int D>
 struct HeadState {
-  alignas(64) uint32_t qv[3][D / 2][kRowTile];     // the scaled queries' parts, dims d, d + 16 paired (B tiles)
-  alignas(64) uint32_t kp[3][kKeyTile][D / 2];     // key tile parts, dims d, d + 16 paired (A tiles)
-  alignas(64) uint32_t vv[3][kKeyTile / 2][D];     // value tile parts, keys n, n + 16 paired (B tiles)
-  alignas(64) float o[kRowTile][D];                // unnormalised output accumulators
+  alignas(64) uint32_t qv[3][D / 2][kRowTile + kPad];     // the scaled queries' parts, dims d, d + 16 paired (B tiles)
+  alignas(64) uint32_t kp[2][3][kKeys][D / 2 + kPad];  // key tile parts, dims d, d + 16 paired (A tiles)
+  alignas(64) uint32_t vv[2][3][kKeys / 2][D + kPad];  // value tile parts, keys n, n + 16 paired (B tiles)
+  alignas(64) float o[kRowTile][D + kPad];                // unnormalised output accumulators
   alignas(64) float row_max[kRowTile], row_sum[kRowTile], correction[kRowTile];
   int64_t row_query[kRowTile];
 };
 
-// Per-thread scratch of the AMX path: the heads of a work item, and what one head's tile needs.
+// Per-thread scratch of the AMX path: the heads of a work item, and what the heads in flight need.
 template <int D>
 struct Scratch {
   std::vector<HeadState<D>> heads;
-  alignas(64) float qt[D][kRowTile];               // a head's scaled queries, transposed, while they are split
-  alignas(64) float st[kKeyTile][kRowTile];        // scores, then probabilities, key-major
-  alignas(64) uint32_t pp[3][kRowTile][kKeyTile / 2];  // their parts, keys n, n + 16 paired (A tiles)
+  alignas(64) float qt[D][kRowTile];                   // a head's scaled queries, transposed, while they are split
+  alignas(64) float st[2][kKeys][kRowTile];         // scores, then probabilities, key-major: two heads in flight
+  alignas(64) uint32_t pp[3][kRowTile][kKeys / 2 + kPad];  // probability parts, keys n, n + 16 paired (A tiles)
 };
 
 // Palette 1, tiles 0-3 accumulators, 4-5 A, 6-7 B: all 16 rows x 64 bytes.
@@ -482,43 +499,151 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
 };
 
-// Accumulates C += A . B over the products for a kRows x kCols block (each 1 or 2) of 16 x 16 output
-// tiles: tile (m, c) is accumulator 2m + c. `a(part, m, step)` / `b(part, c, step)` give the A / B tile
-// addresses of k-step `step` (32 bf16 of the inner dimension) for a part, with row strides a_stride and
-// b_stride bytes.
-template <int kRows, int kCols, typename AAddr, typename BAddr>
-R2LM_AMX_TARGET inline __attribute__((always_inline)) void block_products(int steps, AAddr a, int a_stride, BAddr b,
-                                                                          int b_stride) {
-  __asm__ volatile("" ::: "memory");  // the operands' plain stores before the tile loads
-  // Steps outer: one step's tiles of all parts (12 KB) stay in L1 while the products reuse them.
-  for (int step = 0; step < steps; ++step)
-    for (int product = 0; product < kProducts; ++product) {
-      _tile_loadd(4, a(kPartA[product], 0, step), a_stride);
-      _tile_loadd(6, b(kPartB[product], 0, step), b_stride);
-      _tile_dpbf16ps(0, 4, 6);
-      if (kRows == 2) {
-        _tile_loadd(5, a(kPartA[product], 1, step), a_stride);
-        _tile_dpbf16ps(2, 5, 6);
-      }
-      if (kCols == 2) {
-        _tile_loadd(7, b(kPartB[product], 1, step), b_stride);
-        _tile_dpbf16ps(1, 4, 7);
-        if (kRows == 2) _tile_dpbf16ps(3, 5, 7);
+// One matmul on the tile unit, C (+)= the sum of the part products A_i B_j, issued one part product at a
+// time so that vector work can run between them: m_tiles x n_tiles output tiles of 16 x 16 floats, walked
+// in blocks of up to 2 x 2 (tile (m, c) of a block is accumulator 2m + c; all 8 tile registers), k_steps
+// steps of 32 bf16 of the inner dimension, steps outer so that a step's tiles of all parts stay in L1
+// while the six products reuse them. Addresses in bytes: A tile (part i, row tile m, step s) at
+// a + i a_part + 16 m a_stride + 64 s; B tile (part j, column tile c, step s) at b + j b_part +
+// 16 s b_stride + 64 c; C tile (m, c) at c + 16 m c_stride + 64 c. A job with m_tiles = 0 is empty.
+struct TileJob {
+  const char* a = nullptr;
+  int64_t a_part = 0, a_stride = 0;
+  const char* b = nullptr;
+  int64_t b_part = 0, b_stride = 0;
+  char* c = nullptr;
+  int64_t c_stride = 0;
+  bool accumulate = false;  // a block starts from C as stored (else from 0)
+  int m_tiles = 0, n_tiles = 0, k_steps = 0;
+  int bm = 0, bn = 0, step = 0, product = 0;  // the next product: block origin (in tiles), k-step, product
+
+  bool done() const { return bm >= m_tiles; }
+  int products() const { return (m_tiles + 1) / 2 * ((n_tiles + 1) / 2) * k_steps * kProducts; }
+
+  R2LM_AMX_TARGET inline __attribute__((always_inline)) void issue() {
+    const bool two_m = bm + 1 < m_tiles, two_n = bn + 1 < n_tiles;
+    char* c0 = c + 16 * bm * c_stride + 64 * bn;
+    if (step == 0 && product == 0) {
+      if (accumulate) {
+        _tile_loadd(0, c0, c_stride);
+        if (two_n) _tile_loadd(1, c0 + 64, c_stride);
+        if (two_m) _tile_loadd(2, c0 + 16 * c_stride, c_stride);
+        if (two_m && two_n) _tile_loadd(3, c0 + 16 * c_stride + 64, c_stride);
+      } else {
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
       }
     }
+    const char* a0 = a + kPartA[product] * a_part + 16 * bm * a_stride + 64 * step;
+    const char* b0 = b + kPartB[product] * b_part + 16 * step * b_stride + 64 * bn;
+    const bool new_a = product == 0 || kPartA[product] != kPartA[product - 1];
+    const bool new_b = product == 0 || kPartB[product] != kPartB[product - 1];
+    if (new_a) _tile_loadd(4, a0, a_stride);
+    if (new_b) _tile_loadd(6, b0, b_stride);
+    _tile_dpbf16ps(0, 4, 6);
+    if (two_m) {
+      if (new_a) _tile_loadd(5, a0 + 16 * a_stride, a_stride);
+      _tile_dpbf16ps(2, 5, 6);
+    }
+    if (two_n) {
+      if (new_b) _tile_loadd(7, b0 + 64, b_stride);
+      _tile_dpbf16ps(1, 4, 7);
+      if (two_m) _tile_dpbf16ps(3, 5, 7);
+    }
+    if (++product < kProducts) return;
+    product = 0;
+    if (++step < k_steps) return;
+    step = 0;
+    _tile_stored(0, c0, c_stride);
+    if (two_n) _tile_stored(1, c0 + 64, c_stride);
+    if (two_m) _tile_stored(2, c0 + 16 * c_stride, c_stride);
+    if (two_m && two_n) _tile_stored(3, c0 + 16 * c_stride + 64, c_stride);
+    bn += 2;
+    if (bn >= n_tiles) bn = 0, bm += 2;
+  }
+};
+
+// Runs a tile job alongside vector work. The tile unit and the vector units work in parallel (a product
+// blocks one of the two vector ports while it runs), but the core only overlaps what sits close together
+// in the instruction stream, so the vector work ticks (calls the pacer) every ~60-100 vector
+// instructions and each tick issues the products due by then: `ticks` ticks are expected for the whole
+// job. finish() issues what is left once the vector work is done. operator() is not always_inline: the
+// shared online_softmax, compiled for the baseline target, calls it; the AMX entry points are flattened,
+// which inlines it there.
+struct Pacer {
+  TileJob& job;
+  const int64_t products, ticks;
+  int64_t credit = 0;
+
+  Pacer(TileJob& job, int64_t ticks) : job(job), products(job.products()), ticks(std::max<int64_t>(ticks, 1)) {
+    // The tile loads read operands that earlier phases stored with plain stores: the tile intrinsics'
+    // asm declares no memory operands, so a compiler barrier keeps those stores ahead of them.
+    __asm__ volatile("" ::: "memory");
+  }
+  R2LM_AMX_TARGET inline void operator()() {
+    for (credit += products; credit >= ticks && !job.done(); credit -= ticks) job.issue();
+  }
+  R2LM_AMX_TARGET inline __attribute__((always_inline)) void finish() {
+    while (!job.done()) job.issue();
+    __asm__ volatile("" ::: "memory");  // the tile stores before the plain loads that follow
+  }
+};
+
+// S^T = K . Q^T of one head for the key tile in buffer `buf`, into st (key-major).
+template <int D>
+TileJob score_job(HeadState<D>& h, int buf, float (*st)[kRowTile], int row_tiles) {
+  TileJob job;
+  job.a = reinterpret_cast<const char*>(h.kp[buf]);
+  job.a_part = sizeof(h.kp[buf][0]);
+  job.a_stride = sizeof(h.kp[buf][0][0]);
+  job.b = reinterpret_cast<const char*>(h.qv);
+  job.b_part = sizeof(h.qv[0]);
+  job.b_stride = sizeof(h.qv[0][0]);
+  job.c = reinterpret_cast<char*>(st);
+  job.c_stride = sizeof(st[0]);
+  job.m_tiles = kKeys / 16;
+  job.n_tiles = row_tiles;
+  job.k_steps = D / 32;
+  return job;
 }
 
-// Splits the key / value rows of keys [k0, k0 + nt) of heads [kvh0, kvh0 + n_group) into the heads'
-// parts; keys past the tile's end (and missing pages) are 0. Key rows pair dims d and d + 16 of each
-// 32-dim step (the queries do the same); value rows pair keys n and n + 16 of each 32-key step (the
-// probabilities do the same). Token by token, all heads: in a token-major cache that reads whole token
-// rows in order, which the hardware prefetchers follow.
-template <typename T, int D>
-R2LM_AMX_TARGET inline __attribute__((always_inline)) void split_key_tile(const CacheAttnParams& p, int64_t b,
-                                                                          int64_t kvh0, int n_group, int64_t len,
-                                                                          int64_t k0, int nt, HeadState<D>* heads) {
+// O += P . V of one head for the value tile in buffer `buf` (P's parts in w.pp). Accumulating in place
+// (O's tiles loaded at each block's start) measured faster than storing P . V for the vector units to add.
+template <int D>
+TileJob value_job(HeadState<D>& h, int buf, Scratch<D>& w, int row_tiles) {
+  TileJob job;
+  job.a = reinterpret_cast<const char*>(w.pp);
+  job.a_part = sizeof(w.pp[0]);
+  job.a_stride = sizeof(w.pp[0][0]);
+  job.b = reinterpret_cast<const char*>(h.vv[buf]);
+  job.b_part = sizeof(h.vv[buf][0]);
+  job.b_stride = sizeof(h.vv[buf][0][0]);
+  job.c = reinterpret_cast<char*>(h.o);
+  job.c_stride = sizeof(h.o[0]);
+  job.accumulate = true;
+  job.m_tiles = row_tiles;
+  job.n_tiles = D / 16;
+  job.k_steps = kKeys / 32;
+  return job;
+}
+
+// Ticks per key pair and head of split_key_pairs.
+constexpr int kSplitTicks = 4;
+
+// Splits the key / value rows of the key pairs [pair0, pair1) of the tile at k0 (nt keys) for heads
+// [kvh0, kvh0 + n_group) into buffer `buf` of the heads' parts; keys past the tile's end (and missing
+// pages) are 0. Pair q is keys n = q / 16 * 32 + q % 16 and n + 16 (value rows pair them, as the
+// probabilities do); key rows pair dims d and d + 16 of each 32-dim step (the queries do the same). Token
+// by token, all heads: in a token-major cache that reads whole token rows in order, which the hardware
+// prefetchers follow.
+template <typename T, int D, typename Tick>
+R2LM_AMX_TARGET inline __attribute__((always_inline)) void split_key_pairs(const CacheAttnParams& p, int64_t b,
+                                                                           int64_t kvh0, int n_group, int64_t len,
+                                                                           int64_t k0, int nt, int pair0, int pair1,
+                                                                           int buf, HeadState<D>* heads,
+                                                                           Tick&& tick) {
   constexpr int L = Vec<float>::lanes;
-  for (int n = 0; n < kKeyTile; n = n % 32 == 15 ? n + 17 : n + 1)
+  for (int q = pair0; q < pair1; ++q) {
+    const int n = q / 16 * 32 + q % 16;
     for (int g = 0; g < n_group; ++g) {
       HeadState<D>& h = heads[g];
       const float* krow[2];
@@ -541,104 +666,77 @@ R2LM_AMX_TARGET inline __attribute__((always_inline)) void split_key_tile(const 
         }
       }
       VU part[3];
-      for (int e = 0; e < 2; ++e)
+      for (int e = 0; e < 2; ++e) {
         for (int d = 0; d < D; d += 32) {
           split_pairs(load_vec<VF>(&krow[e][d]), load_vec<VF>(&krow[e][d + 16]), part);
-          for (int i = 0; i < 3; ++i) store_vec(&h.kp[i][n + 16 * e][d / 2], part[i]);
+          for (int i = 0; i < 3; ++i) store_vec(&h.kp[buf][i][n + 16 * e][d / 2], part[i]);
         }
+        tick();
+      }
       for (int d = 0; d < D; d += L) {
         split_pairs(load_vec<VF>(&vrow[0][d]), load_vec<VF>(&vrow[1][d]), part);
-        for (int i = 0; i < 3; ++i) store_vec(&h.vv[i][n / 32 * 16 + n % 32][d], part[i]);
+        for (int i = 0; i < 3; ++i) store_vec(&h.vv[buf][i][n / 32 * 16 + n % 32][d], part[i]);
+        if (d % (D / 2) == D / 2 - L) tick();
       }
     }
+  }
 }
 
-// Scores, online softmax and P . V of one head over the key tile [k0, k0 + nt).
-template <int D>
-R2LM_AMX_TARGET inline __attribute__((always_inline)) void attend_tile(const CacheAttnParams& p, int64_t len,
-                                                                       int64_t k0, int nt, int row_tiles,
-                                                                       HeadState<D>& h, Scratch<D>& w) {
-  constexpr int L = Vec<float>::lanes;
-  // S^T = K . Q^T in blocks of 2 key tiles x 2 row tiles.
-  for (int kt = 0; kt < kKeyTile / 16; kt += 2)
-    for (int rt = 0; rt < row_tiles; rt += 2) {
-      _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-      auto a = [&](int part, int m, int step) { return &h.kp[part][(kt + m) * 16][step * 16]; };
-      auto bq = [&](int part, int c, int step) { return &h.qv[part][step * 16][(rt + c) * 16]; };
-      float* c0 = &w.st[kt * 16][rt * 16];
-      constexpr int st_stride = kRowTile * 4;
-      if (rt + 1 < row_tiles) {
-        block_products<2, 2>(D / 32, a, D * 2, bq, kRowTile * 4);
-        _tile_stored(1, c0 + 16, st_stride);
-        _tile_stored(3, c0 + 16 * kRowTile + 16, st_stride);
-      } else {
-        block_products<2, 1>(D / 32, a, D * 2, bq, kRowTile * 4);
-      }
-      _tile_stored(0, c0, st_stride);
-      _tile_stored(2, c0 + 16 * kRowTile, st_stride);
-    }
+// Ticks per row tile of softmax_and_split for a whole tile: the softmax's, then 6 per 32 keys for the
+// transpose and split.
+constexpr int kProbabilityTicks = softmax_ticks(kKeys) + kKeys / 32 * 6;
 
-  const bool rescale = online_softmax(p, len, k0, nt, row_tiles, w.st, h.row_query, h.row_max, h.row_sum,
-                                      h.correction);
-  // P row-major (keys past the tile's end have probability 0), split into parts.
-  for (int n = nt; n < kKeyTile; ++n)
-    for (int r = 0; r < row_tiles * 16; ++r) w.st[n][r] = 0.0f;
+// Online softmax of one head over the key tile at k0 (scores in st), then P row-major (keys past the
+// tile's end have probability 0) split into w.pp.
+template <int D, typename Tick>
+R2LM_AMX_TARGET inline __attribute__((always_inline)) void softmax_and_split(const CacheAttnParams& p, int64_t len,
+                                                                             int64_t k0, int nt, int row_tiles,
+                                                                             float (*st)[kRowTile], HeadState<D>& h,
+                                                                             Scratch<D>& w, Tick&& tick) {
+  constexpr int L = Vec<float>::lanes;
+  const bool rescale =
+      online_softmax(p, len, k0, nt, row_tiles, st, h.row_query, h.row_max, h.row_sum, h.correction, tick);
+  for (int n = nt; n < kKeys; ++n)
+    for (int r = 0; r < row_tiles * 16; ++r) st[n][r] = 0.0f;
   for (int rt = 0; rt < row_tiles; ++rt)
-    for (int kt = 0; kt < kKeyTile / 16; kt += 2) {
+    for (int kt = 0; kt < kKeys / 16; kt += 2) {
       VF block[2][16];  // key tiles kt and kt + 1, transposed: row i holds its 16 keys for row rt * 16 + i
       for (int half = 0; half < 2; ++half) {
-        for (int i = 0; i < 16; ++i) block[half][i] = load_vec<VF>(&w.st[(kt + half) * 16 + i][rt * 16]);
+        for (int i = 0; i < 16; ++i) block[half][i] = load_vec<VF>(&st[(kt + half) * 16 + i][rt * 16]);
         transpose16(block[half]);
+        tick();
       }
       for (int i = 0; i < 16; ++i) {
         VU part[3];
         split_pairs(block[0][i], block[1][i], part);
         for (int j = 0; j < 3; ++j) store_vec(&w.pp[j][rt * 16 + i][kt * 8], part[j]);
+        if (i % 4 == 3) tick();
       }
     }
-
-  // O = O * correction (rarely needed: see kRescaleMargin), then O += P . V through the tile unit, in blocks
-  // of 2 row tiles x 2 column tiles.
   if (rescale)
     for (int r = 0; r < row_tiles * 16; ++r)
       for (int d = 0; d < D; d += L) store_vec(&h.o[r][d], load_vec<VF>(&h.o[r][d]) * h.correction[r]);
-  for (int dt = 0; dt < D / 16; dt += 2)
-    for (int rt = 0; rt < row_tiles; rt += 2) {
-      const bool two_rows = rt + 1 < row_tiles;
-      float* c0 = &h.o[rt * 16][dt * 16];
-      __asm__ volatile("" ::: "memory");  // the rescaled O rows' plain stores before the tile loads
-      _tile_loadd(0, c0, D * 4);
-      _tile_loadd(1, c0 + 16, D * 4);
-      if (two_rows) {
-        _tile_loadd(2, c0 + 16 * D, D * 4);
-        _tile_loadd(3, c0 + 16 * D + 16, D * 4);
-      }
-      // Accumulator 2m + c is row tile rt + m, column tile dt + c: A walks row tiles, B column tiles.
-      auto a = [&](int part, int m, int step) { return &w.pp[part][(rt + m) * 16][step * 16]; };
-      auto bv = [&](int part, int c, int step) { return &h.vv[part][step * 16][(dt + c) * 16]; };
-      if (two_rows) block_products<2, 2>(kKeyTile / 32, a, kKeyTile * 2, bv, D * 4);
-      else block_products<1, 2>(kKeyTile / 32, a, kKeyTile * 2, bv, D * 4);
-      _tile_stored(0, c0, D * 4);
-      _tile_stored(1, c0 + 16, D * 4);
-      if (two_rows) {
-        _tile_stored(2, c0 + 16 * D, D * 4);
-        _tile_stored(3, c0 + 16 * D + 16, D * 4);
-      }
-    }
 }
 
-// Attention for rows [row0, row0 + rows) of kv heads [kvh0, kvh0 + n_group) of batch b.
+// Attention for rows [row0, row0 + rows) of kv heads [kvh0, kvh0 + n_group) of batch b, software-
+// pipelined so that the tile unit and the vector units work side by side. Per key tile and head g:
+//   phase A: softmax and P split of head g  ||  scores of head g + 1 (of the next tile's first head
+//            after the last one);
+//   phase B: split of a slice of the next tile's keys / values (token rows, all heads; n_group - 1
+//            slices so the next tile is complete before its first head's scores)  ||  P . V of head g.
 template <typename T, int D>
 R2LM_AMX_TARGET inline __attribute__((always_inline)) void attend_rows(const CacheAttnParams& p, int64_t b,
                                                                        int64_t kvh0, int n_group, int64_t row0,
                                                                        int64_t rows, Scratch<D>& w) {
   constexpr int L = Vec<float>::lanes;
+  constexpr int kPairs = kKeys / 2;
   const int64_t len = attn_cache_len(p, b);
   const int row_tiles = int((rows + 15) / 16);  // 16-row tiles; also the softmax's row vectors
   if (int(w.heads.size()) < n_group) w.heads.resize(n_group);
+  HeadState<D>* heads = w.heads.data();
   int64_t n_keys = 0;
   for (int g = 0; g < n_group; ++g) {
-    HeadState<D>& h = w.heads[g];
+    HeadState<D>& h = heads[g];
     n_keys = start_rows<T, D>(p, b, kvh0 + g, row0, rows, row_tiles * L, len, w.qt, h);
     // Dims d and d + 16 of each 32-dim step are paired, as in the key rows.
     for (int j = 0; j < D / 2; ++j)
@@ -649,24 +747,46 @@ R2LM_AMX_TARGET inline __attribute__((always_inline)) void attend_rows(const Cac
         for (int i = 0; i < 3; ++i) store_vec(&h.qv[i][j][c * L], part[i]);
       }
   }
-  // The tile intrinsics' asm declares no memory it reads: a compiler barrier orders the plain stores of
-  // the operands before every phase of tile loads (here and in block_products).
+  const auto tile_keys = [&](int64_t k0) { return int(std::min<int64_t>(kKeys, n_keys - k0)); };
   static const TileConfig config;
   __asm__ volatile("" ::: "memory");
   _tile_loadconfig(&config);
-  for (int64_t k0 = 0; k0 < n_keys; k0 += kKeyTile) {
-    const int nt = int(std::min<int64_t>(kKeyTile, n_keys - k0));
-    split_key_tile<T, D>(p, b, kvh0, n_group, len, k0, nt, w.heads.data());
-    for (int g = 0; g < n_group; ++g) attend_tile<D>(p, len, k0, nt, row_tiles, w.heads[g], w);
+  split_key_pairs<T, D>(p, b, kvh0, n_group, len, 0, tile_keys(0), 0, kPairs, 0, heads, [] {});
+  int64_t u = 0;  // (tile, head) steps so far: step u's scores go to st[u % 2]
+  for (int64_t k0 = 0; k0 < n_keys; k0 += kKeys) {
+    const int buf = int(k0 / kKeys % 2), nt = tile_keys(k0);
+    const bool last = k0 + kKeys >= n_keys;
+    if (k0 == 0 || n_group == 1) {  // otherwise issued alongside the previous tile's last softmax
+      TileJob scores = score_job(heads[0], buf, w.st[u % 2], row_tiles);
+      Pacer(scores, 0).finish();
+    }
+    for (int g = 0; g < n_group; ++g, ++u) {
+      TileJob scores;
+      if (g + 1 < n_group) scores = score_job(heads[g + 1], buf, w.st[(u + 1) % 2], row_tiles);
+      else if (!last && n_group > 1) scores = score_job(heads[0], 1 - buf, w.st[(u + 1) % 2], row_tiles);
+      Pacer phase_a(scores, int64_t(row_tiles) * kProbabilityTicks);
+      softmax_and_split(p, len, k0, nt, row_tiles, w.st[u % 2], heads[g], w, phase_a);
+      phase_a.finish();
+
+      int pair0 = 0, pair1 = 0;
+      if (!last && n_group == 1) pair1 = kPairs;
+      else if (!last && g + 1 < n_group) pair0 = kPairs * g / (n_group - 1), pair1 = kPairs * (g + 1) / (n_group - 1);
+      TileJob values = value_job(heads[g], buf, w, row_tiles);
+      Pacer phase_b(values, int64_t(pair1 - pair0) * n_group * kSplitTicks);
+      split_key_pairs<T, D>(p, b, kvh0, n_group, len, k0 + kKeys, last ? 0 : tile_keys(k0 + kKeys), pair0, pair1,
+                            1 - buf, heads, phase_b);
+      phase_b.finish();
+    }
   }
   _tile_release();
-  for (int g = 0; g < n_group; ++g) finish_rows<T, D>(p, b, kvh0 + g, row0, rows, w.heads[g]);
+  for (int g = 0; g < n_group; ++g) finish_rows<T, D>(p, b, kvh0 + g, row0, rows, heads[g]);
 }
 
-#define R2LM_ATTEND_ROWS_AMX(name, T, D)                                                                  \
-  R2LM_AMX_TARGET void name(const CacheAttnParams& p, int64_t b, int64_t kvh0, int n_group, int64_t row0, \
-                            int64_t rows, Scratch<D>& w) {                                                \
-    attend_rows<T, D>(p, b, kvh0, n_group, row0, rows, w);                                                \
+// Flattened so that the pacer's ticks inside the shared online_softmax are inlined too.
+#define R2LM_ATTEND_ROWS_AMX(name, T, D)                                                                     \
+  R2LM_AMX_TARGET __attribute__((flatten)) void name(const CacheAttnParams& p, int64_t b, int64_t kvh0,     \
+                                                     int n_group, int64_t row0, int64_t rows, Scratch<D>& w) { \
+    attend_rows<T, D>(p, b, kvh0, n_group, row0, rows, w);                                                   \
   }
 R2LM_ATTEND_ROWS_AMX(attend_f32_64, float, 64)
 R2LM_ATTEND_ROWS_AMX(attend_f32_128, float, 128)
