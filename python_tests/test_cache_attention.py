@@ -196,6 +196,30 @@ def test_matches_sdpa_with_explicit_mask(device, cpu_kernel, causal, rel_err):
     assert rel_err(out, want) <= 1e-5
 
 
+def _cpu_has_amx_bf16():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
+    except OSError:
+        return False
+
+
+def test_tile_unit_kernel_runs_where_the_cpu_has_it(device, monkeypatch, rel_err, tol):
+    # Both CPU kernels are accurate but round differently: on a CPU with AMX-BF16 the default result must
+    # differ in its last bits from the FMA kernel's, which shows the tile-unit kernel was the one that ran.
+    if device != "cpu" or not _cpu_has_amx_bf16():
+        pytest.skip("needs a Linux CPU with AMX-BF16")
+    q, k, v, k_cache, v_cache, lens, _ = make_case(device, torch.float32, batch=2, q_len=16, n_heads=4, n_kv=2,
+                                                   head_dim=128, max_len=200, paged=False)
+    want = ref.cache_attention(*(t.double() for t in (q, k, v, k_cache, v_cache)), lens, write_kv=False)
+    tile_unit = r2lm_kernels.cache_attention(q, k, v, k_cache, v_cache, lens, write_kv=False)
+    monkeypatch.setenv("R2LM_ATTENTION_CPU_GENERIC", "1")
+    fma = r2lm_kernels.cache_attention(q, k, v, k_cache, v_cache, lens, write_kv=False)
+    assert not torch.equal(tile_unit, fma)
+    for out in (tile_unit, fma):
+        assert rel_err(out, want) <= tol[torch.float32] * 10, rel_err(out, want)
+
+
 def test_opcheck(device):
     for dtype in (torch.float32, torch.bfloat16):
         for paged in (False, True):
