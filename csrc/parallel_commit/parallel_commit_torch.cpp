@@ -101,20 +101,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> parallel_commit(
     return {committed, confidence, n_masked};
   }
 
-  if (logits.is_cpu()) {
-    parallel_commit_cpu(p);
-  } else {
 #ifdef R2LM_WITH_CUDA
+  if (logits.is_cuda()) {
     c10::cuda::CUDAGuard guard(logits.device());
     p.splits = parallel_commit_cuda_splits(p, logits.get_device());
     auto workspace = at::empty({parallel_commit_cuda_workspace_bytes(p)}, logits.options().dtype(at::kByte));
     p.workspace = workspace.data_ptr();
     const char* error = parallel_commit_cuda(p, c10::cuda::getCurrentCUDAStream(logits.get_device()).stream());
     TORCH_CHECK(error == nullptr, kOp, ": CUDA kernel launch failed: ", error);
-#else
-    TORCH_CHECK(false, kOp, ": this build has no CUDA kernels (built with R2LM_CUDA=OFF)");
-#endif
+    return {committed, confidence, n_masked};
   }
+#endif
+  parallel_commit_cpu(p);
   return {committed, confidence, n_masked};
 }
 

@@ -91,17 +91,15 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::opt
   p.y = y.data_ptr();
   p.y_batch_stride = y.stride(0);
   p.y_seq_stride = y.stride(1);
-  if (x.is_cuda()) {
 #ifdef R2LM_WITH_CUDA
+  if (x.is_cuda()) {
     c10::cuda::CUDAGuard guard(x.device());
     const char* error = reverse_conv1d_fwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(error == nullptr, kOp, ": CUDA kernel launch failed: ", error);
-#else
-    TORCH_CHECK(false, kOp, ": this build has no CUDA kernels");
-#endif
-  } else {
-    reverse_conv1d_fwd_cpu(p);
+    return y;
   }
+#endif
+  reverse_conv1d_fwd_cpu(p);
   return y;
 }
 
@@ -137,19 +135,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dy, co
     p.dbias = dbias.data_ptr();
     p.dbias_stride = dbias.stride(0);
   }
-  if (x.is_cuda()) {
 #ifdef R2LM_WITH_CUDA
+  if (x.is_cuda()) {
     c10::cuda::CUDAGuard guard(x.device());
     at::Tensor workspace = at::empty({(reverse_conv1d_bwd_workspace_cuda(p) + 3) / 4}, x.options().dtype(at::kFloat));
     p.workspace = workspace.data_ptr();
     const char* error = reverse_conv1d_bwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(error == nullptr, "reverse_conv1d_backward: CUDA kernel launch failed: ", error);
-#else
-    TORCH_CHECK(false, "reverse_conv1d_backward: this build has no CUDA kernels");
-#endif
-  } else {
-    reverse_conv1d_bwd_cpu(p);
+    return {dx, dweight, dbias};
   }
+#endif
+  reverse_conv1d_bwd_cpu(p);
   return {dx, dweight, dbias};
 }
 
