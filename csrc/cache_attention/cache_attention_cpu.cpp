@@ -7,7 +7,8 @@
 //   with register blocking over rows; compiled for AVX-512, AVX2 and baseline x86-64, picked at load time.
 // * AMX (Linux x86 CPUs with AMX-BF16, fp32 / fp16 / bf16, >= 16 rows per kv head): both matmuls on the
 //   tile unit with fp32 accuracy (operands split into three bf16 parts), a work item spanning up to 8
-//   kv heads. R2LM_ATTENTION_CPU_GENERIC=1 forces the FMA kernel.
+//   kv heads, software-pipelined so that the tile unit and the vector units work side by side.
+//   R2LM_ATTENTION_CPU_GENERIC=1 forces the FMA kernel.
 #include "cache_attention/cache_attention.h"
 
 #include <algorithm>
@@ -36,7 +37,7 @@
 namespace r2lm {
 namespace {
 
-constexpr int kKeyTile = 64;   // keys per tile
+constexpr int kKeyTile = 64;   // keys per tile (FMA kernel; the AMX kernel's is amx::kKeys)
 constexpr int kRowTile = 64;   // rows per work item
 constexpr int kKeyGroup = 8;   // keys per score micro-kernel (tiles are padded to a multiple)
 constexpr int kRowBlock = 6;   // rows per P . V micro-kernel: 6 x 4 accumulator vectors + 4 value vectors
@@ -474,10 +475,10 @@ constexpr int kPad = 16;
 // next tile's parts are split while this tile's are still being multiplied.
 template <int D>
 struct HeadState {
-  alignas(64) uint32_t qv[3][D / 2][kRowTile + kPad];     // the scaled queries' parts, dims d, d + 16 paired (B tiles)
-  alignas(64) uint32_t kp[2][3][kKeys][D / 2 + kPad];  // key tile parts, dims d, d + 16 paired (A tiles)
-  alignas(64) uint32_t vv[2][3][kKeys / 2][D + kPad];  // value tile parts, keys n, n + 16 paired (B tiles)
-  alignas(64) float o[kRowTile][D + kPad];                // unnormalised output accumulators
+  alignas(64) uint32_t qv[3][D / 2][kRowTile + kPad];  // the scaled queries' parts, dims d, d + 16 paired (B tiles)
+  alignas(64) uint32_t kp[2][3][kKeys][D / 2 + kPad];   // key tile parts, dims d, d + 16 paired (A tiles)
+  alignas(64) uint32_t vv[2][3][kKeys / 2][D + kPad];   // value tile parts, keys n, n + 16 paired (B tiles)
+  alignas(64) float o[kRowTile][D + kPad];              // unnormalised output accumulators
   alignas(64) float row_max[kRowTile], row_sum[kRowTile], correction[kRowTile];
   int64_t row_query[kRowTile];
 };
@@ -486,8 +487,8 @@ struct HeadState {
 template <int D>
 struct Scratch {
   std::vector<HeadState<D>> heads;
-  alignas(64) float qt[D][kRowTile];                   // a head's scaled queries, transposed, while they are split
-  alignas(64) float st[2][kKeys][kRowTile];         // scores, then probabilities, key-major: two heads in flight
+  alignas(64) float qt[D][kRowTile];                       // a head's scaled queries, transposed, while split
+  alignas(64) float st[2][kKeys][kRowTile];                // scores, then probabilities, key-major: two steps
   alignas(64) uint32_t pp[3][kRowTile][kKeys / 2 + kPad];  // probability parts, keys n, n + 16 paired (A tiles)
 };
 
