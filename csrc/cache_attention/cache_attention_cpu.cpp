@@ -387,8 +387,9 @@ R2LM_ATTEND_ROWS(attend_f64_128, double, double, 128)
 // unit, which multiplies bf16 pairs into fp32 sums at ~15x the FMA rate. fp32 accuracy comes from
 // splitting every operand exactly into three bf16 parts, x = x0 + x1 + x2 (8 significant bits each), and
 // summing the six part products a_i b_j with i + j <= 2: the three left out are below 2^-24 of the
-// product, the size of fp32 rounding (parts below 2^-126, which the tile unit reads as 0, only matter
-// for inputs below about 2^-110). Scores are computed key-major (S^T = K Q^T, so the key tile is
+// product, the size of fp32 rounding. The tile unit reads parts below 2^-126 as 0 and flushes tiny
+// products: inputs below about 2^-110 lose accuracy, and below about 2^-120 (fp32 subnormals included)
+// they are effectively 0 - far outside what attention sees. Scores are computed key-major (S^T = K Q^T, so the key tile is
 // used as stored and the softmax runs on row vectors as in the FMA path); P . V then needs P row-major,
 // one transpose per tile (16 x 16 blocks). The work is software-pipelined across heads so that the tile
 // unit and the vector units run side by side (see attend_rows).
@@ -403,7 +404,7 @@ constexpr int kPartA[kProducts] = {0, 0, 1, 1, 0, 2};
 constexpr int kPartB[kProducts] = {2, 1, 1, 0, 0, 0};
 // Keys per tile. The tile products stream their operands from L2, so the heads' state must stay in it:
 // 32 keys keep it at ~215 KB per head at head_dim 128 (queries' parts 61 KB, double-buffered key and
-// value parts 62 + 55 KB, output 37 KB), 1.7 MB for kGroupHeads heads.
+// value parts 61 + 55 KB, output 37 KB), 1.7 MB for kGroupHeads heads.
 constexpr int kKeys = 32;
 // kv heads per work item: a tile is then read as whole token rows of the cache (heads side by side), in
 // order, which the hardware prefetchers follow (4-head items, reading half rows, measured ~1 ms slower;
@@ -505,8 +506,8 @@ struct alignas(64) TileConfig {
 // in blocks of up to 2 x 2 (tile (m, c) of a block is accumulator 2m + c; all 8 tile registers), k_steps
 // steps of 32 bf16 of the inner dimension, steps outer so that a step's tiles of all parts stay in L1
 // while the six products reuse them. Addresses in bytes: A tile (part i, row tile m, step s) at
-// a + i a_part + 16 m a_stride + 64 s; B tile (part j, column tile c, step s) at b + j b_part +
-// 16 s b_stride + 64 c; C tile (m, c) at c + 16 m c_stride + 64 c. A job with m_tiles = 0 is empty.
+// a + i a_part + 16 m a_stride + 64 s; B tile (part j, column tile n, step s) at b + j b_part +
+// 16 s b_stride + 64 n; C tile (m, n) at c + 16 m c_stride + 64 n. A job with m_tiles = 0 is empty.
 struct TileJob {
   const char* a = nullptr;
   int64_t a_part = 0, a_stride = 0;
@@ -714,7 +715,7 @@ R2LM_AMX_TARGET inline __attribute__((always_inline)) void softmax_and_split(con
         if (i % 4 == 3) tick();
       }
     }
-  if (rescale)
+  if (rescale && k0 > 0)  // at the first tile O is still 0
     for (int r = 0; r < row_tiles * 16; ++r)
       for (int d = 0; d < D; d += L) store_vec(&h.o[r][d], load_vec<VF>(&h.o[r][d]) * h.correction[r]);
 }
@@ -725,6 +726,8 @@ R2LM_AMX_TARGET inline __attribute__((always_inline)) void softmax_and_split(con
 //            after the last one);
 //   phase B: split of a slice of the next tile's keys / values (token rows, all heads; n_group - 1
 //            slices so the next tile is complete before its first head's scores)  ||  P . V of head g.
+// With one head per item (MQA, or groups shrunk for small batches) phase B splits the whole next tile and
+// each tile's scores run alone at its start.
 template <typename T, int D>
 R2LM_AMX_TARGET inline __attribute__((always_inline)) void attend_rows(const CacheAttnParams& p, int64_t b,
                                                                        int64_t kvh0, int n_group, int64_t row0,
@@ -817,7 +820,7 @@ bool usable() {
 }  // namespace amx
 #endif
 
-// The calling thread's scratch of type W, kept between calls: the AMX scratch is ~1.5 MB, and fresh
+// The calling thread's scratch of type W, kept between calls: the AMX scratch is ~1.8 MB, and fresh
 // memory on every call would be faulted in (and zeroed by the OS) again each time.
 template <typename W>
 W& thread_scratch() {
