@@ -3,6 +3,8 @@
 #include <torch/library.h>
 #include <pybind11/pybind11.h>
 
+#include "cpu_vector.h"
+
 TORCH_LIBRARY(r2lm, m) {
   // DESIGN.md 3.1. Backward returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); the gradients of
   // absent optional inputs are empty tensors.
@@ -47,4 +49,7 @@ pybind11::dict compiled_backends() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "r2lm_kernels compiled extension: registers torch.ops.r2lm.*";
   m.def("compiled_backends", &compiled_backends, "Which kernel backends this build contains.");
+  m.def("cpu_vector_bytes", &r2lm::cpu_vector_bytes,
+        "Vector width in bytes (64, 32 or 16) of the portable CPU kernels on this CPU, after the "
+        "R2LM_CPU_VECTOR_BYTES cap.");
 }

@@ -1,5 +1,6 @@
 """The built extension loads, registers every op, and reports its backends."""
 import os
+import platform
 import shutil
 
 import pytest
@@ -24,6 +25,23 @@ def test_compiled_backends():
         assert backends["cuda"], "a GPU is present but the CUDA kernels were not compiled in"
     if backends["cuda"]:
         assert backends["cuda_archs"]
+
+
+def test_cpu_vector_bytes_and_its_cap(monkeypatch):
+    # The portable CPU kernels run at the CPU's widest vector width unless R2LM_CPU_VECTOR_BYTES caps it
+    # (the kernel tests cap it to cover every width).
+    monkeypatch.delenv("R2LM_CPU_VECTOR_BYTES", raising=False)
+    widest = r2lm_kernels.cpu_vector_bytes()
+    assert widest in (16, 32, 64)
+    if platform.machine() == "x86_64" and os.path.exists("/proc/cpuinfo"):
+        flags = set(next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split())
+        if {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma"} <= flags:
+            assert widest == 64
+        elif not {"avx2", "fma"} <= flags:
+            assert widest == 16
+    for cap, expected in (("64", widest), ("32", min(widest, 32)), ("16", 16), ("8", widest), ("junk", widest)):
+        monkeypatch.setenv("R2LM_CPU_VECTOR_BYTES", cap)
+        assert r2lm_kernels.cpu_vector_bytes() == expected, cap
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None and not torch.cuda.is_available(), reason="no CUDA toolkit")

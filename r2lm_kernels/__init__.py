@@ -4,7 +4,7 @@ Ops (torch.ops.r2lm.*, wrapped here with fake implementations and autograd):
   reverse_selective_scan, reverse_conv1d, cache_attention, parallel_commit.
 Plain-PyTorch references of the same ops live in r2lm_kernels.reference.
 """
-from ._ext import compiled_backends, registered_ops
+from ._ext import compiled_backends, cpu_vector_bytes, registered_ops
 from .ops.cache_attention import cache_attention
 from .ops.parallel_commit import parallel_commit
 from .ops.reverse_conv1d import reverse_conv1d
@@ -19,6 +19,7 @@ __all__ = [
     "cache_attention",
     "parallel_commit",
     "compiled_backends",
+    "cpu_vector_bytes",
     "registered_ops",
     "reference",
 ]

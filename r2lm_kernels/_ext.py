@@ -32,6 +32,12 @@ def compiled_backends() -> dict:
     return dict(_C.compiled_backends())
 
 
+def cpu_vector_bytes() -> int:
+    """Vector width in bytes of the portable CPU kernels on this CPU: 64 (AVX-512), 32 (AVX2 + FMA) or 16
+    (other CPUs). R2LM_CPU_VECTOR_BYTES (64, 32 or 16) caps it (the tests use it to cover every width)."""
+    return int(_C.cpu_vector_bytes())
+
+
 def registered_ops() -> list[str]:
     """The op names registered under torch.ops.r2lm by this build."""
     return sorted({s.name.split("::", 1)[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("r2lm::")})

@@ -3,13 +3,14 @@
 // One work item = (batch, kv head, tile of up to kRowTile rows), rows being the q_len x group queries
 // that share the kv head, so every key/value tile is loaded (and converted) once for all of them; that
 // reuse is what a per-head attention with repeated KV cannot get. Two kernels:
-// * FMA: scores and the P.V update use GCC vector types (one 64-byte vector = 16 floats or 8 doubles)
-//   with register blocking over rows; compiled for AVX-512, AVX2 and baseline x86-64, picked at load time.
+// * FMA: scores and the P.V update use GCC vector types with register blocking over rows, compiled once
+//   per vector width (cpu_vector.h: 64 bytes for AVX-512, 32 for AVX2, 16 otherwise), picked per call.
 // * AMX (Linux x86 CPUs with AMX-BF16, fp32 / fp16 / bf16, >= 16 rows per kv head): both matmuls on the
 //   tile unit with fp32 accuracy (operands split into three bf16 parts), a work item spanning up to 8
 //   kv heads, software-pipelined so that the tile unit and the vector units work side by side.
 //   R2LM_ATTENTION_CPU_GENERIC=1 forces the FMA kernel.
 #include "cache_attention/cache_attention.h"
+#include "cpu_vector.h"
 
 #include <algorithm>
 #include <cmath>
@@ -39,31 +40,41 @@ namespace {
 
 constexpr int kKeyTile = 64;   // keys per tile (FMA kernel; the AMX kernel's is amx::kKeys)
 constexpr int kRowTile = 64;   // rows per work item
-constexpr int kKeyGroup = 8;   // keys per score micro-kernel (tiles are padded to a multiple)
-constexpr int kRowBlock = 6;   // rows per P . V micro-kernel: 6 x 4 accumulator vectors + 4 value vectors
+constexpr int kRowBlock = 6;   // rows per P . V micro-kernel
 
-template <typename Acc>
+// A vector of kBytes bytes (cpu_vector.h: the FMA kernel is compiled for 64, 32 and 16; the AMX path
+// uses 64).
+template <typename Acc, int kBytes = 64>
 struct Vec {
-  typedef Acc type __attribute__((vector_size(64)));
-  static constexpr int lanes = 64 / sizeof(Acc);
+  typedef Acc type __attribute__((vector_size(kBytes)));
+  static constexpr int lanes = kBytes / sizeof(Acc);
 };
 
-// Value columns per P . V micro-kernel: 4 vectors (64 floats), or the whole head when narrower.
-template <typename Acc, int D>
-constexpr int kColVecs = D / Vec<Acc>::lanes < 4 ? D / Vec<Acc>::lanes : 4;
+// Register blocking of the FMA micro-kernels per vector width. AVX-512 (32 registers): scores in 8 keys x
+// 2 row vectors of accumulators, P . V in 6 rows x 4 vectors of columns (+ 4 value vectors). AVX2 and SSE
+// (16 registers): 4 keys x 2 row vectors, and 6 rows x 2 vectors (+ 2).
+template <int kBytes>
+struct Blocking {
+  static constexpr int key_group = kBytes == 64 ? 8 : 4;  // keys per score micro-kernel (tiles are padded to a multiple)
+  static constexpr int col_vecs = kBytes == 64 ? 4 : 2;   // value column vectors per P . V micro-kernel
+};
+
+// Value columns per P . V micro-kernel: Blocking's col_vecs vectors, or the whole head when narrower.
+template <typename Acc, int D, int kBytes>
+constexpr int kColVecs = std::min(D / Vec<Acc, kBytes>::lanes, Blocking<kBytes>::col_vecs);
 
 // 64-byte cache lines per key / value row.
 template <typename T, int D>
 constexpr int kRowLines = (D * int(sizeof(T)) + 63) / 64;
 
 template <typename V>
-inline V load_vec(const void* p) {
+inline __attribute__((always_inline)) V load_vec(const void* p) {
   V v;
   __builtin_memcpy(&v, p, sizeof(V));
   return v;
 }
 template <typename V>
-inline void store_vec(void* p, V v) { __builtin_memcpy(p, &v, sizeof(V)); }
+inline __attribute__((always_inline)) void store_vec(void* p, V v) { __builtin_memcpy(p, &v, sizeof(V)); }
 
 // Storage element -> accumulator conversions (fp16 / bf16 are passed as raw 16-bit patterns).
 template <typename Acc> inline Acc to_acc(float x) { return Acc(x); }
@@ -79,22 +90,24 @@ template <typename T> inline T from_acc(double x) { return T(x); }
 // exp on a float vector for arguments up to about 88 (the softmax passes at most kRescaleMargin):
 // 2^t = 2^round(t) * 2^f with |f| <= 1/2 and a degree-7 Taylor polynomial (within a few float ulps); -inf
 // and arguments below about -88 give exactly 0, NaN stays NaN. Vectorises where std::exp would not.
-inline __attribute__((always_inline)) Vec<float>::type exp_vec(Vec<float>::type x) {
-  using V = Vec<float>::type;
-  using VI = int32_t __attribute__((vector_size(64)));
-  V t = x * 1.4426950408889634f;
-  t = t < -127.0f ? V{} - 127.0f : t;
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-  V r = (t + magic) - magic;
-  V f = (t - r) * 0.6931471805599453f;
-  V poly = 1.0f + f * (1.0f + f * (0.5f + f * (1.0f / 6 + f * (1.0f / 24 + f * (1.0f / 120 +
-           f * (1.0f / 720 + f * (1.0f / 5040)))))));
-  VI bits = (__builtin_convertvector(r, VI) + 127) << 23;
-  return poly * (V)bits;
-}
-inline __attribute__((always_inline)) Vec<double>::type exp_vec(Vec<double>::type x) {
-  for (int i = 0; i < Vec<double>::lanes; ++i) x[i] = std::exp(x[i]);
-  return x;
+// Double vectors call std::exp lane by lane.
+template <typename V>
+inline __attribute__((always_inline)) V exp_vec(V x) {
+  if constexpr (sizeof(x[0]) == sizeof(double)) {
+    for (int i = 0; i < int(sizeof(V) / sizeof(double)); ++i) x[i] = std::exp(x[i]);
+    return x;
+  } else {
+    using VI = typename Vec<int32_t, sizeof(V)>::type;
+    V t = x * 1.4426950408889634f;
+    t = t < -127.0f ? V{} - 127.0f : t;
+    const float magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+    V r = (t + magic) - magic;
+    V f = (t - r) * 0.6931471805599453f;
+    V poly = 1.0f + f * (1.0f + f * (0.5f + f * (1.0f / 6 + f * (1.0f / 24 + f * (1.0f / 120 +
+             f * (1.0f / 720 + f * (1.0f / 5040)))))));
+    VI bits = (__builtin_convertvector(r, VI) + 127) << 23;
+    return poly * (V)bits;
+  }
 }
 
 // Per-thread scratch, Acc-typed and 64-byte aligned. Queries are stored transposed so that scores are
@@ -135,11 +148,12 @@ struct PrefetchCursor {
 // st[n][rows] = K[n] . Qt for keys [0, n_keys) (a multiple of kKeyGroup) and the kRowVecs row vectors
 // from row vector c0. kKeyGroup keys x kRowVecs row vectors of accumulators: every query vector loaded
 // feeds kKeyGroup FMAs, and the group's slice of qt (16 KB in fp32) stays in L1 across the key groups.
-template <typename T, typename Acc, int D, int kRowVecs>
+template <typename T, typename Acc, int D, int kBytes, int kRowVecs>
 inline __attribute__((always_inline)) void score_rows(Scratch<Acc, D>& w, PrefetchCursor<T, D>& prefetch, int c0,
                                                       int n_keys) {
-  using V = typename Vec<Acc>::type;
-  constexpr int L = Vec<Acc>::lanes;
+  using V = typename Vec<Acc, kBytes>::type;
+  constexpr int L = Vec<Acc, kBytes>::lanes;
+  constexpr int kKeyGroup = Blocking<kBytes>::key_group;
   for (int n0 = 0; n0 < n_keys; n0 += kKeyGroup) {
     const Acc* kr[kKeyGroup];
     for (int kk = 0; kk < kKeyGroup; ++kk) kr[kk] = w.k[n0 + kk];
@@ -161,26 +175,27 @@ inline __attribute__((always_inline)) void score_rows(Scratch<Acc, D>& w, Prefet
 // O[r0, r0 + kRows) x columns [col0, col0 + kColVecs vectors) = O * correction + P . V over the tile's
 // keys: each loaded value vector feeds kRows FMAs, and the value columns (16 KB per 64 keys in fp32)
 // stay in L1 across the row blocks.
-template <typename T, typename Acc, int D, int kRows>
+template <typename T, typename Acc, int D, int kBytes, int kRows>
 inline __attribute__((always_inline)) void update_rows(Scratch<Acc, D>& w, PrefetchCursor<T, D>& prefetch, int r0,
                                                        int col0, int n_keys) {
-  using V = typename Vec<Acc>::type;
-  constexpr int L = Vec<Acc>::lanes;
-  V acc[kRows][kColVecs<Acc, D>];
+  using V = typename Vec<Acc, kBytes>::type;
+  constexpr int L = Vec<Acc, kBytes>::lanes;
+  constexpr int kCols = kColVecs<Acc, D, kBytes>;
+  V acc[kRows][kCols];
   for (int m = 0; m < kRows; ++m)
-    for (int c = 0; c < kColVecs<Acc, D>; ++c)
+    for (int c = 0; c < kCols; ++c)
       acc[m][c] = load_vec<V>(&w.o[r0 + m][col0 + c * L]) * w.correction[r0 + m];
   for (int n = 0; n < n_keys; ++n) {
     if (n % 2 == 0) prefetch.step();
-    V vv[kColVecs<Acc, D>];
-    for (int c = 0; c < kColVecs<Acc, D>; ++c) vv[c] = load_vec<V>(&w.v[n][col0 + c * L]);
+    V vv[kCols];
+    for (int c = 0; c < kCols; ++c) vv[c] = load_vec<V>(&w.v[n][col0 + c * L]);
     for (int m = 0; m < kRows; ++m) {
       const Acc pm = w.st[n][r0 + m];
-      for (int c = 0; c < kColVecs<Acc, D>; ++c) acc[m][c] += pm * vv[c];
+      for (int c = 0; c < kCols; ++c) acc[m][c] += pm * vv[c];
     }
   }
   for (int m = 0; m < kRows; ++m)
-    for (int c = 0; c < kColVecs<Acc, D>; ++c) store_vec(&w.o[r0 + m][col0 + c * L], acc[m][c]);
+    for (int c = 0; c < kCols; ++c) store_vec(&w.o[r0 + m][col0 + c * L], acc[m][c]);
 }
 
 // The key and value rows of key position `key` of (b, kvh): the cache below len, the block's k / v
@@ -212,13 +227,13 @@ constexpr float kRescaleMargin = 8.0f;
 // output accumulators; returns whether any row's correction differs from 1. tick() is called every few
 // keys, softmax_ticks(nt) times per row vector: the AMX path issues tile products there.
 constexpr int softmax_ticks(int nt) { return nt / 32 + nt / 4; }
-template <typename Acc, typename Tick>
+template <typename Acc, int kBytes, typename Tick>
 inline __attribute__((always_inline)) bool online_softmax(const CacheAttnParams& p, int64_t len, int64_t k0, int nt,
                                                           int row_vecs, Acc (*st)[kRowTile], const int64_t* row_query,
                                                           Acc* row_max, Acc* row_sum, Acc* correction_out,
                                                           Tick&& tick) {
-  using V = typename Vec<Acc>::type;
-  constexpr int L = Vec<Acc>::lanes;
+  using V = typename Vec<Acc, kBytes>::type;
+  constexpr int L = Vec<Acc, kBytes>::lanes;
   const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
   const int padded = row_vecs * L;
   if (k0 + nt > len)
@@ -308,10 +323,11 @@ inline void finish_rows(const CacheAttnParams& p, int64_t b, int64_t kvh, int64_
 }
 
 // Attention for rows [row0, row0 + rows) of (b, kvh).
-template <typename T, typename Acc, int D>
+template <typename T, typename Acc, int D, int kBytes>
 inline __attribute__((always_inline)) void attend_rows(const CacheAttnParams& p, int64_t b, int64_t kvh,
                                                        int64_t row0, int64_t rows, Scratch<Acc, D>& w) {
-  constexpr int L = Vec<Acc>::lanes;
+  constexpr int L = Vec<Acc, kBytes>::lanes;
+  constexpr int kKeyGroup = Blocking<kBytes>::key_group;
   const int64_t len = attn_cache_len(p, b);
   const int row_vecs = int((rows + L - 1) / L);
   const int64_t n_keys = start_rows<T, D>(p, b, kvh, row0, rows, row_vecs * L, len, w.qt, w);
@@ -336,22 +352,22 @@ inline __attribute__((always_inline)) void attend_rows(const CacheAttnParams& p,
     PrefetchCursor<T, D> prefetch = plan_prefetch<T, D>(p, b, kvh, len, k0 + kKeyTile, n_keys, w);
 
     for (int c0 = 0; c0 < row_vecs; c0 += 2) {
-      if (c0 + 1 < row_vecs) score_rows<T, Acc, D, 2>(w, prefetch, c0, nt_padded);
-      else score_rows<T, Acc, D, 1>(w, prefetch, c0, nt_padded);
+      if (c0 + 1 < row_vecs) score_rows<T, Acc, D, kBytes, 2>(w, prefetch, c0, nt_padded);
+      else score_rows<T, Acc, D, kBytes, 1>(w, prefetch, c0, nt_padded);
     }
 
-    online_softmax(p, len, k0, nt, row_vecs, w.st, w.row_query, w.row_max, w.row_sum, w.correction, [] {});
+    online_softmax<Acc, kBytes>(p, len, k0, nt, row_vecs, w.st, w.row_query, w.row_max, w.row_sum, w.correction, [] {});
 
     // O = O * correction + P . V in blocks of kRowBlock rows x kColVecs vectors of columns.
-    for (int col0 = 0; col0 < D; col0 += kColVecs<Acc, D> * L)
+    for (int col0 = 0; col0 < D; col0 += kColVecs<Acc, D, kBytes> * L)
       for (int r0 = 0; r0 < int(rows); r0 += kRowBlock) {
         switch (std::min<int>(kRowBlock, int(rows) - r0)) {
-          case 1: update_rows<T, Acc, D, 1>(w, prefetch, r0, col0, nt); break;
-          case 2: update_rows<T, Acc, D, 2>(w, prefetch, r0, col0, nt); break;
-          case 3: update_rows<T, Acc, D, 3>(w, prefetch, r0, col0, nt); break;
-          case 4: update_rows<T, Acc, D, 4>(w, prefetch, r0, col0, nt); break;
-          case 5: update_rows<T, Acc, D, 5>(w, prefetch, r0, col0, nt); break;
-          default: update_rows<T, Acc, D, kRowBlock>(w, prefetch, r0, col0, nt);
+          case 1: update_rows<T, Acc, D, kBytes, 1>(w, prefetch, r0, col0, nt); break;
+          case 2: update_rows<T, Acc, D, kBytes, 2>(w, prefetch, r0, col0, nt); break;
+          case 3: update_rows<T, Acc, D, kBytes, 3>(w, prefetch, r0, col0, nt); break;
+          case 4: update_rows<T, Acc, D, kBytes, 4>(w, prefetch, r0, col0, nt); break;
+          case 5: update_rows<T, Acc, D, kBytes, 5>(w, prefetch, r0, col0, nt); break;
+          default: update_rows<T, Acc, D, kBytes, kRowBlock>(w, prefetch, r0, col0, nt);
         }
       }
   }
@@ -359,19 +375,28 @@ inline __attribute__((always_inline)) void attend_rows(const CacheAttnParams& p,
   finish_rows<T, D>(p, b, kvh, row0, rows, w);
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define R2LM_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define R2LM_CPU_CLONES
-#endif
+template <typename Acc, int D>
+using AttendFn = void (*)(const CacheAttnParams&, int64_t, int64_t, int, int64_t, int64_t, Scratch<Acc, D>&);
 
-// One non-template function per instantiation, each cloned per instruction set (the clones must sit
-// inside the OpenMP region: the outlined region itself is compiled for the baseline target).
-#define R2LM_ATTEND_ROWS(name, T, Acc, D)                                                                  \
-  R2LM_CPU_CLONES void name(const CacheAttnParams& p, int64_t b, int64_t kvh0, int n_group, int64_t row0,  \
-                            int64_t rows, Scratch<Acc, D>& w) {                                            \
-    for (int g = 0; g < n_group; ++g) attend_rows<T, Acc, D>(p, b, kvh0 + g, row0, rows, w);               \
+// One non-template function per instantiation and vector width (cpu_vector.h), each compiled for its
+// instruction set (called inside the OpenMP region: the outlined region itself is compiled for the
+// baseline target); name(bytes) picks one.
+#define R2LM_ATTEND_ROWS_AT(name, target, bytes, T, Acc, D)                                                \
+  target void name(const CacheAttnParams& p, int64_t b, int64_t kvh0, int n_group, int64_t row0,          \
+                   int64_t rows, Scratch<Acc, D>& w) {                                                    \
+    for (int g = 0; g < n_group; ++g) attend_rows<T, Acc, D, bytes>(p, b, kvh0 + g, row0, rows, w);        \
   }
+#ifdef R2LM_X86_VECTOR_TARGETS
+#define R2LM_ATTEND_ROWS(name, T, Acc, D)                                                                  \
+  R2LM_ATTEND_ROWS_AT(name##_v64, R2LM_TARGET_X86_64_V4, 64, T, Acc, D)                                   \
+  R2LM_ATTEND_ROWS_AT(name##_v32, R2LM_TARGET_X86_64_V3, 32, T, Acc, D)                                   \
+  R2LM_ATTEND_ROWS_AT(name##_v16, , 16, T, Acc, D)                                                        \
+  AttendFn<Acc, D> name(int bytes) { return bytes == 64 ? name##_v64 : bytes == 32 ? name##_v32 : name##_v16; }
+#else
+#define R2LM_ATTEND_ROWS(name, T, Acc, D)                                                                  \
+  R2LM_ATTEND_ROWS_AT(name##_v16, , 16, T, Acc, D)                                                        \
+  AttendFn<Acc, D> name(int) { return name##_v16; }
+#endif
 R2LM_ATTEND_ROWS(attend_f32_64, float, float, 64)
 R2LM_ATTEND_ROWS(attend_f32_128, float, float, 128)
 R2LM_ATTEND_ROWS(attend_f16_64, Half16, float, 64)
@@ -381,6 +406,7 @@ R2LM_ATTEND_ROWS(attend_bf16_128, BFloat16Bits, float, 128)
 R2LM_ATTEND_ROWS(attend_f64_64, double, double, 64)
 R2LM_ATTEND_ROWS(attend_f64_128, double, double, 128)
 #undef R2LM_ATTEND_ROWS
+#undef R2LM_ATTEND_ROWS_AT
 
 #ifdef R2LM_ATTENTION_AMX
 // AMX path (x86 CPUs with AMX-BF16: Sapphire Rapids and later). Both matmuls of a tile run on the tile
@@ -697,7 +723,7 @@ R2LM_AMX_TARGET inline __attribute__((always_inline)) void softmax_and_split(con
                                                                              Scratch<D>& w, Tick&& tick) {
   constexpr int L = Vec<float>::lanes;
   const bool rescale =
-      online_softmax(p, len, k0, nt, row_tiles, st, h.row_query, h.row_max, h.row_sum, h.correction, tick);
+      online_softmax<float, 64>(p, len, k0, nt, row_tiles, st, h.row_query, h.row_max, h.row_sum, h.correction, tick);
   for (int n = nt; n < kKeys; ++n)
     for (int r = 0; r < row_tiles * 16; ++r) st[n][r] = 0.0f;
   for (int rt = 0; rt < row_tiles; ++rt)
@@ -894,11 +920,14 @@ void cache_attention_cpu(const CacheAttnParams& p, bool write_kv) {
     attended = true;
   }
 #endif
+  const int bytes = cpu_vector_bytes();
   if (!attended) switch (p.dtype) {
-    case DType::kFloat32: d64 ? attend_all(p, attend_f32_64, 1) : attend_all(p, attend_f32_128, 1); break;
-    case DType::kFloat16: d64 ? attend_all(p, attend_f16_64, 1) : attend_all(p, attend_f16_128, 1); break;
-    case DType::kBFloat16: d64 ? attend_all(p, attend_bf16_64, 1) : attend_all(p, attend_bf16_128, 1); break;
-    case DType::kFloat64: d64 ? attend_all(p, attend_f64_64, 1) : attend_all(p, attend_f64_128, 1); break;
+    case DType::kFloat32: d64 ? attend_all(p, attend_f32_64(bytes), 1) : attend_all(p, attend_f32_128(bytes), 1); break;
+    case DType::kFloat16: d64 ? attend_all(p, attend_f16_64(bytes), 1) : attend_all(p, attend_f16_128(bytes), 1); break;
+    case DType::kBFloat16:
+      d64 ? attend_all(p, attend_bf16_64(bytes), 1) : attend_all(p, attend_bf16_128(bytes), 1);
+      break;
+    case DType::kFloat64: d64 ? attend_all(p, attend_f64_64(bytes), 1) : attend_all(p, attend_f64_128(bytes), 1); break;
   }
   if (!write_kv) return;
   switch (p.dtype) {
