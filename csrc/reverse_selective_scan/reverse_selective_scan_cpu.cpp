@@ -1,17 +1,19 @@
 // reverse_selective_scan on the CPU: forward and backward, no torch headers.
 //
-// Work is split into blocks of kLanes consecutive channels of one sequence. Token-major tensors keep a
-// block's channels contiguous, so a block's step is GCC vector arithmetic over kLanes lanes (the state
-// is d_state such vectors), with exp, softplus and SiLU evaluated branch-free on whole vectors. Blocks
-// are independent, so OpenMP runs them in parallel; the per-block function is compiled for AVX-512,
-// AVX2 and baseline x86-64 and picked at load time. The float, d_state 16 forward (the model's shape)
-// has its own AVX-512 intrinsics kernel, forward_f32_n16_avx512, picked at run time.
+// Work is split into blocks of consecutive channels of one sequence, one vector's lanes each. Token-major
+// tensors keep a block's channels contiguous, so a block's step is GCC vector arithmetic over its lanes
+// (the state is d_state such vectors), with exp, softplus and SiLU evaluated branch-free on whole vectors.
+// Blocks are independent, so OpenMP runs them in parallel; the per-block functions are compiled once per
+// vector width (cpu_vector.h: 64 bytes for AVX-512, 32 for AVX2, 16 otherwise) and picked per call. The
+// float, d_state 16 forward (the model's shape) has its own AVX-512 intrinsics kernel,
+// forward_f32_n16_avx512, used at the 64-byte width.
 //
 // The backward recomputes a block's states right to left into a per-thread buffer, then runs the
 // adjoint left to right. dB and dC sum over channels, dA, dD and ddelta_bias over the batch: each goes
 // through partial sums (per channel partition, per sequence) that are reduced afterwards in a fixed
 // order, so the gradients are bitwise reproducible whatever the thread count.
 #include "reverse_selective_scan/reverse_selective_scan.h"
+#include "cpu_vector.h"
 
 #include <algorithm>
 #include <bit>
@@ -34,25 +36,24 @@
 namespace r2lm {
 namespace {
 
-constexpr int64_t kLanes = 16;         // channels per block: one AVX-512 float vector
 constexpr int64_t kMaxPartitions = 8;  // channel partitions per sequence for the backward's dB/dC sums
 
-template <typename Acc>
-struct Lanes;
-template <>
-struct Lanes<float> {
-  typedef float type __attribute__((vector_size(kLanes * sizeof(float)), aligned(64)));
+// A block's channels are the lanes of one vector of kBytes bytes (cpu_vector.h: the per-block functions
+// are compiled for 64, 32 and 16 bytes, e.g. 16, 8 or 4 float channels).
+template <typename Acc, int kBytes>
+struct Lanes {
+  typedef Acc type __attribute__((vector_size(kBytes)));
 };
-template <>
-struct Lanes<double> {
-  typedef double type __attribute__((vector_size(kLanes * sizeof(double)), aligned(64)));
-};
-template <typename Acc>
-using Vec = typename Lanes<Acc>::type;
+template <typename Acc, int kBytes>
+using Vec = typename Lanes<Acc, kBytes>::type;
+template <typename V>
+using Elem = std::remove_cv_t<std::remove_reference_t<decltype(std::declval<V>()[0])>>;
+template <typename V>
+constexpr int64_t kLanesOf = int64_t(sizeof(V) / sizeof(Elem<V>));
 
 // 64-byte aligned storage of lane vectors (std::vector would drop the over-alignment the AVX-512 code
 // relies on).
-template <typename Acc>
+template <typename V>
 class VecBuffer {
  public:
   VecBuffer() = default;
@@ -62,81 +63,112 @@ class VecBuffer {
   void resize(int64_t n) {
     if (data_ && n == size_) return;
     std::free(data_);
-    data_ = static_cast<Vec<Acc>*>(std::aligned_alloc(64, std::max<int64_t>(n, 1) * sizeof(Vec<Acc>)));
+    data_ = static_cast<V*>(std::aligned_alloc(64, (std::max<int64_t>(n, 1) * sizeof(V) + 63) / 64 * 64));
     if (!data_) throw std::bad_alloc();
     size_ = n;
   }
-  Vec<Acc>* data() { return data_; }
-  Vec<Acc>* begin() { return data_; }
-  Vec<Acc>* end() { return data_ + size_; }
-  Vec<Acc>& operator[](int64_t i) { return data_[i]; }
-  const Vec<Acc>& operator[](int64_t i) const { return data_[i]; }
+  V* data() { return data_; }
+  V* begin() { return data_; }
+  V* end() { return data_ + size_; }
+  V& operator[](int64_t i) { return data_[i]; }
+  const V& operator[](int64_t i) const { return data_[i]; }
 
  private:
-  Vec<Acc>* data_ = nullptr;
+  V* data_ = nullptr;
   int64_t size_ = 0;
 };
 
-template <typename Acc>
-R2LM_INLINE Vec<Acc> load_vec(const Acc* p) {
-  Vec<Acc> v;
+template <typename V>
+R2LM_INLINE V load_vec(const Elem<V>* p) {
+  V v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-template <typename Acc>
-R2LM_INLINE Vec<Acc> splat(Acc x) { return Vec<Acc>{} + x; }
+template <typename V>
+R2LM_INLINE V splat(Elem<V> x) { return V{} + x; }
 
-// Sum of the lanes in a fixed (tree) order.
-R2LM_INLINE float lane_sum(Vec<float> v) {
-  auto a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-           __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  auto b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
+// The lower and upper halves of a vector.
+template <typename V>
+R2LM_INLINE auto half_lo(V v) {
+  typename Lanes<Elem<V>, sizeof(V) / 2>::type h;
+  std::memcpy(&h, &v, sizeof(h));
+  return h;
 }
-R2LM_INLINE double lane_sum(Vec<double> v) {
-  double s = 0;
-  for (int j = 0; j < kLanes; ++j) s += v[j];
-  return s;
+template <typename V>
+R2LM_INLINE auto half_hi(V v) {
+  typename Lanes<Elem<V>, sizeof(V) / 2>::type h;
+  std::memcpy(&h, reinterpret_cast<const char*>(&v) + sizeof(h), sizeof(h));
+  return h;
 }
+
+// Sum of the lanes in a fixed (tree) order: halves added until one lane is left.
+template <typename V>
+R2LM_INLINE Elem<V> lane_sum(V v) {
+  if constexpr (kLanesOf<V> == 2) return v[0] + v[1];
+  else return lane_sum(half_lo(v) + half_hi(v));
+}
+// Whether any lane of a comparison mask is set.
+template <typename M>
+R2LM_INLINE bool any_lane(M m) {
+  if constexpr (kLanesOf<M> == 2) return (m[0] | m[1]) != 0;
+  else return any_lane(half_lo(m) | half_hi(m));
+}
+
+template <typename V>
+constexpr bool kDoubleLanes = std::is_same_v<Elem<V>, double>;
 
 // 2^x of float lanes, branch-free: x = j + r with j an integer and |r| <= 1/2, 2^r by the shared
 // scan_exp2_fraction, 2^j added to the exponent field. Inputs are clamped to
 // [-126, 127]: results below 2^-126 read as 2^-126, as good as 0 for a decay factor; past 128, +inf.
-R2LM_INLINE Vec<float> lane_exp2(Vec<float> x) {
-  typedef uint32_t UInt __attribute__((vector_size(sizeof(Vec<float>))));
-  Vec<float> xc = x < -126.0f ? splat(-126.0f) : x;
-  xc = xc > 127.0f ? splat(127.0f) : xc;
-  const Vec<float> shifted = xc + 12582912.0f;  // 1.5 * 2^23: rounds xc to the integer j in the low bits
-  const Vec<float> r = xc - (shifted - 12582912.0f);
-  const Vec<float> poly = scan_exp2_fraction(r);
-  // (bits(shifted) - 0x4B400000) << 23 is bits(shifted) << 23 modulo 2^32 (0x4B400000 << 23 wraps to 0).
-  const UInt scaled = std::bit_cast<UInt>(poly) + (std::bit_cast<UInt>(shifted) << 23);
-  return x >= 128.0f ? splat(__builtin_inff()) : std::bit_cast<Vec<float>>(scaled);
+// Double lanes (tests, gradcheck) use std::exp2 lane by lane.
+template <typename V>
+R2LM_INLINE V lane_exp2(V x) {
+  if constexpr (kDoubleLanes<V>) {
+    for (int j = 0; j < kLanesOf<V>; ++j) x[j] = std::exp2(x[j]);
+    return x;
+  } else {
+    using UInt = typename Lanes<uint32_t, sizeof(V)>::type;
+    V xc = x < -126.0f ? splat<V>(-126.0f) : x;
+    xc = xc > 127.0f ? splat<V>(127.0f) : xc;
+    const V shifted = xc + 12582912.0f;  // 1.5 * 2^23: rounds xc to the integer j in the low bits
+    const V r = xc - (shifted - 12582912.0f);
+    const V poly = scan_exp2_fraction(r);
+    // (bits(shifted) - 0x4B400000) << 23 is bits(shifted) << 23 modulo 2^32 (0x4B400000 << 23 wraps to 0).
+    const UInt scaled = std::bit_cast<UInt>(poly) + (std::bit_cast<UInt>(shifted) << 23);
+    return x >= 128.0f ? splat<V>(__builtin_inff()) : std::bit_cast<V>(scaled);
+  }
 }
 // x log2(e) for float vectors, log2(e) split in two floats so that its rounding does not bias large
 // arguments (e^x = 2^(x log2(e)) in every float exp below).
 template <typename F>
 R2LM_INLINE F times_log2e(F x) { return x * 1.44269502162933349609375f + x * 1.925963033500011079e-08f; }
-// e^x = 2^(x log2(e)).
-R2LM_INLINE Vec<float> lane_exp(Vec<float> x) {
-  return lane_exp2(times_log2e(x));
+// e^x = 2^(x log2(e)); double lanes use std::exp.
+template <typename V>
+R2LM_INLINE V lane_exp(V x) {
+  if constexpr (kDoubleLanes<V>) {
+    for (int j = 0; j < kLanesOf<V>; ++j) x[j] = std::exp(x[j]);
+    return x;
+  } else {
+    return lane_exp2(times_log2e(x));
+  }
 }
 
-// lane_exp2 for arguments known to be <= 0 (or NaN): no overflow, so only the lower clamp is needed. Same
-// arithmetic and results as lane_exp2 on that range.
+// lane_exp2 of float lanes known to be <= 0 (or NaN): no overflow, so only the lower clamp is needed.
+// Same arithmetic and results as lane_exp2 on that range.
 // kClamp = false: the caller knows x >= -126 (or NaN) too, where the clamp changes nothing.
-template <bool kClamp = true>
-R2LM_INLINE Vec<float> lane_exp2_nonpos(Vec<float> x) {
-  typedef uint32_t UInt __attribute__((vector_size(sizeof(Vec<float>))));
-  Vec<float> xc = x;
-  if constexpr (kClamp) xc = x < -126.0f ? splat(-126.0f) : x;
-  const Vec<float> shifted = xc + 12582912.0f;
-  const Vec<float> r = xc - (shifted - 12582912.0f);
-  const Vec<float> poly = scan_exp2_fraction(r);
-  return std::bit_cast<Vec<float>>(std::bit_cast<UInt>(poly) + (std::bit_cast<UInt>(shifted) << 23));
+template <bool kClamp = true, typename V>
+R2LM_INLINE V lane_exp2_nonpos(V x) {
+  using UInt = typename Lanes<uint32_t, sizeof(V)>::type;
+  V xc = x;
+  if constexpr (kClamp) xc = x < -126.0f ? splat<V>(-126.0f) : x;
+  const V shifted = xc + 12582912.0f;
+  const V r = xc - (shifted - 12582912.0f);
+  const V poly = scan_exp2_fraction(r);
+  return std::bit_cast<V>(std::bit_cast<UInt>(poly) + (std::bit_cast<UInt>(shifted) << 23));
 }
-// e^x for x <= 0 (or NaN).
-R2LM_INLINE Vec<float> lane_exp_nonpos(Vec<float> x) {
+// e^x of float lanes for x <= 0 (or NaN).
+template <typename V>
+R2LM_INLINE V lane_exp_nonpos(V x) {
   return lane_exp2_nonpos(times_log2e(x));
 }
 
@@ -149,34 +181,31 @@ R2LM_INLINE F log1p_of_small(F e) {
   for (float k : {13.0f, 11.0f, 9.0f, 7.0f, 5.0f, 3.0f, 1.0f}) series = series * s2 + 1.0f / k;
   return 2.0f * s * series;
 }
-// softplus of float lanes as in torch (x past 20 passes through): max(x, 0) + log1p(exp(-|x|)).
-R2LM_INLINE Vec<float> lane_softplus(Vec<float> x) {
-  const Vec<float> result = (x > 0.0f ? x : splat(0.0f)) + log1p_of_small(lane_exp_nonpos(x < 0.0f ? x : -x));
-  return x > 20.0f ? x : result;
+// softplus as in torch (x past 20 passes through): for float lanes max(x, 0) + log1p(exp(-|x|)); double
+// lanes use the shared scalar math lane by lane.
+template <typename V>
+R2LM_INLINE V lane_softplus(V x) {
+  if constexpr (kDoubleLanes<V>) {
+    for (int j = 0; j < kLanesOf<V>; ++j) x[j] = scan_softplus(x[j]);
+    return x;
+  } else {
+    const V result = (x > 0.0f ? x : splat<V>(0.0f)) + log1p_of_small(lane_exp_nonpos(x < 0.0f ? x : -x));
+    return x > 20.0f ? x : result;
+  }
 }
-R2LM_INLINE Vec<float> lane_sigmoid(Vec<float> x) { return 1.0f / (1.0f + lane_exp(-x)); }
-
-// Double lanes (tests, gradcheck): the shared scalar math lane by lane.
-R2LM_INLINE Vec<double> lane_exp(Vec<double> x) {
-  for (int j = 0; j < kLanes; ++j) x[j] = std::exp(x[j]);
-  return x;
-}
-R2LM_INLINE Vec<double> lane_exp2(Vec<double> x) {
-  for (int j = 0; j < kLanes; ++j) x[j] = std::exp2(x[j]);
-  return x;
-}
-R2LM_INLINE Vec<double> lane_softplus(Vec<double> x) {
-  for (int j = 0; j < kLanes; ++j) x[j] = scan_softplus(x[j]);
-  return x;
-}
-R2LM_INLINE Vec<double> lane_sigmoid(Vec<double> x) {
-  for (int j = 0; j < kLanes; ++j) x[j] = scan_sigmoid(x[j]);
-  return x;
+template <typename V>
+R2LM_INLINE V lane_sigmoid(V x) {
+  if constexpr (kDoubleLanes<V>) {
+    for (int j = 0; j < kLanesOf<V>; ++j) x[j] = scan_sigmoid(x[j]);
+    return x;
+  } else {
+    return 1.0f / (1.0f + lane_exp(-x));
+  }
 }
 
 // d softplus(x) / dx = sigmoid(x), exactly 1 where softplus passes x through.
-template <typename Acc>
-R2LM_INLINE Vec<Acc> lane_softplus_grad(Vec<Acc> x) { return x > Acc(20) ? splat(Acc(1)) : lane_sigmoid(x); }
+template <typename V>
+R2LM_INLINE V lane_softplus_grad(V x) { return x > Elem<V>(20) ? splat<V>(1) : lane_sigmoid(x); }
 
 // Half-precision storage types (bit patterns), converted to float for arithmetic.
 struct Half { uint16_t bits; };
@@ -217,19 +246,19 @@ inline void store_elem(Half* p, float v) {  // round to nearest even
 }
 
 // Lanes [0, width) of a row, converted; the padding lanes read as 0.
-template <typename Acc, typename T>
-R2LM_INLINE Vec<Acc> load_row(const T* row, int64_t width) {
-  if constexpr (std::is_same_v<T, Acc>) {
-    if (width == kLanes) return load_vec(row);
+template <typename V, typename T>
+R2LM_INLINE V load_row(const T* row, int64_t width) {
+  if constexpr (std::is_same_v<T, Elem<V>>) {
+    if (width == kLanesOf<V>) return load_vec<V>(row);
   }
-  alignas(64) Acc tmp[kLanes] = {};
+  alignas(64) Elem<V> tmp[kLanesOf<V>] = {};
   for (int64_t j = 0; j < width; ++j) tmp[j] = load_elem(row + j);
-  return load_vec(tmp);
+  return load_vec<V>(tmp);
 }
-template <typename Acc, typename T>
-R2LM_INLINE void store_row(T* row, Vec<Acc> v, int64_t width) {
-  if constexpr (std::is_same_v<T, Acc>) {
-    if (width == kLanes) {
+template <typename V, typename T>
+R2LM_INLINE void store_row(T* row, V v, int64_t width) {
+  if constexpr (std::is_same_v<T, Elem<V>>) {
+    if (width == kLanesOf<V>) {
       std::memcpy(row, &v, sizeof(v));
       return;
     }
@@ -252,13 +281,15 @@ inline bool carries(const ScanParams& p, int64_t b, int64_t t) {
 
 // A block of channels [d0, d0 + width) of sequence b, with its per-channel constants (padding lanes
 // are zero, and so are their dt * u and hence their state and gradients).
-template <typename Acc>
+template <typename Acc, int kBytes>
 struct Block {
+  using V = Vec<Acc, kBytes>;
+  static constexpr int64_t kLanes = kLanesOf<V>;  // channels per block
   int64_t b, d0, width;
-  VecBuffer<Acc> A, A_log2e;  // (d_state) vectors over the lanes; A * log2(e) turns exp into exp2
-  Vec<Acc> D, bias;
+  VecBuffer<V> A, A_log2e;  // (d_state) vectors over the lanes; A * log2(e) turns exp into exp2
+  V D, bias;
   bool A_nonpos;  // every A <= 0: with dt >= 0 (softplus) the decay arguments dt * A are <= 0
-  Vec<Acc> A_log2e_min;  // per lane, the smallest A_log2e over the states
+  V A_log2e_min;  // per lane, the smallest A_log2e over the states
 
   void load(const ScanParams& p, int64_t b_, int64_t d0_) {
     b = b_; d0 = d0_; width = std::min(kLanes, p.dim - d0);
@@ -269,38 +300,39 @@ struct Block {
     for (int64_t n = 0; n < p.d_state; ++n) {
       for (int64_t j = 0; j < kLanes; ++j)
         tmp[j] = j < width ? static_cast<const Acc*>(p.A)[(d0 + j) * p.A_dim_stride + n] : Acc(0);
-      A[n] = load_vec(tmp);
+      A[n] = load_vec<V>(tmp);
       for (int64_t j = 0; j < kLanes; ++j) A_nonpos = A_nonpos && tmp[j] <= Acc(0);
       // Rounded once from double: a float product would carry log2(e)'s own rounding into every decay.
       for (int64_t j = 0; j < kLanes; ++j) tmp[j] = Acc(double(tmp[j]) * 1.44269504088896340736);
-      A_log2e[n] = load_vec(tmp);
+      A_log2e[n] = load_vec<V>(tmp);
       for (int64_t j = 0; j < kLanes; ++j) A_log2e_min[j] = n == 0 ? tmp[j] : std::min(A_log2e_min[j], tmp[j]);
     }
-    D = load_row<Acc>(p.D ? static_cast<const Acc*>(p.D) + d0 : nullptr, p.D ? width : 0);
-    bias = load_row<Acc>(p.delta_bias ? static_cast<const Acc*>(p.delta_bias) + d0 : nullptr, p.delta_bias ? width : 0);
+    D = load_row<V>(p.D ? static_cast<const Acc*>(p.D) + d0 : nullptr, p.D ? width : 0);
+    bias = load_row<V>(p.delta_bias ? static_cast<const Acc*>(p.delta_bias) + d0 : nullptr, p.delta_bias ? width : 0);
   }
 };
 
 // delta + bias of the block at time t.
-template <typename T, typename Acc>
-R2LM_INLINE Vec<Acc> load_dt_input(const ScanParams& p, const Block<Acc>& k, int64_t t) {
-  return load_row<Acc>(row_ptr<T>(p.delta, p.delta_batch_stride, p.delta_seq_stride, k.b, t, k.d0), k.width) + k.bias;
+template <typename T, typename Acc, int kBytes>
+R2LM_INLINE Vec<Acc, kBytes> load_dt_input(const ScanParams& p, const Block<Acc, kBytes>& k, int64_t t) {
+  return load_row<Vec<Acc, kBytes>>(row_ptr<T>(p.delta, p.delta_batch_stride, p.delta_seq_stride, k.b, t, k.d0), k.width) + k.bias;
 }
 
 // One token's inputs to the state update, shared by the forward paths and the backward: the step size
 // dt = softplus(delta + bias) (or delta + bias), u, and the B and C rows.
-template <typename T, typename Acc>
+template <typename T, typename V>
 struct TokenInputs {
-  Vec<Acc> dt, u;
+  V dt, u;
   const T* B_row;
   const T* C_row;
 };
 
-template <typename T, typename Acc>
-R2LM_INLINE TokenInputs<T, Acc> load_token_inputs(const ScanParams& p, const Block<Acc>& k, int64_t t) {
-  const Vec<Acc> x = load_dt_input<T>(p, k, t);
+template <typename T, typename Acc, int kBytes>
+R2LM_INLINE TokenInputs<T, Vec<Acc, kBytes>> load_token_inputs(const ScanParams& p, const Block<Acc, kBytes>& k,
+                                                               int64_t t) {
+  const Vec<Acc, kBytes> x = load_dt_input<T>(p, k, t);
   return {p.delta_softplus ? lane_softplus(x) : x,
-          load_row<Acc>(row_ptr<T>(p.u, p.u_batch_stride, p.u_seq_stride, k.b, t, k.d0), k.width),
+          load_row<Vec<Acc, kBytes>>(row_ptr<T>(p.u, p.u_batch_stride, p.u_seq_stride, k.b, t, k.d0), k.width),
           row_ptr<T>(p.B, p.B_batch_stride, p.B_seq_stride, k.b, t, 0),
           row_ptr<T>(p.C, p.C_batch_stride, p.C_seq_stride, k.b, t, 0)};
 }
@@ -308,25 +340,26 @@ R2LM_INLINE TokenInputs<T, Acc> load_token_inputs(const ScanParams& p, const Blo
 // The forward of a float block with d_state == kN, written to p.out: the state stays in registers.
 // kNonpos: the decay arguments are known to be <= 0 (softplus dt, A <= 0). Same arithmetic, in the same
 // order, as block_forward.
-template <typename T, int kN, bool kNonpos>
-R2LM_INLINE void block_forward_fixed(const ScanParams& p, const Block<float>& k) {
+template <typename T, int kN, bool kNonpos, int kBytes>
+R2LM_INLINE void block_forward_fixed(const ScanParams& p, const Block<float, kBytes>& k) {
+  using V = Vec<float, kBytes>;
   const int64_t L = p.seqlen;
-  Vec<float> h[kN], a[kN];
-  for (int n = 0; n < kN; ++n) { h[n] = Vec<float>{}; a[n] = k.A_log2e[n]; }
+  V h[kN], a[kN];
+  for (int n = 0; n < kN; ++n) { h[n] = V{}; a[n] = k.A_log2e[n]; }
   const int32_t* seq = p.seq_idx ? p.seq_idx + k.b * p.seq_idx_batch_stride : nullptr;
   for (int64_t t = L - 1; t >= 0; --t) {
     const bool carry = t + 1 < L && (!seq || seq[t] == seq[t + 1]);
     if (!carry) {
-      for (int n = 0; n < kN; ++n) h[n] = Vec<float>{};
+      for (int n = 0; n < kN; ++n) h[n] = V{};
     }
     const auto [dt, u, B_row, C_row] = load_token_inputs<T>(p, k, t);
-    const Vec<float> dt_u = dt * u;
-    Vec<float> y{};
+    const V dt_u = dt * u;
+    V y{};
     // The state updates; kExp 0: general exp2, 1: arguments <= 0, 2: arguments in [-126, 0] (no clamp).
     auto states = [&](auto kExp) R2LM_INLINE_LAMBDA {
 #pragma GCC unroll 16
       for (int n = 0; n < kN; ++n) {
-        Vec<float> decay;
+        V decay;
         if constexpr (kExp.value == 0) decay = lane_exp2(dt * a[n]);
         else decay = lane_exp2_nonpos<kExp.value == 1>(dt * a[n]);
         h[n] = decay * h[n] + dt_u * float(load_elem(B_row + n));
@@ -335,51 +368,47 @@ R2LM_INLINE void block_forward_fixed(const ScanParams& p, const Block<float>& k)
     };
     if constexpr (kNonpos) {
       // dt * A >= dt * min(A) per lane: when that is >= -126 in every lane, no argument needs the clamp.
-      typedef int32_t Int __attribute__((vector_size(sizeof(Vec<float>))));
-      const Int low = dt * k.A_log2e_min < -126.0f;
-      const auto h8 = __builtin_shufflevector(low, low, 0, 1, 2, 3, 4, 5, 6, 7) |
-                      __builtin_shufflevector(low, low, 8, 9, 10, 11, 12, 13, 14, 15);
-      const auto h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) | __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
-      if ((h4[0] | h4[1] | h4[2] | h4[3]) == 0) states(std::integral_constant<int, 2>{});
+      if (!any_lane(dt * k.A_log2e_min < -126.0f)) states(std::integral_constant<int, 2>{});
       else states(std::integral_constant<int, 1>{});
     } else {
       states(std::integral_constant<int, 0>{});
     }
-    Vec<float> out = y + k.D * u;
+    V out = y + k.D * u;
     if (p.z) {
-      const Vec<float> z = load_row<float>(row_ptr<T>(p.z, p.z_batch_stride, p.z_seq_stride, k.b, t, k.d0), k.width);
+      const V z = load_row<V>(row_ptr<T>(p.z, p.z_batch_stride, p.z_seq_stride, k.b, t, k.d0), k.width);
       out *= z * lane_sigmoid(z);
     }
-    store_row<float>(static_cast<T*>(p.out) + k.b * p.out_batch_stride + t * p.out_seq_stride + k.d0, out, k.width);
+    store_row(static_cast<T*>(p.out) + k.b * p.out_batch_stride + t * p.out_seq_stride + k.d0, out, k.width);
   }
 }
 
 // Runs the block right to left. With `states` (L + 1 slots of d_state vectors, the last one zero)
 // every h_t is kept in slot t and y_t . C_t (before the D skip) in ys; otherwise `states` is one slot
 // holding the running state and the gated output is written to p.out.
-template <typename T, typename Acc>
-R2LM_INLINE void block_forward(const ScanParams& p, const Block<Acc>& k, Vec<Acc>* states, Vec<Acc>* ys,
-                               bool keep_states) {
+template <typename T, typename Acc, int kBytes>
+R2LM_INLINE void block_forward(const ScanParams& p, const Block<Acc, kBytes>& k, Vec<Acc, kBytes>* states,
+                               Vec<Acc, kBytes>* ys, bool keep_states) {
+  using V = Vec<Acc, kBytes>;
   const int64_t L = p.seqlen, N = p.d_state;
   if constexpr (std::is_same_v<Acc, float>) {
     if (!keep_states && N == 16) {
-      if (p.delta_softplus && k.A_nonpos) return block_forward_fixed<T, 16, true>(p, k);
-      return block_forward_fixed<T, 16, false>(p, k);
+      if (p.delta_softplus && k.A_nonpos) return block_forward_fixed<T, 16, true, kBytes>(p, k);
+      return block_forward_fixed<T, 16, false, kBytes>(p, k);
     }
   }
-  if (keep_states) std::fill(states + L * N, states + (L + 1) * N, Vec<Acc>{});
+  if (keep_states) std::fill(states + L * N, states + (L + 1) * N, V{});
   for (int64_t t = L - 1; t >= 0; --t) {
     const bool carry = carries(p, k.b, t);
-    Vec<Acc>* h = states;
+    V* h = states;
     if (keep_states) {
       h = states + t * N;
       std::copy(states + (carry ? t + 1 : L) * N, states + (carry ? t + 2 : L + 1) * N, h);
     } else if (!carry) {
-      std::fill(h, h + N, Vec<Acc>{});
+      std::fill(h, h + N, V{});
     }
     const auto [dt, u, B_row, C_row] = load_token_inputs<T>(p, k, t);
-    const Vec<Acc> dt_u = dt * u;
-    Vec<Acc> y{};
+    const V dt_u = dt * u;
+    V y{};
     for (int64_t n = 0; n < N; ++n) {
       h[n] = lane_exp2(dt * k.A_log2e[n]) * h[n] + dt_u * Acc(load_elem(B_row + n));
       y += h[n] * Acc(load_elem(C_row + n));
@@ -388,19 +417,19 @@ R2LM_INLINE void block_forward(const ScanParams& p, const Block<Acc>& k, Vec<Acc
       ys[t] = y;
       continue;
     }
-    Vec<Acc> out = y + k.D * u;
+    V out = y + k.D * u;
     if (p.z) {
-      const Vec<Acc> z = load_row<Acc>(row_ptr<T>(p.z, p.z_batch_stride, p.z_seq_stride, k.b, t, k.d0), k.width);
+      const V z = load_row<V>(row_ptr<T>(p.z, p.z_batch_stride, p.z_seq_stride, k.b, t, k.d0), k.width);
       out *= z * lane_sigmoid(z);
     }
-    store_row<Acc>(static_cast<T*>(p.out) + k.b * p.out_batch_stride + t * p.out_seq_stride + k.d0, out, k.width);
+    store_row(static_cast<T*>(p.out) + k.b * p.out_batch_stride + t * p.out_seq_stride + k.d0, out, k.width);
   }
 }
 
 // Per-thread buffers of the backward.
-template <typename Acc>
+template <typename V>
 struct BwdScratch {
-  VecBuffer<Acc> states, ys, g, dA;
+  VecBuffer<V> states, ys, g, dA;
   void init(int64_t L, int64_t N) {
     states.resize((L + 1) * N); ys.resize(L); g.resize(N); dA.resize(N);
   }
@@ -409,47 +438,48 @@ struct BwdScratch {
 // The block's backward: recompute its states, then the adjoint left to right. g holds dL/dh_t; it
 // reaches h_{t+1} as exp(dt_t A) g where the state carries (h_t depends on h_{t+1} only then).
 // Adds the block's dB, dC sums to dB_acc, dC_acc (L, d_state) and writes its dA, dD, ddelta_bias.
-template <typename T, typename Acc>
-R2LM_INLINE void block_backward(const ScanParams& p, const Block<Acc>& k, BwdScratch<Acc>& w, Acc* dB_acc,
-                                Acc* dC_acc, Acc* dA_out, Acc* dD_out, Acc* dbias_out) {
+template <typename T, typename Acc, int kBytes>
+R2LM_INLINE void block_backward(const ScanParams& p, const Block<Acc, kBytes>& k, BwdScratch<Vec<Acc, kBytes>>& w,
+                                Acc* dB_acc, Acc* dC_acc, Acc* dA_out, Acc* dD_out, Acc* dbias_out) {
+  using V = Vec<Acc, kBytes>;
   const int64_t L = p.seqlen, N = p.d_state, dim = p.dim;
   block_forward<T, Acc>(p, k, w.states.data(), w.ys.data(), true);
-  std::fill(w.g.begin(), w.g.end(), Vec<Acc>{});
-  std::fill(w.dA.begin(), w.dA.end(), Vec<Acc>{});
-  Vec<Acc> dD{}, dbias{};
+  std::fill(w.g.begin(), w.g.end(), V{});
+  std::fill(w.dA.begin(), w.dA.end(), V{});
+  V dD{}, dbias{};
   for (int64_t t = 0; t < L; ++t) {
     const int64_t row = (k.b * L + t) * dim + k.d0;  // gradients of (batch, seqlen, dim) tensors are contiguous
-    const Vec<Acc> x = load_dt_input<T>(p, k, t);
-    const Vec<Acc> dt = p.delta_softplus ? lane_softplus(x) : x;
-    const Vec<Acc> u = load_row<Acc>(row_ptr<T>(p.u, p.u_batch_stride, p.u_seq_stride, k.b, t, k.d0), k.width);
-    Vec<Acc> dy = load_row<Acc>(row_ptr<T>(p.dout, p.dout_batch_stride, p.dout_seq_stride, k.b, t, k.d0), k.width);
+    const V x = load_dt_input<T>(p, k, t);
+    const V dt = p.delta_softplus ? lane_softplus(x) : x;
+    const V u = load_row<V>(row_ptr<T>(p.u, p.u_batch_stride, p.u_seq_stride, k.b, t, k.d0), k.width);
+    V dy = load_row<V>(row_ptr<T>(p.dout, p.dout_batch_stride, p.dout_seq_stride, k.b, t, k.d0), k.width);
     if (p.z) {
-      const Vec<Acc> z = load_row<Acc>(row_ptr<T>(p.z, p.z_batch_stride, p.z_seq_stride, k.b, t, k.d0), k.width);
-      const Vec<Acc> sig = lane_sigmoid(z), y = w.ys[t] + k.D * u;
-      store_row<Acc>(static_cast<T*>(p.dz) + row, dy * y * sig * (Acc(1) + z * (Acc(1) - sig)), k.width);
+      const V z = load_row<V>(row_ptr<T>(p.z, p.z_batch_stride, p.z_seq_stride, k.b, t, k.d0), k.width);
+      const V sig = lane_sigmoid(z), y = w.ys[t] + k.D * u;
+      store_row(static_cast<T*>(p.dz) + row, dy * y * sig * (Acc(1) + z * (Acc(1) - sig)), k.width);
       dy *= z * sig;
     }
     dD += dy * u;
-    Vec<Acc> du = dy * k.D, ddt{};
+    V du = dy * k.D, ddt{};
     const bool carry = carries(p, k.b, t);
     const Acc carry_scale = carry ? Acc(1) : Acc(0);
-    const Vec<Acc>* h = w.states.data() + t * N;
-    const Vec<Acc>* h_next = w.states.data() + (carry ? t + 1 : L) * N;
+    const V* h = w.states.data() + t * N;
+    const V* h_next = w.states.data() + (carry ? t + 1 : L) * N;
     const T* B_row = row_ptr<T>(p.B, p.B_batch_stride, p.B_seq_stride, k.b, t, 0);
     const T* C_row = row_ptr<T>(p.C, p.C_batch_stride, p.C_seq_stride, k.b, t, 0);
     for (int64_t n = 0; n < N; ++n) {
-      const Vec<Acc> g = w.g[n] + dy * Acc(load_elem(C_row + n));
-      const Vec<Acc> decay = lane_exp2(dt * k.A_log2e[n]);
-      Vec<Acc> db{};
-      scan_step_bwd(g, h_next[n], dt, k.A[n], splat(Acc(load_elem(B_row + n))), u, decay, ddt, w.dA[n], db, du);
+      const V g = w.g[n] + dy * Acc(load_elem(C_row + n));
+      const V decay = lane_exp2(dt * k.A_log2e[n]);
+      V db{};
+      scan_step_bwd(g, h_next[n], dt, k.A[n], splat<V>(load_elem(B_row + n)), u, decay, ddt, w.dA[n], db, du);
       w.g[n] = decay * g * carry_scale;
       dB_acc[t * N + n] += lane_sum(db);
       dC_acc[t * N + n] += lane_sum(dy * h[n]);
     }
-    const Vec<Acc> ddelta = ddt * (p.delta_softplus ? lane_softplus_grad<Acc>(x) : splat(Acc(1)));
+    const V ddelta = ddt * (p.delta_softplus ? lane_softplus_grad(x) : splat<V>(1));
     dbias += ddelta;
-    store_row<Acc>(static_cast<T*>(p.du) + row, du, k.width);
-    store_row<Acc>(static_cast<T*>(p.ddelta) + row, ddelta, k.width);
+    store_row(static_cast<T*>(p.du) + row, du, k.width);
+    store_row(static_cast<T*>(p.ddelta) + row, ddelta, k.width);
   }
   for (int64_t j = 0; j < k.width; ++j) {
     for (int64_t n = 0; n < N; ++n) dA_out[(k.d0 + j) * N + n] = w.dA[n][j];
@@ -458,33 +488,35 @@ R2LM_INLINE void block_backward(const ScanParams& p, const Block<Acc>& k, BwdScr
   }
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define R2LM_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define R2LM_CPU_CLONES
-#endif
-
-// One non-template function per element type, cloned per instruction set (the clones are called from
-// inside the OpenMP regions: an outlined region itself is compiled for the baseline target).
-#define R2LM_SCAN_BLOCK_FNS(suffix, T, Acc)                                                                  \
-  R2LM_CPU_CLONES void forward_##suffix(const ScanParams& p, const Block<Acc>& k, Vec<Acc>* h) {            \
-    block_forward<T, Acc>(p, k, h, nullptr, false);                                                          \
-  }                                                                                                          \
-  R2LM_CPU_CLONES void backward_##suffix(const ScanParams& p, const Block<Acc>& k, BwdScratch<Acc>& w,      \
-                                         Acc* dB_acc, Acc* dC_acc, Acc* dA, Acc* dD, Acc* dbias) {         \
-    block_backward<T, Acc>(p, k, w, dB_acc, dC_acc, dA, dD, dbias);                                          \
-  }                                                                                                          \
-  template <>                                                                                                \
-  struct BlockFns<T> {                                                                                       \
-    static constexpr auto forward = &forward_##suffix;                                                       \
-    static constexpr auto backward = &backward_##suffix;                                                     \
-  };
-template <typename T>
+// The per-block functions of one element type and vector width, each compiled for its instruction set
+// (called inside the OpenMP regions: an outlined region itself is compiled for the baseline target).
+template <typename T, int kBytes>
 struct BlockFns;
-R2LM_SCAN_BLOCK_FNS(f32, float, float)
-R2LM_SCAN_BLOCK_FNS(f64, double, double)
-R2LM_SCAN_BLOCK_FNS(f16, Half, float)
-R2LM_SCAN_BLOCK_FNS(bf16, BFloat16, float)
+#define R2LM_SCAN_BLOCK_FNS(suffix, target, bytes, T, Acc)                                                    \
+  target void forward_##suffix(const ScanParams& p, const Block<Acc, bytes>& k, Vec<Acc, bytes>* h) {          \
+    block_forward<T, Acc>(p, k, h, nullptr, false);                                                            \
+  }                                                                                                            \
+  target void backward_##suffix(const ScanParams& p, const Block<Acc, bytes>& k,                               \
+                                BwdScratch<Vec<Acc, bytes>>& w, Acc* dB_acc, Acc* dC_acc, Acc* dA, Acc* dD,     \
+                                Acc* dbias) {                                                                  \
+    block_backward<T, Acc>(p, k, w, dB_acc, dC_acc, dA, dD, dbias);                                            \
+  }                                                                                                            \
+  template <>                                                                                                  \
+  struct BlockFns<T, bytes> {                                                                                  \
+    static constexpr auto forward = &forward_##suffix;                                                         \
+    static constexpr auto backward = &backward_##suffix;                                                       \
+  };
+#define R2LM_SCAN_BLOCK_FNS_AT(bytes, target)                                                                 \
+  R2LM_SCAN_BLOCK_FNS(f32_v##bytes, target, bytes, float, float)                                               \
+  R2LM_SCAN_BLOCK_FNS(f64_v##bytes, target, bytes, double, double)                                             \
+  R2LM_SCAN_BLOCK_FNS(f16_v##bytes, target, bytes, Half, float)                                                \
+  R2LM_SCAN_BLOCK_FNS(bf16_v##bytes, target, bytes, BFloat16, float)
+#ifdef R2LM_X86_VECTOR_TARGETS
+R2LM_SCAN_BLOCK_FNS_AT(64, R2LM_TARGET_X86_64_V4)
+R2LM_SCAN_BLOCK_FNS_AT(32, R2LM_TARGET_X86_64_V3)
+#endif
+R2LM_SCAN_BLOCK_FNS_AT(16, )
+#undef R2LM_SCAN_BLOCK_FNS_AT
 #undef R2LM_SCAN_BLOCK_FNS
 
 #if defined(__x86_64__)
@@ -546,7 +578,7 @@ R2LM_AVX512_INLINE __m512 avx512_step(__m512 (&h)[16], __m512 (&decay)[16], cons
 
 // The block's forward, written to p.out (seqlen >= 1).
 template <bool kSoftplus, bool kGate>
-R2LM_AVX512 void forward_f32_n16_avx512(const ScanParams& p, const Block<float>& k) {
+R2LM_AVX512 void forward_f32_n16_avx512(const ScanParams& p, const Block<float, 64>& k) {
   constexpr int kN = 16;
   // Consecutive tokens' rows are a sequence stride apart, too far for the hardware prefetchers.
   constexpr int64_t kPrefetch = 16;  // tokens ahead
@@ -613,24 +645,25 @@ bool use_avx512() {
 }
 #endif
 
-template <typename T, typename Acc>
+template <typename T, typename Acc, int kBytes>
 void forward(const ScanParams& p) {
-  const int64_t n_blocks = (p.dim + kLanes - 1) / kLanes;
+  using Blk = Block<Acc, kBytes>;
+  const int64_t n_blocks = (p.dim + Blk::kLanes - 1) / Blk::kLanes;
 #if defined(__x86_64__)
-  const bool avx512 = std::is_same_v<T, float> && p.d_state == 16 && use_avx512();
+  const bool avx512 = std::is_same_v<T, float> && kBytes == 64 && p.d_state == 16 && use_avx512();
 #else
   constexpr bool avx512 = false;
 #endif
 #pragma omp parallel
   {
-    Block<Acc> k;
-    VecBuffer<Acc> h;
+    Blk k;
+    VecBuffer<Vec<Acc, kBytes>> h;
     h.resize(p.d_state);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < p.batch * n_blocks; ++item) {
-      k.load(p, item / n_blocks, (item % n_blocks) * kLanes);
+      k.load(p, item / n_blocks, (item % n_blocks) * Blk::kLanes);
 #if defined(__x86_64__)
-      if constexpr (std::is_same_v<T, float>) {
+      if constexpr (std::is_same_v<T, float> && kBytes == 64) {
         if (avx512) {
           if (p.delta_softplus) {
             p.z ? forward_f32_n16_avx512<true, true>(p, k) : forward_f32_n16_avx512<true, false>(p, k);
@@ -641,15 +674,16 @@ void forward(const ScanParams& p) {
         }
       }
 #endif
-      BlockFns<T>::forward(p, k, h.data());
+      BlockFns<T, kBytes>::forward(p, k, h.data());
     }
   }
 }
 
-template <typename T, typename Acc>
+template <typename T, typename Acc, int kBytes>
 void backward(const ScanParams& p) {
+  using Blk = Block<Acc, kBytes>;
   const int64_t L = p.seqlen, N = p.d_state, dim = p.dim;
-  const int64_t n_blocks = (dim + kLanes - 1) / kLanes;
+  const int64_t n_blocks = (dim + Blk::kLanes - 1) / Blk::kLanes;
   const int64_t n_parts = std::min(n_blocks, kMaxPartitions);
   // Partial sums: dB and dC per (sequence, partition of the blocks); dA, dD, ddelta_bias per sequence.
   std::vector<Acc> part_dB(p.batch * n_parts * L * N, Acc(0)), part_dC(p.batch * n_parts * L * N, Acc(0));
@@ -657,8 +691,8 @@ void backward(const ScanParams& p) {
 
 #pragma omp parallel
   {
-    Block<Acc> k;
-    BwdScratch<Acc> w;
+    Blk k;
+    BwdScratch<Vec<Acc, kBytes>> w;
     w.init(L, N);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < p.batch * n_parts; ++item) {
@@ -666,8 +700,8 @@ void backward(const ScanParams& p) {
       Acc* dB_acc = part_dB.data() + item * L * N;
       Acc* dC_acc = part_dC.data() + item * L * N;
       for (int64_t blk = part * n_blocks / n_parts; blk < (part + 1) * n_blocks / n_parts; ++blk) {
-        k.load(p, b, blk * kLanes);
-        BlockFns<T>::backward(p, k, w, dB_acc, dC_acc, part_dA.data() + b * dim * N, part_dD.data() + b * dim,
+        k.load(p, b, blk * Blk::kLanes);
+        BlockFns<T, kBytes>::backward(p, k, w, dB_acc, dC_acc, part_dA.data() + b * dim * N, part_dD.data() + b * dim,
                               part_dbias.data() + b * dim);
       }
     }
@@ -703,15 +737,27 @@ void backward(const ScanParams& p) {
   }
 }
 
+template <bool kBackward, int kBytes>
+void run_at(const ScanParams& p) {
+  switch (p.dtype) {
+    case DType::kFloat32: return kBackward ? backward<float, float, kBytes>(p) : forward<float, float, kBytes>(p);
+    case DType::kFloat64: return kBackward ? backward<double, double, kBytes>(p) : forward<double, double, kBytes>(p);
+    case DType::kFloat16: return kBackward ? backward<Half, float, kBytes>(p) : forward<Half, float, kBytes>(p);
+    case DType::kBFloat16:
+      return kBackward ? backward<BFloat16, float, kBytes>(p) : forward<BFloat16, float, kBytes>(p);
+  }
+}
+
 template <bool kBackward>
 void run(const ScanParams& p) {
   if (p.batch == 0 || p.seqlen == 0 || p.dim == 0) return;  // the torch layer zeroes the parameter gradients
-  switch (p.dtype) {
-    case DType::kFloat32: return kBackward ? backward<float, float>(p) : forward<float, float>(p);
-    case DType::kFloat64: return kBackward ? backward<double, double>(p) : forward<double, double>(p);
-    case DType::kFloat16: return kBackward ? backward<Half, float>(p) : forward<Half, float>(p);
-    case DType::kBFloat16: return kBackward ? backward<BFloat16, float>(p) : forward<BFloat16, float>(p);
+#ifdef R2LM_X86_VECTOR_TARGETS
+  switch (cpu_vector_bytes()) {
+    case 64: return run_at<kBackward, 64>(p);
+    case 32: return run_at<kBackward, 32>(p);
   }
+#endif
+  run_at<kBackward, 16>(p);
 }
 
 }  // namespace
