@@ -8,7 +8,11 @@
 #pragma once
 
 #include <algorithm>
+#include <bit>
+#include <cstdint>
 #include <cstdlib>
+
+#include "r2lm_common.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define R2LM_X86_VECTOR_TARGETS 1
@@ -32,5 +36,37 @@ inline int cpu_vector_bytes() {
   }
   return bytes;
 }
+
+// A GCC vector of kBytes bytes of T (a class member: GCC ignores vector_size on a dependent alias).
+template <typename T, int kBytes>
+struct CpuVector {
+  typedef T type __attribute__((vector_size(kBytes)));
+};
+
+// x log2(e) for float vectors, log2(e) split in two floats so that its rounding does not bias large
+// arguments (e^x = 2^(x log2(e)) in every float exp of the CPU kernels).
+template <typename F>
+inline F times_log2e(F x) { return x * 1.44269502162933349609375f + x * 1.925963033500011079e-08f; }
+
+// 2^x of a float vector, branch-free: x = j + r with j an integer and |r| <= 1/2, 2^r by the shared
+// exp2_fraction, 2^j added to the exponent field. Inputs are clamped to [-126, 127]: results below 2^-126
+// read as 2^-126 (as good as 0 for a decay factor or a sigmoid); from 128 on, +inf. Vector selects, so
+// loops of these vectorise on any target (a scalar clamp becomes control flow that AVX2 / SSE code
+// cannot vectorise).
+template <typename V>
+inline __attribute__((always_inline)) V vec_exp2(V x) {
+  using UInt = typename CpuVector<uint32_t, sizeof(V)>::type;
+  V xc = x < -126.0f ? V{} - 126.0f : x;
+  xc = xc > 127.0f ? V{} + 127.0f : xc;
+  const V shifted = xc + 12582912.0f;  // 1.5 * 2^23: rounds xc to the integer j in the low bits
+  const V r = xc - (shifted - 12582912.0f);
+  const V poly = exp2_fraction(r);
+  // (bits(shifted) - 0x4B400000) << 23 is bits(shifted) << 23 modulo 2^32 (0x4B400000 << 23 wraps to 0).
+  const UInt scaled = std::bit_cast<UInt>(poly) + (std::bit_cast<UInt>(shifted) << 23);
+  return x >= 128.0f ? V{} + __builtin_inff() : std::bit_cast<V>(scaled);
+}
+// e^x of a float vector.
+template <typename V>
+inline __attribute__((always_inline)) V vec_exp(V x) { return vec_exp2(times_log2e(x)); }
 
 }  // namespace r2lm

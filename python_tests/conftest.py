@@ -69,6 +69,31 @@ def check_device():
 
 
 @pytest.fixture
+def cap_vector_width(monkeypatch):
+    """cap_vector_width(width, device): the portable CPU kernels run at `width` bytes ("widest": the CPU's
+    own, else "32" or "16", through R2LM_CPU_VECTOR_BYTES). Cases that would repeat another are skipped:
+    a narrower width off the CPU, or one that is the CPU's widest or more."""
+    def cap(width, device):
+        monkeypatch.delenv("R2LM_CPU_VECTOR_BYTES", raising=False)
+        if width == "widest":
+            return
+        if device != "cpu":
+            pytest.skip("R2LM_CPU_VECTOR_BYTES only affects the CPU kernels")
+        import r2lm_kernels
+        if int(width) >= r2lm_kernels.cpu_vector_bytes():
+            pytest.skip(f"{width}-byte vectors are this CPU's widest or more: the widest case runs them")
+        monkeypatch.setenv("R2LM_CPU_VECTOR_BYTES", width)
+    return cap
+
+
+@pytest.fixture(params=["widest", "32", "16"], ids=lambda w: f"vec-{w}")
+def vector_width(request, device, cap_vector_width):
+    """The portable CPU kernels at every vector width the CPU has (64 AVX-512, 32 AVX2, 16 SSE2 / NEON)."""
+    cap_vector_width(request.param, device)
+    return request.param
+
+
+@pytest.fixture
 def make_segments():
     """make_segments(batch, seqlen, device, kind) -> seq_idx (batch, seqlen) int32: None (kind "none"),
     random monotonic segments (kind "random": some of length 1, many straddling the kernels' chunk and run

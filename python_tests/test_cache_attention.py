@@ -15,20 +15,16 @@ def dtypes_for(device):
     return [torch.float32, torch.bfloat16, torch.float16] + ([torch.float64] if device == "cpu" else [])
 
 
-@pytest.fixture(params=["auto", "fma-64", "fma-32", "fma-16"])
-def cpu_kernel(request, device, monkeypatch):
+@pytest.fixture(params=["auto", "generic", "generic-32", "generic-16"])
+def cpu_kernel(request, device, monkeypatch, cap_vector_width):
     """Which CPU kernel runs: "auto" (on CPUs with AMX-BF16, blocks of >= 16 query rows per kv head use the
-    tile-unit kernel) or the FMA kernel (R2LM_ATTENTION_CPU_GENERIC=1) at each vector width the CPU runs
-    (R2LM_CPU_VECTOR_BYTES: 64 AVX-512, 32 AVX2, 16 SSE2 / NEON), so that all of them stay tested."""
+    tile-unit kernel) or "generic" (R2LM_ATTENTION_CPU_GENERIC=1 forces the FMA kernel), the latter at
+    every vector width the CPU has, so that all of them stay tested."""
     if request.param != "auto":
         if device != "cpu":
             pytest.skip("R2LM_ATTENTION_CPU_GENERIC only affects the CPU kernels")
-        width = int(request.param.removeprefix("fma-"))
-        monkeypatch.delenv("R2LM_CPU_VECTOR_BYTES", raising=False)
-        if width > r2lm_kernels.cpu_vector_bytes():
-            pytest.skip(f"this CPU has no {width}-byte vectors")
         monkeypatch.setenv("R2LM_ATTENTION_CPU_GENERIC", "1")
-        monkeypatch.setenv("R2LM_CPU_VECTOR_BYTES", str(width))
+        cap_vector_width(request.param.removeprefix("generic").removeprefix("-") or "widest", device)
     return request.param
 
 

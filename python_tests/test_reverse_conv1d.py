@@ -80,7 +80,8 @@ def _grid_case(device, dtype, weight_dtype, shape, segments, mode, check_device,
 
 
 @_grid
-def test_forward(device, dtype, weight_dtype, shape, segments, mode, tol, rel_err, check_device, make_segments):
+def test_forward(device, dtype, weight_dtype, shape, segments, mode, tol, rel_err, check_device, make_segments,
+                 vector_width):
     batch, seqlen, dim, width = shape
     _, x, weight, bias, seq_idx, silu = _grid_case(device, dtype, weight_dtype, shape, segments, mode, check_device,
                                                    make_segments)
@@ -93,7 +94,8 @@ def test_forward(device, dtype, weight_dtype, shape, segments, mode, tol, rel_er
 
 
 @_grid
-def test_backward(device, dtype, weight_dtype, shape, segments, mode, tol, rel_err, check_device, make_segments):
+def test_backward(device, dtype, weight_dtype, shape, segments, mode, tol, rel_err, check_device, make_segments,
+                  vector_width):
     batch, seqlen, dim, width = shape
     wdt, x, weight, bias, seq_idx, silu = _grid_case(device, dtype, weight_dtype, shape, segments, mode,
                                                      check_device, make_segments)
@@ -177,9 +179,11 @@ def test_matches_conv1d_composition(device, rel_err):
     assert rel_err(got, expected) <= (1e-12 if x.dtype == torch.float64 else 1e-5)
 
 
+@pytest.mark.parametrize("width", ["widest", "32", "16"], ids=lambda w: f"vec-{w}")
 @pytest.mark.parametrize("silu", [False, True])
 @pytest.mark.parametrize("segments", ["none", "random"])
-def test_gradcheck(silu, segments, make_segments):
+def test_gradcheck(silu, segments, width, make_segments, cap_vector_width):
+    cap_vector_width(width, "cpu")
     batch, seqlen, dim, width = 2, 13, 5, 4
     x, weight, bias = _inputs(batch, seqlen, dim, width, torch.float64, torch.float64, "cpu")
     seq_idx = make_segments(batch, seqlen, "cpu", segments)

@@ -61,36 +61,16 @@ def scan_inputs(make_segments):
     return make
 
 
-def _cap_vector_width(width, device, monkeypatch):
-    """Runs the portable CPU code at `width` bytes ("widest": the CPU's widest), skipping widths that would
-    repeat another case: narrower ones off the CPU and ones the CPU does not have."""
-    monkeypatch.delenv("R2LM_CPU_VECTOR_BYTES", raising=False)
-    if width == "widest":
-        return
-    if device != "cpu":
-        pytest.skip("R2LM_CPU_VECTOR_BYTES only affects the CPU kernels")
-    if int(width) >= r2lm_kernels.cpu_vector_bytes():
-        pytest.skip(f"{width}-byte vectors are this CPU's widest or more: the widest case runs them")
-    monkeypatch.setenv("R2LM_CPU_VECTOR_BYTES", width)
-
-
 @pytest.fixture(params=["auto", "generic", "generic-32", "generic-16"])
-def cpu_kernel(request, device, monkeypatch):
+def cpu_kernel(request, device, monkeypatch, cap_vector_width):
     """Which CPU forward runs: "auto" (on AVX-512 machines the fp32 d_state-16 forward is an AVX-512 kernel)
     or "generic" (R2LM_SCAN_CPU_GENERIC=1 forces the portable vector code), the latter at every vector
-    width the CPU has (R2LM_CPU_VECTOR_BYTES), so that all of them stay tested."""
+    width the CPU has, so that all of them stay tested."""
     if request.param != "auto":
         if device != "cpu":
             pytest.skip("R2LM_SCAN_CPU_GENERIC only affects the CPU kernels")
         monkeypatch.setenv("R2LM_SCAN_CPU_GENERIC", "1")
-        _cap_vector_width(request.param.removeprefix("generic").removeprefix("-") or "widest", device, monkeypatch)
-    return request.param
-
-
-@pytest.fixture(params=["widest", "32", "16"], ids=lambda w: f"vec-{w}")
-def vector_width(request, device, monkeypatch):
-    """The backward's portable code at every vector width the CPU has."""
-    _cap_vector_width(request.param, device, monkeypatch)
+        cap_vector_width(request.param.removeprefix("generic").removeprefix("-") or "widest", device)
     return request.param
 
 
@@ -328,8 +308,8 @@ def test_extreme_decays(scan_inputs, device, decay, rel_err, cpu_kernel):
 @pytest.mark.parametrize("width", ["widest", "32", "16"], ids=lambda w: f"vec-{w}")
 @pytest.mark.parametrize("segments", ["none", "random"])
 @pytest.mark.parametrize("options", ["all", "none"])
-def test_gradcheck(scan_inputs, options, segments, width, monkeypatch):
-    _cap_vector_width(width, "cpu", monkeypatch)
+def test_gradcheck(scan_inputs, options, segments, width, cap_vector_width):
+    cap_vector_width(width, "cpu")
     args = scan_inputs(2, 11, 5, 3, torch.float64, "cpu", options=options, segments=segments)
     names = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
     for k in names:

@@ -14,6 +14,11 @@
 #include <cstring>
 
 #include "r2lm_common.h"
+#ifndef __CUDACC__
+#include <utility>
+
+#include "cpu_vector.h"
+#endif
 
 namespace r2lm {
 
@@ -55,9 +60,16 @@ R2LM_HD float conv_exp(float v) {
 #endif
 }
 R2LM_HD double conv_exp(double v) { return exp(v); }
+#ifndef __CUDACC__
+// e^v of a GCC float vector: the CPU kernel runs the SiLU math below on whole vectors, where a loop of
+// scalar std::exp would stay scalar (3x slower).
+template <typename V, typename = decltype(std::declval<V>()[0])>
+inline V conv_exp(V v) { return vec_exp(v); }
+#endif
 
+// The math below is written with plain 1 (not T(1)) so that T may be a float vector too.
 template <typename T>
-R2LM_HD T conv_sigmoid(T v) { return T(1) / (T(1) + conv_exp(-v)); }
+R2LM_HD T conv_sigmoid(T v) { return 1 / (1 + conv_exp(-v)); }
 
 template <typename T>
 R2LM_HD T conv_activate(T pre, bool silu) { return silu ? pre * conv_sigmoid(pre) : pre; }
@@ -67,7 +79,7 @@ template <typename T>
 R2LM_HD T conv_pre_grad(T pre, T dy, bool silu) {
   if (!silu) return dy;
   T s = conv_sigmoid(pre);
-  return dy * s * (T(1) + pre * (T(1) - s));
+  return dy * s * (1 + pre * (1 - s));
 }
 
 // Whether x[t + k] feeds output t: inside the sequence and in t's segment. `seg_t` / `seg_tk` are

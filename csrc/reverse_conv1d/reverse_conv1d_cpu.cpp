@@ -1,10 +1,17 @@
 // reverse_conv1d CPU kernels. One task per (batch row, block of channels) walks the sequence once,
 // keeping the last `width` converted rows in a ring so every element of x (and dy) is read once; the
-// inner loops run over contiguous channels and vectorise.
+// inner loops run over contiguous channels and vectorise, the SiLU math on explicit vectors (conv_exp of
+// a vector is branch-free). The per-block functions are compiled once per vector width (cpu_vector.h) and
+// picked per call.
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
+#include "cpu_vector.h"
 #include "reverse_conv1d/reverse_conv1d.h"
+
+#define R2LM_INLINE inline __attribute__((always_inline))
 
 namespace r2lm {
 namespace {
@@ -55,28 +62,55 @@ struct BlockContext {
     seg = p.seq_idx ? p.seq_idx + b * p.seq_idx_batch_stride : nullptr;
   }
 
-  int32_t segment(int64_t t) const { return seg && t >= 0 && t < p.seqlen ? seg[t * p.seq_idx_seq_stride] : 0; }
+  R2LM_INLINE int32_t segment(int64_t t) const {
+    return seg && t >= 0 && t < p.seqlen ? seg[t * p.seq_idx_seq_stride] : 0;
+  }
 
-  void load_row(int64_t r) {
+  // Ring slot of row r + k, given r's slot (no division per tap).
+  R2LM_INLINE int slot_after(int slot, int k) const { return slot + k < width ? slot + k : slot + k - width; }
+
+  R2LM_INLINE void load_row(int64_t r) {
     C* dst = xring[r % width];
     const T* src = x + r * p.x_seq_stride;
     for (int64_t c = 0; c < nd; ++c) dst[c] = C(conv_to_float(src[c]));
   }
 
   // Rows t .. t + width - 1 must be in the ring. Writes the pre-activation of row t into pre.
-  void preactivation(int64_t t, C* pre) const {
+  R2LM_INLINE void preactivation(int64_t t, C* pre) const {
     for (int64_t c = 0; c < nd; ++c) pre[c] = bias[c];
     const int32_t seg_t = segment(t);
+    const int slot = int(t % width);
     for (int k = 0; k < width; ++k) {
       if (!conv_tap_live(t, k, p.seqlen, seg_t, segment(t + k))) continue;
-      const C* row = xring[(t + k) % width];
+      const C* row = xring[slot_after(slot, k)];
       for (int64_t c = 0; c < nd; ++c) pre[c] += w[k][c] * row[c];
     }
   }
 };
 
-template <typename T, typename C>
-void fwd_block(const ConvParams& p, int64_t b, int64_t d0) {
+// f(v, i) on the float vectors of kBytes in [0, n) of a row, then f(v, i) one element at a time for the rest
+// (and for fp64 rows): v is the row's vector or element at index i.
+template <int kBytes, typename C, typename F>
+R2LM_INLINE void for_row_vectors(const C* row, int64_t n, F&& f) {
+  int64_t c = 0;
+  if constexpr (std::is_same_v<C, float>) {
+    using V = typename CpuVector<float, kBytes>::type;
+    constexpr int64_t kLanes = kBytes / sizeof(float);
+    for (; c + kLanes <= n; c += kLanes) {
+      V v;
+      std::memcpy(&v, row + c, sizeof(V));
+      f(v, c);
+    }
+  }
+  for (; c < n; ++c) f(row[c], c);
+}
+
+// Stores v at row + i (a vector or one element).
+template <typename C, typename V>
+R2LM_INLINE void store_at(C* row, int64_t i, const V& v) { std::memcpy(row + i, &v, sizeof(V)); }
+
+template <typename T, typename C, int kBytes>
+R2LM_INLINE void fwd_block(const ConvParams& p, int64_t b, int64_t d0) {
   BlockContext<T, C> ctx(p, b, d0);
   const int width = p.width;
   T* y = static_cast<T*>(p.y) + b * p.y_batch_stride + d0;
@@ -86,14 +120,15 @@ void fwd_block(const ConvParams& p, int64_t b, int64_t d0) {
     if (t + width - 1 < p.seqlen) ctx.load_row(t + width - 1);
     ctx.preactivation(t, pre);
     T* out = y + t * p.y_seq_stride;
-    for (int64_t c = 0; c < ctx.nd; ++c) out[c] = conv_from_float<T>(conv_activate(pre[c], p.silu));
+    if (p.silu) for_row_vectors<kBytes>(pre, ctx.nd, [&](auto v, int64_t i) { store_at(pre, i, conv_activate(v, true)); });
+    for (int64_t c = 0; c < ctx.nd; ++c) out[c] = conv_from_float<T>(pre[c]);
   }
 }
 
 // Walks s = 0 .. seqlen-1: g[s] needs x[s .. s+width-1]; dx[s] needs g[s-width+1 .. s], kept in a ring.
 // dweight / dbias partials of this (b, channel block) go to partial_dw[k][d] / partial_db[d] (fp64).
-template <typename T, typename C>
-void bwd_block(const ConvParams& p, int64_t b, int64_t d0, double* partial_dw, double* partial_db) {
+template <typename T, typename C, int kBytes>
+R2LM_INLINE void bwd_block(const ConvParams& p, int64_t b, int64_t d0, double* partial_dw, double* partial_db) {
   BlockContext<T, C> ctx(p, b, d0);
   const int width = p.width;
   const int64_t nd = ctx.nd;
@@ -105,24 +140,28 @@ void bwd_block(const ConvParams& p, int64_t b, int64_t d0, double* partial_dw, d
   for (int64_t s = 0; s < p.seqlen; ++s) {
     if (s + width - 1 < p.seqlen) ctx.load_row(s + width - 1);
     const T* dy_row = dy + s * p.dy_seq_stride;
-    C* g = gring[s % width];
+    const int slot = int(s % width);
+    C* g = gring[slot];
+    for (int64_t c = 0; c < nd; ++c) g[c] = C(conv_to_float(dy_row[c]));
     if (p.silu) {
       ctx.preactivation(s, pre);
-      for (int64_t c = 0; c < nd; ++c) g[c] = conv_pre_grad(pre[c], C(conv_to_float(dy_row[c])), true);
-    } else {
-      for (int64_t c = 0; c < nd; ++c) g[c] = C(conv_to_float(dy_row[c]));
+      for_row_vectors<kBytes>(pre, nd, [&](auto v, int64_t i) {
+        decltype(v) dy_v;
+        std::memcpy(&dy_v, g + i, sizeof(v));
+        store_at(g, i, conv_pre_grad(v, dy_v, true));
+      });
     }
     const int32_t seg_s = ctx.segment(s);
     for (int64_t c = 0; c < nd; ++c) db[c] += g[c];
     for (int k = 0; k < width; ++k) {
       if (!conv_tap_live(s, k, p.seqlen, seg_s, ctx.segment(s + k))) continue;
-      const C* row = ctx.xring[(s + k) % width];
+      const C* row = ctx.xring[ctx.slot_after(slot, k)];
       for (int64_t c = 0; c < nd; ++c) dw[k][c] += double(g[c] * row[c]);
     }
     C acc[kChannelBlock] = {};
     for (int k = 0; k < width; ++k) {
       if (!conv_tap_live(s - k, k, p.seqlen, ctx.segment(s - k), seg_s)) continue;
-      const C* g_row = gring[(s - k) % width];
+      const C* g_row = gring[slot >= k ? slot - k : slot - k + width];
       for (int64_t c = 0; c < nd; ++c) acc[c] += ctx.w[k][c] * g_row[c];
     }
     T* out = dx + s * p.dx_seq_stride;
@@ -133,12 +172,56 @@ void bwd_block(const ConvParams& p, int64_t b, int64_t d0, double* partial_dw, d
   for (int64_t c = 0; c < nd; ++c) partial_db[d0 + c] = db[c];
 }
 
+// The per-block functions of one storage type, each compiled for its vector width's instruction set
+// (called inside the OpenMP regions: an outlined region itself is compiled for the baseline target).
+template <typename T>
+struct BlockFns {
+  void (*fwd)(const ConvParams&, int64_t, int64_t);
+  void (*bwd)(const ConvParams&, int64_t, int64_t, double*, double*);
+};
+template <typename T, int kBytes>
+struct BlockFnsAt;
+#define R2LM_CONV_BLOCK_FNS(suffix, target, bytes, T, C)                                                     \
+  target void fwd_block_##suffix(const ConvParams& p, int64_t b, int64_t d0) {                               \
+    fwd_block<T, C, bytes>(p, b, d0);                                                                         \
+  }                                                                                                           \
+  target void bwd_block_##suffix(const ConvParams& p, int64_t b, int64_t d0, double* dw, double* db) {       \
+    bwd_block<T, C, bytes>(p, b, d0, dw, db);                                                                 \
+  }                                                                                                           \
+  template <>                                                                                                 \
+  struct BlockFnsAt<T, bytes> {                                                                               \
+    static constexpr BlockFns<T> fns{&fwd_block_##suffix, &bwd_block_##suffix};                              \
+  };
+#define R2LM_CONV_BLOCK_FNS_AT(bytes, target)                                                                \
+  R2LM_CONV_BLOCK_FNS(f32_v##bytes, target, bytes, float, float)                                              \
+  R2LM_CONV_BLOCK_FNS(f64_v##bytes, target, bytes, double, double)                                            \
+  R2LM_CONV_BLOCK_FNS(bf16_v##bytes, target, bytes, ConvBFloat16, float)                                      \
+  R2LM_CONV_BLOCK_FNS(f16_v##bytes, target, bytes, ConvHalf, float)
+#ifdef R2LM_X86_VECTOR_TARGETS
+R2LM_CONV_BLOCK_FNS_AT(64, R2LM_TARGET_X86_64_V4)
+R2LM_CONV_BLOCK_FNS_AT(32, R2LM_TARGET_X86_64_V3)
+#endif
+R2LM_CONV_BLOCK_FNS_AT(16, )
+#undef R2LM_CONV_BLOCK_FNS_AT
+#undef R2LM_CONV_BLOCK_FNS
+
+template <typename T>
+BlockFns<T> block_fns() {
+#ifdef R2LM_X86_VECTOR_TARGETS
+  switch (cpu_vector_bytes()) {
+    case 64: return BlockFnsAt<T, 64>::fns;
+    case 32: return BlockFnsAt<T, 32>::fns;
+  }
+#endif
+  return BlockFnsAt<T, 16>::fns;
+}
+
 template <typename T, typename C>
 void fwd(const ConvParams& p) {
   const int64_t blocks = (p.dim + kChannelBlock - 1) / kChannelBlock;
+  const auto block = block_fns<T>().fwd;
 #pragma omp parallel for schedule(static)
-  for (int64_t task = 0; task < p.batch * blocks; ++task)
-    fwd_block<T, C>(p, task / blocks, (task % blocks) * kChannelBlock);
+  for (int64_t task = 0; task < p.batch * blocks; ++task) block(p, task / blocks, (task % blocks) * kChannelBlock);
 }
 
 template <typename T, typename C>
@@ -147,10 +230,11 @@ void bwd(const ConvParams& p) {
   // Per batch row partials, summed over batch in a fixed order below: the result does not depend on
   // the thread count or schedule.
   std::vector<double> partial_dw(p.batch * p.width * p.dim), partial_db(p.batch * p.dim);
+  const auto block = block_fns<T>().bwd;
 #pragma omp parallel for schedule(static)
   for (int64_t task = 0; task < p.batch * blocks; ++task) {
     const int64_t b = task / blocks;
-    bwd_block<T, C>(p, b, (task % blocks) * kChannelBlock, partial_dw.data() + b * p.width * p.dim,
+    block(p, b, (task % blocks) * kChannelBlock, partial_dw.data() + b * p.width * p.dim,
                     partial_db.data() + b * p.dim);
   }
 #pragma omp parallel for schedule(static)

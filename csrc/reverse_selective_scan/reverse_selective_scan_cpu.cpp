@@ -117,39 +117,24 @@ R2LM_INLINE bool any_lane(M m) {
 template <typename V>
 constexpr bool kDoubleLanes = std::is_same_v<Elem<V>, double>;
 
-// 2^x of float lanes, branch-free: x = j + r with j an integer and |r| <= 1/2, 2^r by the shared
-// scan_exp2_fraction, 2^j added to the exponent field. Inputs are clamped to
-// [-126, 127]: results below 2^-126 read as 2^-126, as good as 0 for a decay factor; past 128, +inf.
-// Double lanes (tests, gradcheck) use std::exp2 lane by lane.
+// 2^x and e^x of lanes: float lanes by the shared branch-free vec_exp2 / vec_exp (cpu_vector.h), double
+// lanes (tests, gradcheck) by std::exp2 / std::exp lane by lane.
 template <typename V>
 R2LM_INLINE V lane_exp2(V x) {
   if constexpr (kDoubleLanes<V>) {
     for (int j = 0; j < kLanesOf<V>; ++j) x[j] = std::exp2(x[j]);
     return x;
   } else {
-    using UInt = typename Lanes<uint32_t, sizeof(V)>::type;
-    V xc = x < -126.0f ? splat<V>(-126.0f) : x;
-    xc = xc > 127.0f ? splat<V>(127.0f) : xc;
-    const V shifted = xc + 12582912.0f;  // 1.5 * 2^23: rounds xc to the integer j in the low bits
-    const V r = xc - (shifted - 12582912.0f);
-    const V poly = scan_exp2_fraction(r);
-    // (bits(shifted) - 0x4B400000) << 23 is bits(shifted) << 23 modulo 2^32 (0x4B400000 << 23 wraps to 0).
-    const UInt scaled = std::bit_cast<UInt>(poly) + (std::bit_cast<UInt>(shifted) << 23);
-    return x >= 128.0f ? splat<V>(__builtin_inff()) : std::bit_cast<V>(scaled);
+    return vec_exp2(x);
   }
 }
-// x log2(e) for float vectors, log2(e) split in two floats so that its rounding does not bias large
-// arguments (e^x = 2^(x log2(e)) in every float exp below).
-template <typename F>
-R2LM_INLINE F times_log2e(F x) { return x * 1.44269502162933349609375f + x * 1.925963033500011079e-08f; }
-// e^x = 2^(x log2(e)); double lanes use std::exp.
 template <typename V>
 R2LM_INLINE V lane_exp(V x) {
   if constexpr (kDoubleLanes<V>) {
     for (int j = 0; j < kLanesOf<V>; ++j) x[j] = std::exp(x[j]);
     return x;
   } else {
-    return lane_exp2(times_log2e(x));
+    return vec_exp(x);
   }
 }
 
@@ -163,7 +148,7 @@ R2LM_INLINE V lane_exp2_nonpos(V x) {
   if constexpr (kClamp) xc = x < -126.0f ? splat<V>(-126.0f) : x;
   const V shifted = xc + 12582912.0f;
   const V r = xc - (shifted - 12582912.0f);
-  const V poly = scan_exp2_fraction(r);
+  const V poly = exp2_fraction(r);
   return std::bit_cast<V>(std::bit_cast<UInt>(poly) + (std::bit_cast<UInt>(shifted) << 23));
 }
 // e^x of float lanes for x <= 0 (or NaN).
@@ -536,7 +521,7 @@ constexpr __mmask16 kAll = 0xffff;
 // (j = x - r, exact) by vscalefps, which overflows to inf and underflows without a clamp.
 R2LM_AVX512_INLINE __m512 avx512_exp2(__m512 x) {
   const __m512 r = _mm512_maskz_reduce_ps(kAll, x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  return _mm512_maskz_scalef_ps(kAll, scan_exp2_fraction<__m512>(r), x - r);
+  return _mm512_maskz_scalef_ps(kAll, exp2_fraction<__m512>(r), x - r);
 }
 // As lane_exp.
 R2LM_AVX512_INLINE __m512 avx512_exp(__m512 x) {

@@ -8,7 +8,7 @@
 // Forward: right to left over chunks of kChunk tokens; the next chunk's inputs are loaded into registers
 // while the current one is computed, so about kChunk tokens of loads are in flight per thread. At
 // d_state 16 the special-function unit (16 exp2 per SM per clock) would be slower than memory, so one
-// exponential in eight runs on the FMA pipes (scan_exp2_poly).
+// exponential in eight runs on the FMA pipes (exp2_poly).
 //
 // Backward (three kernels, no float atomics, bitwise reproducible):
 //  1. scan_fwd_kernel<kStates=true> reruns the forward recurrence and stores the state h_t at every
@@ -243,7 +243,7 @@ __global__ void __launch_bounds__(FwdConfig<N>::kThreads) scan_fwd_kernel(const 
         for (int k = 0; k < 4; ++k) {
           const int n = 4 * q + k;
           const float x = dt * a2[n];
-          const float decay = (n % 8 == 7) ? scan_exp2_poly(x) : sfu_exp2(x);
+          const float decay = (n % 8 == 7) ? exp2_poly(x) : sfu_exp2(x);
           h[n] = decay * h[n] + dtu * bv[k];
           if (!kStates) y += h[n] * cv[k];
         }
