@@ -11,13 +11,18 @@
 #include <bit>
 #include <cstdint>
 #include <cstdlib>
+#include <type_traits>
 
 #include "r2lm_common.h"
 
+// R2LM_FOR_EACH_VECTOR_WIDTH(M) expands M(bytes, target attribute) for every width compiled here; a
+// kernel's per-width entry points are defined by it, and with_cpu_vector_width picks one per call.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define R2LM_X86_VECTOR_TARGETS 1
-#define R2LM_TARGET_X86_64_V4 __attribute__((target("arch=x86-64-v4")))
-#define R2LM_TARGET_X86_64_V3 __attribute__((target("arch=x86-64-v3")))
+#define R2LM_FOR_EACH_VECTOR_WIDTH(M) \
+  M(64, __attribute__((target("arch=x86-64-v4")))) M(32, __attribute__((target("arch=x86-64-v3")))) M(16, )
+#else
+#define R2LM_FOR_EACH_VECTOR_WIDTH(M) M(16, )
 #endif
 
 namespace r2lm {
@@ -35,6 +40,18 @@ inline int cpu_vector_bytes() {
     if (c == 16 || c == 32 || c == 64) bytes = std::min(bytes, c);
   }
   return bytes;
+}
+
+// f(std::integral_constant<int, W>{}) for the width W that cpu_vector_bytes() picks.
+template <typename F>
+decltype(auto) with_cpu_vector_width(F&& f) {
+#ifdef R2LM_X86_VECTOR_TARGETS
+  switch (cpu_vector_bytes()) {
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 32: return f(std::integral_constant<int, 32>{});
+  }
+#endif
+  return f(std::integral_constant<int, 16>{});
 }
 
 // A GCC vector of kBytes bytes of T (a class member: GCC ignores vector_size on a dependent alias).

@@ -45,8 +45,7 @@ constexpr int kRowBlock = 6;   // rows per P . V micro-kernel
 // A vector of kBytes bytes (cpu_vector.h: the FMA kernel is compiled for 64, 32 and 16; the AMX path
 // uses 64).
 template <typename Acc, int kBytes = 64>
-struct Vec {
-  typedef Acc type __attribute__((vector_size(kBytes)));
+struct Vec : CpuVector<Acc, kBytes> {
   static constexpr int lanes = kBytes / sizeof(Acc);
 };
 
@@ -378,35 +377,32 @@ inline __attribute__((always_inline)) void attend_rows(const CacheAttnParams& p,
 template <typename Acc, int D>
 using AttendFn = void (*)(const CacheAttnParams&, int64_t, int64_t, int, int64_t, int64_t, Scratch<Acc, D>&);
 
-// One non-template function per instantiation and vector width (cpu_vector.h), each compiled for its
-// instruction set (called inside the OpenMP region: the outlined region itself is compiled for the
-// baseline target); name(bytes) picks one.
-#define R2LM_ATTEND_ROWS_AT(name, target, bytes, T, Acc, D)                                                \
-  target void name(const CacheAttnParams& p, int64_t b, int64_t kvh0, int n_group, int64_t row0,          \
-                   int64_t rows, Scratch<Acc, D>& w) {                                                    \
+// The FMA kernel's entry points: one non-template function per storage type, head_dim and vector width
+// (cpu_vector.h), each compiled for its instruction set (called inside the OpenMP region: the outlined
+// region itself is compiled for the baseline target); FmaAttend<T, D, bytes>::fn names it.
+template <typename T, int D, int kBytes>
+struct FmaAttend;
+#define R2LM_FMA_ATTEND(suffix, bytes, target, T, Acc, D)                                                   \
+  target void attend_##suffix##_v##bytes(const CacheAttnParams& p, int64_t b, int64_t kvh0, int n_group,    \
+                                         int64_t row0, int64_t rows, Scratch<Acc, D>& w) {                  \
     for (int g = 0; g < n_group; ++g) attend_rows<T, Acc, D, bytes>(p, b, kvh0 + g, row0, rows, w);        \
-  }
-#ifdef R2LM_X86_VECTOR_TARGETS
-#define R2LM_ATTEND_ROWS(name, T, Acc, D)                                                                  \
-  R2LM_ATTEND_ROWS_AT(name##_v64, R2LM_TARGET_X86_64_V4, 64, T, Acc, D)                                   \
-  R2LM_ATTEND_ROWS_AT(name##_v32, R2LM_TARGET_X86_64_V3, 32, T, Acc, D)                                   \
-  R2LM_ATTEND_ROWS_AT(name##_v16, , 16, T, Acc, D)                                                        \
-  AttendFn<Acc, D> name(int bytes) { return bytes == 64 ? name##_v64 : bytes == 32 ? name##_v32 : name##_v16; }
-#else
-#define R2LM_ATTEND_ROWS(name, T, Acc, D)                                                                  \
-  R2LM_ATTEND_ROWS_AT(name##_v16, , 16, T, Acc, D)                                                        \
-  AttendFn<Acc, D> name(int) { return name##_v16; }
-#endif
-R2LM_ATTEND_ROWS(attend_f32_64, float, float, 64)
-R2LM_ATTEND_ROWS(attend_f32_128, float, float, 128)
-R2LM_ATTEND_ROWS(attend_f16_64, Half16, float, 64)
-R2LM_ATTEND_ROWS(attend_f16_128, Half16, float, 128)
-R2LM_ATTEND_ROWS(attend_bf16_64, BFloat16Bits, float, 64)
-R2LM_ATTEND_ROWS(attend_bf16_128, BFloat16Bits, float, 128)
-R2LM_ATTEND_ROWS(attend_f64_64, double, double, 64)
-R2LM_ATTEND_ROWS(attend_f64_128, double, double, 128)
-#undef R2LM_ATTEND_ROWS
-#undef R2LM_ATTEND_ROWS_AT
+  }                                                                                                        \
+  template <>                                                                                              \
+  struct FmaAttend<T, D, bytes> {                                                                          \
+    static constexpr AttendFn<Acc, D> fn = &attend_##suffix##_v##bytes;                                     \
+  };
+#define R2LM_FMA_ATTEND_AT(bytes, target)                                                                  \
+  R2LM_FMA_ATTEND(f32_64, bytes, target, float, float, 64)                                                 \
+  R2LM_FMA_ATTEND(f32_128, bytes, target, float, float, 128)                                               \
+  R2LM_FMA_ATTEND(f16_64, bytes, target, Half16, float, 64)                                                \
+  R2LM_FMA_ATTEND(f16_128, bytes, target, Half16, float, 128)                                              \
+  R2LM_FMA_ATTEND(bf16_64, bytes, target, BFloat16Bits, float, 64)                                         \
+  R2LM_FMA_ATTEND(bf16_128, bytes, target, BFloat16Bits, float, 128)                                       \
+  R2LM_FMA_ATTEND(f64_64, bytes, target, double, double, 64)                                               \
+  R2LM_FMA_ATTEND(f64_128, bytes, target, double, double, 128)
+R2LM_FOR_EACH_VECTOR_WIDTH(R2LM_FMA_ATTEND_AT)
+#undef R2LM_FMA_ATTEND_AT
+#undef R2LM_FMA_ATTEND
 
 #ifdef R2LM_ATTENTION_AMX
 // AMX path (x86 CPUs with AMX-BF16: Sapphire Rapids and later). Both matmuls of a tile run on the tile
@@ -920,15 +916,24 @@ void cache_attention_cpu(const CacheAttnParams& p, bool write_kv) {
     attended = true;
   }
 #endif
-  const int bytes = cpu_vector_bytes();
-  if (!attended) switch (p.dtype) {
-    case DType::kFloat32: d64 ? attend_all(p, attend_f32_64(bytes), 1) : attend_all(p, attend_f32_128(bytes), 1); break;
-    case DType::kFloat16: d64 ? attend_all(p, attend_f16_64(bytes), 1) : attend_all(p, attend_f16_128(bytes), 1); break;
-    case DType::kBFloat16:
-      d64 ? attend_all(p, attend_bf16_64(bytes), 1) : attend_all(p, attend_bf16_128(bytes), 1);
-      break;
-    case DType::kFloat64: d64 ? attend_all(p, attend_f64_64(bytes), 1) : attend_all(p, attend_f64_128(bytes), 1); break;
-  }
+  if (!attended) with_cpu_vector_width([&](auto width) {
+    constexpr int w = decltype(width)::value;
+    switch (p.dtype) {
+      case DType::kFloat32:
+        d64 ? attend_all(p, FmaAttend<float, 64, w>::fn, 1) : attend_all(p, FmaAttend<float, 128, w>::fn, 1);
+        break;
+      case DType::kFloat16:
+        d64 ? attend_all(p, FmaAttend<Half16, 64, w>::fn, 1) : attend_all(p, FmaAttend<Half16, 128, w>::fn, 1);
+        break;
+      case DType::kBFloat16:
+        d64 ? attend_all(p, FmaAttend<BFloat16Bits, 64, w>::fn, 1)
+            : attend_all(p, FmaAttend<BFloat16Bits, 128, w>::fn, 1);
+        break;
+      case DType::kFloat64:
+        d64 ? attend_all(p, FmaAttend<double, 64, w>::fn, 1) : attend_all(p, FmaAttend<double, 128, w>::fn, 1);
+        break;
+    }
+  });
   if (!write_kv) return;
   switch (p.dtype) {
     case DType::kFloat32: write_block_kv<float>(p); break;

@@ -197,23 +197,13 @@ struct BlockFnsAt;
   R2LM_CONV_BLOCK_FNS(f64_v##bytes, target, bytes, double, double)                                            \
   R2LM_CONV_BLOCK_FNS(bf16_v##bytes, target, bytes, ConvBFloat16, float)                                      \
   R2LM_CONV_BLOCK_FNS(f16_v##bytes, target, bytes, ConvHalf, float)
-#ifdef R2LM_X86_VECTOR_TARGETS
-R2LM_CONV_BLOCK_FNS_AT(64, R2LM_TARGET_X86_64_V4)
-R2LM_CONV_BLOCK_FNS_AT(32, R2LM_TARGET_X86_64_V3)
-#endif
-R2LM_CONV_BLOCK_FNS_AT(16, )
+R2LM_FOR_EACH_VECTOR_WIDTH(R2LM_CONV_BLOCK_FNS_AT)
 #undef R2LM_CONV_BLOCK_FNS_AT
 #undef R2LM_CONV_BLOCK_FNS
 
 template <typename T>
 BlockFns<T> block_fns() {
-#ifdef R2LM_X86_VECTOR_TARGETS
-  switch (cpu_vector_bytes()) {
-    case 64: return BlockFnsAt<T, 64>::fns;
-    case 32: return BlockFnsAt<T, 32>::fns;
-  }
-#endif
-  return BlockFnsAt<T, 16>::fns;
+  return with_cpu_vector_width([](auto width) { return BlockFnsAt<T, decltype(width)::value>::fns; });
 }
 
 template <typename T, typename C>

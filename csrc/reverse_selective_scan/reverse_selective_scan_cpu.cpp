@@ -41,11 +41,7 @@ constexpr int64_t kMaxPartitions = 8;  // channel partitions per sequence for th
 // A block's channels are the lanes of one vector of kBytes bytes (cpu_vector.h: the per-block functions
 // are compiled for 64, 32 and 16 bytes, e.g. 16, 8 or 4 float channels).
 template <typename Acc, int kBytes>
-struct Lanes {
-  typedef Acc type __attribute__((vector_size(kBytes)));
-};
-template <typename Acc, int kBytes>
-using Vec = typename Lanes<Acc, kBytes>::type;
+using Vec = typename CpuVector<Acc, kBytes>::type;
 template <typename V>
 using Elem = std::remove_cv_t<std::remove_reference_t<decltype(std::declval<V>()[0])>>;
 template <typename V>
@@ -90,13 +86,13 @@ R2LM_INLINE V splat(Elem<V> x) { return V{} + x; }
 // The lower and upper halves of a vector.
 template <typename V>
 R2LM_INLINE auto half_lo(V v) {
-  typename Lanes<Elem<V>, sizeof(V) / 2>::type h;
+  typename CpuVector<Elem<V>, sizeof(V) / 2>::type h;
   std::memcpy(&h, &v, sizeof(h));
   return h;
 }
 template <typename V>
 R2LM_INLINE auto half_hi(V v) {
-  typename Lanes<Elem<V>, sizeof(V) / 2>::type h;
+  typename CpuVector<Elem<V>, sizeof(V) / 2>::type h;
   std::memcpy(&h, reinterpret_cast<const char*>(&v) + sizeof(h), sizeof(h));
   return h;
 }
@@ -143,7 +139,7 @@ R2LM_INLINE V lane_exp(V x) {
 // kClamp = false: the caller knows x >= -126 (or NaN) too, where the clamp changes nothing.
 template <bool kClamp = true, typename V>
 R2LM_INLINE V lane_exp2_nonpos(V x) {
-  using UInt = typename Lanes<uint32_t, sizeof(V)>::type;
+  using UInt = typename CpuVector<uint32_t, sizeof(V)>::type;
   V xc = x;
   if constexpr (kClamp) xc = x < -126.0f ? splat<V>(-126.0f) : x;
   const V shifted = xc + 12582912.0f;
@@ -496,11 +492,7 @@ struct BlockFns;
   R2LM_SCAN_BLOCK_FNS(f64_v##bytes, target, bytes, double, double)                                             \
   R2LM_SCAN_BLOCK_FNS(f16_v##bytes, target, bytes, Half, float)                                                \
   R2LM_SCAN_BLOCK_FNS(bf16_v##bytes, target, bytes, BFloat16, float)
-#ifdef R2LM_X86_VECTOR_TARGETS
-R2LM_SCAN_BLOCK_FNS_AT(64, R2LM_TARGET_X86_64_V4)
-R2LM_SCAN_BLOCK_FNS_AT(32, R2LM_TARGET_X86_64_V3)
-#endif
-R2LM_SCAN_BLOCK_FNS_AT(16, )
+R2LM_FOR_EACH_VECTOR_WIDTH(R2LM_SCAN_BLOCK_FNS_AT)
 #undef R2LM_SCAN_BLOCK_FNS_AT
 #undef R2LM_SCAN_BLOCK_FNS
 
@@ -736,13 +728,7 @@ void run_at(const ScanParams& p) {
 template <bool kBackward>
 void run(const ScanParams& p) {
   if (p.batch == 0 || p.seqlen == 0 || p.dim == 0) return;  // the torch layer zeroes the parameter gradients
-#ifdef R2LM_X86_VECTOR_TARGETS
-  switch (cpu_vector_bytes()) {
-    case 64: return run_at<kBackward, 64>(p);
-    case 32: return run_at<kBackward, 32>(p);
-  }
-#endif
-  run_at<kBackward, 16>(p);
+  with_cpu_vector_width([&](auto width) { run_at<kBackward, decltype(width)::value>(p); });
 }
 
 }  // namespace
