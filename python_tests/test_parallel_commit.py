@@ -100,7 +100,7 @@ def _assert_candidates_equal(got_tokens, want_tokens, logits, temperature, seed,
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 @pytest.mark.parametrize("shape,layout", [((2, 17, 1000), "contiguous"), ((1, 1, 2), "contiguous"),
                                           ((3, 33, 4099), "vocab_slice"), ((2, 5, 777), "transposed")])
-def test_candidates_and_scores_match_reference(device, dtype, score, temperature, shape, layout, rel_err):
+def test_candidates_and_scores_match_reference(device, dtype, score, temperature, shape, layout, rel_err, vector_width):
     """threshold=-inf commits every eligible position, exposing each candidate and score."""
     batch, block, vocab = shape
     mask_id = int(torch.randint(0, vocab, ()))
@@ -121,7 +121,7 @@ def test_candidates_and_scores_match_reference(device, dtype, score, temperature
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 @pytest.mark.parametrize("vocab", [151936, 262144])
-def test_large_vocab(device, dtype, temperature, vocab, rel_err):
+def test_large_vocab(device, dtype, temperature, vocab, rel_err, vector_width):
     batch, block = 2, 3                                          # few rows: the CUDA kernel splits each row
     logits = _logits(batch, block, vocab, dtype, device)
     mask_id = vocab - 1
@@ -192,7 +192,7 @@ def test_strided_tokens_are_updated_in_place(device):
     assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
 
 
-def test_ties_go_to_the_lower_position_and_token(device):
+def test_ties_go_to_the_lower_position_and_token(device, vector_width):
     batch, block, vocab, mask_id = 2, 8, 64, 0
     logits = torch.randn(batch, block, vocab, device=device)
     logits[:, 5] = logits[:, 2]                                  # equal rows: equal confidence
@@ -208,7 +208,7 @@ def test_ties_go_to_the_lower_position_and_token(device):
     _assert_same_outcome(got, want)
 
 
-def test_non_finite_rows_are_never_committed(device):
+def test_non_finite_rows_are_never_committed(device, vector_width):
     vocab, mask_id = 50, 3
     logits = torch.randn(1, 8, vocab, device=device)
     logits[0, :, mask_id] = 1e4                                  # the mask token dominates: never a candidate
@@ -261,7 +261,7 @@ def _chi_square_critical(dof, z=3.719):
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sampling_follows_softmax(device, temperature, dtype):
+def test_sampling_follows_softmax(device, temperature, dtype, vector_width):
     vocab, mask_id, batch, block, steps = 24, 5, 64, 128, 6
     # Logits scaled with the temperature keep every probability above ~3e-3 (expected counts >= 100).
     row = ((torch.randn(vocab, device=device) * 0.6).clamp(-1.2, 1.2) * temperature).to(dtype)
@@ -302,7 +302,7 @@ def test_sampling_is_reproducible(device):
     assert not torch.equal(first, draw(seed=11 + 2**32, step=4))  # the seed's high word counts
 
 
-def test_uniform_rounding_to_one_gives_no_infinite_noise(device):
+def test_uniform_rounding_to_one_gives_no_infinite_noise(device, vector_width):
     """For (seed 0, step 0, batch 930, position 0, token 2885) the uniform (2^24 - 1/2) / 2^24 rounds
     to 1.0 in fp32; uncapped, its Gumbel noise would be +inf and that token (logit -50) would win."""
     batch, vocab, mask_id, unlucky = 931, 4096, 4095, 2885

@@ -1,5 +1,6 @@
 // parallel_commit on the CPU: OpenMP over rows; each row is streamed once in L1-sized chunks whose
-// inner loops (conversion, max, finiteness check, exponentials) vectorise.
+// inner loops (conversion, max, finiteness check, exponentials) vectorise. The row loop is compiled once
+// per vector width (cpu_vector.h) and picked per call.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -7,6 +8,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_vector.h"
 #include "parallel_commit/parallel_commit.h"
 
 namespace r2lm {
@@ -37,62 +39,67 @@ inline float half_to_float(uint16_t h) {
   return bits_to_float(float_to_bits(value) | (static_cast<uint32_t>(h & 0x8000u) << 16));
 }
 
-// Eight fp32 lanes (GCC/Clang vector extensions: SSE pairs by default, AVX2 in the x86-64-v3 clone).
-// They never cross a non-inlined call boundary in the baseline build, so the AVX argument-passing ABI
-// note does not apply.
+// Float, int and unsigned lanes of one vector of kBytes. They never cross a non-inlined call boundary,
+// so the vector argument-passing ABI note does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef int32_t i32x8 __attribute__((vector_size(32)));
-constexpr int kLanes = 8;
+template <int kBytes>
+struct Lanes {
+  using F = typename CpuVector<float, kBytes>::type;
+  using I = typename CpuVector<int32_t, kBytes>::type;
+  using U = typename CpuVector<uint32_t, kBytes>::type;
+  static constexpr int count = kBytes / 4;
+};
+template <typename F>
+using IntLanes = typename CpuVector<int32_t, sizeof(F)>::type;
+constexpr int kMaxLanes = 16;  // chunks are padded to whole lanes of the widest vector
 
 #define R2LM_INLINE inline __attribute__((always_inline))
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-// An AVX2/FMA build of the hot loops beside the baseline one, chosen at load time.
-#define R2LM_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define R2LM_CPU_CLONES
-#endif
 
-R2LM_INLINE f32x8 splat(float v) { return f32x8{v, v, v, v, v, v, v, v}; }
+template <typename F>
+R2LM_INLINE F splat(float v) { return F{} + v; }
 
-R2LM_INLINE f32x8 load8(const float* p) {
-  f32x8 v;
+template <typename F>
+R2LM_INLINE F load_lanes(const float* p) {
+  F v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
 // e^x for x <= 0 in fp32 (Cody-Waite reduction, degree-6 polynomial, ~1 ulp); x below -87 gives
 // ~1e-38 rather than 0, which no sum here can notice.
-R2LM_INLINE f32x8 exp_nonpositive(const f32x8& x_in) {
-  f32x8 x = x_in;
-  x = x < splat(-87.0f) ? splat(-87.0f) : x;
-  const f32x8 round_magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const f32x8 n = (x * 1.44269504088896341f + round_magic) - round_magic;
-  f32x8 r = x - n * 0.693359375f;
+template <typename F>
+R2LM_INLINE F exp_nonpositive(const F& x_in) {
+  F x = x_in;
+  x = x < splat<F>(-87.0f) ? splat<F>(-87.0f) : x;
+  const F round_magic = splat<F>(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const F n = (x * 1.44269504088896341f + round_magic) - round_magic;
+  F r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  f32x8 poly = splat(1.9875691500e-4f);
+  F poly = splat<F>(1.9875691500e-4f);
   poly = poly * r + 1.3981999507e-3f;
   poly = poly * r + 8.3334519073e-3f;
   poly = poly * r + 4.1665795894e-2f;
   poly = poly * r + 1.6666665459e-1f;
   poly = poly * r + 5.0000001201e-1f;
-  const f32x8 y = poly * r * r + r + 1.0f;
-  const i32x8 scale_bits = (__builtin_convertvector(n, i32x8) + 127) << 23;
-  return y * __builtin_bit_cast(f32x8, scale_bits);
+  const F y = poly * r * r + r + 1.0f;
+  const IntLanes<F> scale_bits = (__builtin_convertvector(n, IntLanes<F>) + 127) << 23;
+  return y * __builtin_bit_cast(F, scale_bits);
 }
 
-// Max of buf[0, n) (n a multiple of kLanes); returns whether a NaN or +inf is among them.
-R2LM_CPU_CLONES bool chunk_max(const float* buf, int64_t n, float& max_out) {
-  f32x8 vmax = splat(-std::numeric_limits<float>::infinity());
-  i32x8 finite_or_ninf = i32x8{} - 1;
-  for (int64_t j = 0; j < n; j += kLanes) {
-    const f32x8 x = load8(buf + j);
+// Max of buf[0, n) (n a multiple of kMaxLanes); returns whether a NaN or +inf is among them.
+template <int kBytes>
+R2LM_INLINE bool chunk_max(const float* buf, int64_t n, float& max_out) {
+  using L = Lanes<kBytes>;
+  typename L::F vmax = splat<typename L::F>(-std::numeric_limits<float>::infinity());
+  typename L::I finite_or_ninf = typename L::I{} - 1;
+  for (int64_t j = 0; j < n; j += L::count) {
+    const typename L::F x = load_lanes<typename L::F>(buf + j);
     vmax = x > vmax ? x : vmax;
-    finite_or_ninf &= x < splat(std::numeric_limits<float>::infinity());
+    finite_or_ninf &= x < splat<typename L::F>(std::numeric_limits<float>::infinity());
   }
   float m = vmax[0];
   bool bad = false;
-  for (int l = 0; l < kLanes; ++l) {
+  for (int l = 0; l < L::count; ++l) {
     m = std::max(m, vmax[l]);
     bad |= finite_or_ninf[l] == 0;
   }
@@ -101,45 +108,49 @@ R2LM_CPU_CLONES bool chunk_max(const float* buf, int64_t n, float& max_out) {
 }
 
 // Sum of e^(x - off) and (want_xsum) of e^(x - off) (x - off) over buf[0, n), off >= every x.
-R2LM_CPU_CLONES void chunk_sums(const float* buf, int64_t n, float off, bool want_xsum, float& sum, float& xsum) {
-  f32x8 vsum = splat(0.0f), vxsum = splat(0.0f);
+template <int kBytes>
+R2LM_INLINE void chunk_sums(const float* buf, int64_t n, float off, bool want_xsum, float& sum, float& xsum) {
+  using L = Lanes<kBytes>;
+  using F = typename L::F;
+  F vsum = splat<F>(0.0f), vxsum = splat<F>(0.0f);
   if (want_xsum) {
-    for (int64_t j = 0; j < n; j += kLanes) {
-      f32x8 d = load8(buf + j) - off;
-      d = d < splat(-87.0f) ? splat(-87.0f) : d;  // -inf logits: e ~ 1e-38 and e * d ~ 0, not NaN
-      const f32x8 e = exp_nonpositive(d);
+    for (int64_t j = 0; j < n; j += L::count) {
+      F d = load_lanes<F>(buf + j) - off;
+      d = d < splat<F>(-87.0f) ? splat<F>(-87.0f) : d;  // -inf logits: e ~ 1e-38 and e * d ~ 0, not NaN
+      const F e = exp_nonpositive(d);
       vsum += e;
       vxsum += e * d;
     }
   } else {
-    for (int64_t j = 0; j < n; j += kLanes) vsum += exp_nonpositive(load8(buf + j) - off);
+    for (int64_t j = 0; j < n; j += L::count) vsum += exp_nonpositive(load_lanes<F>(buf + j) - off);
   }
   sum = xsum = 0.0f;
-  for (int l = 0; l < kLanes; ++l) {
+  for (int l = 0; l < L::count; ++l) {
     sum += vsum[l];
     xsum += vxsum[l];
   }
 }
 
-typedef uint32_t u32x8 __attribute__((vector_size(32)));
-
-R2LM_INLINE u32x8 hash32x8(const u32x8& key) {  // commit_hash32 on eight lanes
-  u32x8 x = key;
+template <typename U>
+R2LM_INLINE U hash_lanes(const U& key) {  // commit_hash32 on every lane
+  U x = key;
   commit_hash32_in_place(x);
   return x;
 }
 
 // Natural log of positive normal floats (Cephes-style: mantissa in [sqrt(1/2), sqrt(2)), degree-9
 // polynomial; within ~1 ulp, like the libm logf the reference's torch.log stands in for).
-R2LM_INLINE f32x8 log_positive(const f32x8& x) {
-  const i32x8 bits = __builtin_bit_cast(i32x8, x);
-  i32x8 e = ((bits >> 23) & 0xff) - 126;
-  f32x8 m = __builtin_bit_cast(f32x8, (bits & 0x807fffff) | 0x3f000000);  // [0.5, 1)
-  const i32x8 small = m < splat(0.707106781186547524f);
+template <typename F>
+R2LM_INLINE F log_positive(const F& x) {
+  using I = IntLanes<F>;
+  const I bits = __builtin_bit_cast(I, x);
+  I e = ((bits >> 23) & 0xff) - 126;
+  F m = __builtin_bit_cast(F, (bits & 0x807fffff) | 0x3f000000);  // [0.5, 1)
+  const I small = m < splat<F>(0.707106781186547524f);
   e += small;  // small lanes are -1: one power of two less
   m = small ? m + m - 1.0f : m - 1.0f;
-  const f32x8 z = m * m;
-  f32x8 y = splat(7.0376836292e-2f);
+  const F z = m * m;
+  F y = splat<F>(7.0376836292e-2f);
   y = y * m - 1.1514610310e-1f;
   y = y * m + 1.1676998740e-1f;
   y = y * m - 1.2420140846e-1f;
@@ -149,29 +160,34 @@ R2LM_INLINE f32x8 log_positive(const f32x8& x) {
   y = y * m - 2.4999993993e-1f;
   y = y * m + 3.3333331174e-1f;
   y = y * m * z;
-  const f32x8 ef = __builtin_convertvector(e, f32x8);
+  const F ef = __builtin_convertvector(e, F);
   y += ef * -2.12194440e-4f;
   y -= 0.5f * z;
   return m + y + ef * 0.693359375f;
 }
 
-// Gumbel-max picks x / T - log(-log(u)) of buf[0, n) (tokens base..), n a multiple of kLanes; -inf
+// Gumbel-max picks x / T - log(-log(u)) of buf[0, n) (tokens base..), n a multiple of kMaxLanes; -inf
 // logits (the set-aside mask token among them) give -inf.
-R2LM_CPU_CLONES void chunk_gumbel_picks(const float* buf, int64_t n, float temperature, uint32_t row_key,
-                                        uint32_t base, float* picks) {
-  const u32x8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
-  for (int64_t j = 0; j < n; j += kLanes) {
-    const u32x8 k = hash32x8(row_key ^ hash32x8(base + static_cast<uint32_t>(j) + lane)) >> 8;
-    f32x8 u = (__builtin_convertvector(__builtin_bit_cast(i32x8, k), f32x8) + 0.5f) * (1.0f / 16777216.0f);
-    u = u < splat(0x1.fffffep-1f) ? u : splat(0x1.fffffep-1f);
-    const f32x8 noise = -log_positive(-log_positive(u));
-    const f32x8 pick = load8(buf + j) / temperature + noise;
+template <int kBytes>
+R2LM_INLINE void chunk_gumbel_picks(const float* buf, int64_t n, float temperature, uint32_t row_key,
+                                    uint32_t base, float* picks) {
+  using L = Lanes<kBytes>;
+  using F = typename L::F;
+  typename L::U lane;
+  for (int l = 0; l < L::count; ++l) lane[l] = uint32_t(l);
+  for (int64_t j = 0; j < n; j += L::count) {
+    const typename L::U k = hash_lanes(row_key ^ hash_lanes(base + static_cast<uint32_t>(j) + lane)) >> 8;
+    F u = (__builtin_convertvector(__builtin_bit_cast(typename L::I, k), F) + 0.5f) * (1.0f / 16777216.0f);
+    u = u < splat<F>(0x1.fffffep-1f) ? u : splat<F>(0x1.fffffep-1f);
+    const F noise = -log_positive(-log_positive(u));
+    const F pick = load_lanes<F>(buf + j) / temperature + noise;
     std::memcpy(picks + j, &pick, sizeof(pick));
   }
 }
 
-// The fp64 path (tests against the fp64 reference): plain loops.
-bool chunk_max(const double* buf, int64_t n, double& max_out) {
+// The fp64 path (tests against the fp64 reference): plain loops (kBytes unused).
+template <int kBytes>
+R2LM_INLINE bool chunk_max(const double* buf, int64_t n, double& max_out) {
   double m = -std::numeric_limits<double>::infinity();
   bool bad = false;
   for (int64_t j = 0; j < n; ++j) {
@@ -182,7 +198,8 @@ bool chunk_max(const double* buf, int64_t n, double& max_out) {
   return bad;
 }
 
-void chunk_sums(const double* buf, int64_t n, double off, bool want_xsum, double& sum, double& xsum) {
+template <int kBytes>
+R2LM_INLINE void chunk_sums(const double* buf, int64_t n, double off, bool want_xsum, double& sum, double& xsum) {
   sum = xsum = 0.0;
   for (int64_t j = 0; j < n; ++j) {
     if (buf[j] == -std::numeric_limits<double>::infinity()) continue;
@@ -193,7 +210,7 @@ void chunk_sums(const double* buf, int64_t n, double off, bool want_xsum, double
 }
 
 // Logits of one chunk in the compute type.
-R2LM_CPU_CLONES void convert_chunk(const uint16_t* src, int64_t n, bool is_bf16, float* dst) {
+R2LM_INLINE void convert_chunk(const uint16_t* src, int64_t n, bool is_bf16, float* dst) {
   if (is_bf16) {
     for (int64_t j = 0; j < n; ++j) dst[j] = bits_to_float(uint32_t(src[j]) << 16);
   } else {
@@ -202,15 +219,15 @@ R2LM_CPU_CLONES void convert_chunk(const uint16_t* src, int64_t n, bool is_bf16,
 }
 
 template <typename T, typename acc_t>
-void convert_chunk(const T* src, int64_t n, bool, acc_t* dst) {
+R2LM_INLINE void convert_chunk(const T* src, int64_t n, bool, acc_t* dst) {
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<acc_t>(src[j]);
 }
 
 // One row: the statistics of every logit, streamed once. T is float, double, or uint16_t holding
 // bf16 (is_bf16) or fp16 bits.
-template <typename T, bool is_bf16, typename acc_t>
-CommitRowStats<acc_t> row_stats(const T* row, const CommitParams& p, bool sample, acc_t temperature,
-                                uint32_t row_key, acc_t* buf, acc_t* picks) {
+template <typename T, bool is_bf16, typename acc_t, int kBytes>
+R2LM_INLINE CommitRowStats<acc_t> row_stats(const T* row, const CommitParams& p, bool sample, acc_t temperature,
+                                            uint32_t row_key, acc_t* buf, acc_t* picks) {
   constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   const bool want_xsum = p.score == CommitScore::kNegEntropy;
   const bool want_top2 = p.score == CommitScore::kMargin;
@@ -219,7 +236,7 @@ CommitRowStats<acc_t> row_stats(const T* row, const CommitParams& p, bool sample
   for (int64_t c0 = 0; c0 < p.vocab; c0 += kChunk) {
     const int64_t n = std::min(kChunk, p.vocab - c0);
     // Padded with -inf to whole lanes, which changes no statistic (e^(-87) per pad is below any ulp).
-    const int64_t n_padded = (n + kLanes - 1) / kLanes * kLanes;
+    const int64_t n_padded = (n + kMaxLanes - 1) / kMaxLanes * kMaxLanes;
     convert_chunk(row + c0, n, is_bf16, buf);
     for (int64_t j = n; j < n_padded; ++j) buf[j] = ninf;
     // The mask token counts in the softmax but is never a candidate: set it aside.
@@ -231,7 +248,7 @@ CommitRowStats<acc_t> row_stats(const T* row, const CommitParams& p, bool sample
       buf[mask_j] = ninf;
     }
     acc_t cmax;
-    const bool not_below_inf = chunk_max(buf, n_padded, cmax);
+    const bool not_below_inf = chunk_max<kBytes>(buf, n_padded, cmax);
     if (not_below_inf || !(mask_logit < std::numeric_limits<acc_t>::infinity())) {
       s.sum = std::numeric_limits<acc_t>::quiet_NaN();  // the row may not be committed: stop reading it
       return s;
@@ -247,9 +264,9 @@ CommitRowStats<acc_t> row_stats(const T* row, const CommitParams& p, bool sample
     } else if (cmax > ninf && commit_div(cmax, temperature) + bound >= s.pick) {
       // (Chunks whose largest logit cannot beat the lead even with the largest noise are skipped.)
       if constexpr (std::is_same_v<acc_t, float>) {
-        chunk_gumbel_picks(buf, n_padded, temperature, row_key, uint32_t(c0), picks);
+        chunk_gumbel_picks<kBytes>(buf, n_padded, temperature, row_key, uint32_t(c0), picks);
         float best;
-        chunk_max(picks, n_padded, best);
+        chunk_max<kBytes>(picks, n_padded, best);
         if (best > s.pick) {
           int64_t j = 0;
           while (picks[j] != best) ++j;
@@ -285,7 +302,7 @@ CommitRowStats<acc_t> row_stats(const T* row, const CommitParams& p, bool sample
     s.max = new_max;
     const acc_t off = commit_exp_offset(new_max);
     acc_t sum, xsum;
-    chunk_sums(buf, n_padded, off, want_xsum, sum, xsum);
+    chunk_sums<kBytes>(buf, n_padded, off, want_xsum, sum, xsum);
     if (has_mask && mask_logit > ninf) {
       const acc_t d = mask_logit - off;
       const acc_t e = commit_exp(d);
@@ -298,8 +315,33 @@ CommitRowStats<acc_t> row_stats(const T* row, const CommitParams& p, bool sample
   return s;
 }
 
+// row_stats per storage type and vector width, each compiled for its instruction set (called inside the
+// OpenMP region: the outlined region itself is compiled for the baseline target).
+template <typename T, bool is_bf16, int kBytes>
+struct RowStatsAt;
+#define R2LM_COMMIT_ROW_STATS(suffix, bytes, target, T, is_bf16, acc_t)                                       \
+  target CommitRowStats<acc_t> row_stats_##suffix##_v##bytes(const T* row, const CommitParams& p, bool sample, \
+                                                            acc_t temperature, uint32_t row_key, acc_t* buf,  \
+                                                            acc_t* picks) {                                    \
+    return row_stats<T, is_bf16, acc_t, bytes>(row, p, sample, temperature, row_key, buf, picks);             \
+  }                                                                                                            \
+  template <>                                                                                                  \
+  struct RowStatsAt<T, is_bf16, bytes> {                                                                       \
+    static constexpr auto fn = &row_stats_##suffix##_v##bytes;                                                 \
+  };
+#define R2LM_COMMIT_ROW_STATS_AT(bytes, target)                                                              \
+  R2LM_COMMIT_ROW_STATS(f32, bytes, target, float, false, float)                                              \
+  R2LM_COMMIT_ROW_STATS(f64, bytes, target, double, false, double)                                            \
+  R2LM_COMMIT_ROW_STATS(bf16, bytes, target, uint16_t, true, float)                                           \
+  R2LM_COMMIT_ROW_STATS(f16, bytes, target, uint16_t, false, float)
+R2LM_FOR_EACH_VECTOR_WIDTH(R2LM_COMMIT_ROW_STATS_AT)
+#undef R2LM_COMMIT_ROW_STATS_AT
+#undef R2LM_COMMIT_ROW_STATS
+
 template <typename T, bool is_bf16, typename acc_t>
 void run(const CommitParams& p) {
+  const auto row_stats_fn =
+      with_cpu_vector_width([](auto width) { return RowStatsAt<T, is_bf16, decltype(width)::value>::fn; });
   const int64_t rows = p.batch * p.block;
   const uint64_t step = p.step_tensor ? static_cast<uint64_t>(*p.step_tensor) : p.step;
   const bool sample = p.temperature > 0;
@@ -319,8 +361,8 @@ void run(const CommitParams& p) {
       if (!is_masked(b, i)) continue;  // its logits are never read
       const T* row = static_cast<const T*>(p.logits) + b * p.logits_batch_stride + i * p.logits_pos_stride;
       const uint32_t key = sample ? commit_row_key(p.seed, step, uint32_t(b), uint32_t(i)) : 0u;
-      choice[r] = commit_finalize(row_stats<T, is_bf16, acc_t>(row, p, sample, temperature, key, buf.data(), picks.data()),
-                                  p.score, p.vocab);
+      choice[r] = commit_finalize(row_stats_fn(row, p, sample, temperature, key, buf.data(), picks.data()), p.score,
+                                  p.vocab);
     }
   }
 
