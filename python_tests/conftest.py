@@ -86,6 +86,20 @@ def cap_vector_width(monkeypatch):
     return cap
 
 
+@pytest.fixture
+def select_cpu_kernel(monkeypatch, cap_vector_width):
+    """select_cpu_kernel(kernel, device, generic_env): "auto" leaves the op its own choice; "generic",
+    "generic-32" and "generic-16" force its portable kernel (generic_env=1) at that vector width."""
+    def select(kernel, device, generic_env):
+        if kernel == "auto":
+            return
+        if device != "cpu":
+            pytest.skip(f"{generic_env} only affects the CPU kernels")
+        monkeypatch.setenv(generic_env, "1")
+        cap_vector_width(kernel.removeprefix("generic").removeprefix("-") or "widest", device)
+    return select
+
+
 @pytest.fixture(params=["widest", "32", "16"], ids=lambda w: f"vec-{w}")
 def vector_width(request, device, cap_vector_width):
     """The portable CPU kernels at every vector width the CPU has (64 AVX-512, 32 AVX2, 16 SSE2 / NEON)."""

@@ -16,15 +16,11 @@ def dtypes_for(device):
 
 
 @pytest.fixture(params=["auto", "generic", "generic-32", "generic-16"])
-def cpu_kernel(request, device, monkeypatch, cap_vector_width):
+def cpu_kernel(request, device, select_cpu_kernel):
     """Which CPU kernel runs: "auto" (on CPUs with AMX-BF16, blocks of >= 16 query rows per kv head use the
     tile-unit kernel) or "generic" (R2LM_ATTENTION_CPU_GENERIC=1 forces the FMA kernel), the latter at
     every vector width the CPU has, so that all of them stay tested."""
-    if request.param != "auto":
-        if device != "cpu":
-            pytest.skip("R2LM_ATTENTION_CPU_GENERIC only affects the CPU kernels")
-        monkeypatch.setenv("R2LM_ATTENTION_CPU_GENERIC", "1")
-        cap_vector_width(request.param.removeprefix("generic").removeprefix("-") or "widest", device)
+    select_cpu_kernel(request.param, device, "R2LM_ATTENTION_CPU_GENERIC")
     return request.param
 
 

@@ -62,15 +62,11 @@ def scan_inputs(make_segments):
 
 
 @pytest.fixture(params=["auto", "generic", "generic-32", "generic-16"])
-def cpu_kernel(request, device, monkeypatch, cap_vector_width):
+def cpu_kernel(request, device, select_cpu_kernel):
     """Which CPU forward runs: "auto" (on AVX-512 machines the fp32 d_state-16 forward is an AVX-512 kernel)
     or "generic" (R2LM_SCAN_CPU_GENERIC=1 forces the portable vector code), the latter at every vector
     width the CPU has, so that all of them stay tested."""
-    if request.param != "auto":
-        if device != "cpu":
-            pytest.skip("R2LM_SCAN_CPU_GENERIC only affects the CPU kernels")
-        monkeypatch.setenv("R2LM_SCAN_CPU_GENERIC", "1")
-        cap_vector_width(request.param.removeprefix("generic").removeprefix("-") or "widest", device)
+    select_cpu_kernel(request.param, device, "R2LM_SCAN_CPU_GENERIC")
     return request.param
 
 
