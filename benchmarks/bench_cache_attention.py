@@ -9,12 +9,14 @@ import r2lm_kernels
 
 # (batch, cache_len, q_len, n_heads, n_kv_heads, head_dim)
 CPU_SHAPES = [(4, 2048, 32, 16, 8, 128)]
+CPU_DTYPES = [torch.float32, torch.bfloat16]  # fp32: the CPU target; bf16: what models run
 GPU_SHAPES = [(32, 8192, 32, 16, 8, 128), (1, 32768, 32, 16, 8, 128), (64, 2048, 32, 16, 8, 128),
               (8, 4096, 1, 32, 8, 128)]
 QUICK_SHAPES = [(2, 512, 32, 16, 8, 128)]
 
 
-ALL_SHAPES = [("cpu", s) for s in CPU_SHAPES] + [("cuda", s) for s in GPU_SHAPES] + [("quick", s) for s in QUICK_SHAPES]
+ALL_SHAPES = ([("cpu", s, d) for s in CPU_SHAPES for d in CPU_DTYPES] + [("cuda", s, None) for s in GPU_SHAPES]
+              + [("quick", s, None) for s in QUICK_SHAPES])
 
 
 def _flex_peer(q, keys, vals, lens, q_len):
@@ -38,12 +40,14 @@ def _flex_peer(q, keys, vals, lens, q_len):
     return lambda: flex(q, keys, vals, block_mask=block_mask, enable_gqa=True)
 
 
-@pytest.mark.parametrize("where,shape", ALL_SHAPES, ids=[f"{w}-{'x'.join(map(str, s))}" for w, s in ALL_SHAPES])
-def test_cache_attention(bench, device, quick, where, shape):
+@pytest.mark.parametrize("where,shape,dtype", ALL_SHAPES,
+                         ids=[f"{w}-{'x'.join(map(str, s))}" + (f"-{str(d).removeprefix('torch.')}" if d else "")
+                              for w, s, d in ALL_SHAPES])
+def test_cache_attention(bench, device, quick, where, shape, dtype):
     if where != ("quick" if quick else device):
         pytest.skip(f"shape for {where} runs")
     batch, cache_len, q_len, n_heads, n_kv, head_dim = shape
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
     elem = torch.finfo(dtype).bits // 8
     max_len = cache_len + q_len
     q = torch.randn(batch, q_len, n_heads, head_dim, device=device, dtype=dtype)

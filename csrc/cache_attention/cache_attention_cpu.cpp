@@ -409,7 +409,7 @@ R2LM_FOR_EACH_VECTOR_WIDTH(R2LM_FMA_ATTEND_AT)
 // unit, which multiplies bf16 pairs into fp32 sums at ~15x the FMA rate. fp32 accuracy comes from
 // splitting every operand exactly into three bf16 parts, x = x0 + x1 + x2 (8 significant bits each), and
 // summing the six part products a_i b_j with i + j <= 2: the three left out are below 2^-24 of the
-// product, the size of fp32 rounding. The tile unit reads parts below 2^-126 as 0 and flushes tiny
+// product, the size of fp32 rounding. Half-precision inputs need fewer parts (see Parts). The tile unit reads parts below 2^-126 as 0 and flushes tiny
 // products: inputs below about 2^-110 lose accuracy, and below about 2^-120 (fp32 subnormals included)
 // they are effectively 0 - far outside what attention sees. Scores are computed key-major (S^T = K Q^T, so the key tile is
 // used as stored and the softmax runs on row vectors as in the FMA path); P . V then needs P row-major,
@@ -419,11 +419,40 @@ namespace amx {
 
 #define R2LM_AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,amx-tile,amx-bf16")))
 
-// The part products a_i b_j (i + j <= 2), ordered so that each product changes only one operand from the
-// last (the other's tiles stay loaded): a step loads 14 tiles instead of 24.
-constexpr int kProducts = 6;
-constexpr int kPartA[kProducts] = {0, 0, 1, 1, 0, 2};
-constexpr int kPartB[kProducts] = {2, 1, 1, 0, 0, 0};
+// The part products a_i b_j of a matmul, ordered so that each product changes only one operand from the
+// last (the other's tiles stay loaded).
+struct ProductList {
+  int count;
+  int a[6], b[6];
+};
+
+// How many bf16 parts each operand is split into, and which part products a matmul sums, by input dtype.
+// A cache row (keys, values) needs the parts that hold it exactly: 1 for bf16, 2 for fp16 (11 significant
+// bits), 3 for fp32 (24). The computed operands (scaled queries, probabilities) get 3 parts for fp32
+// inputs and 2 (16 bits, error 2^-17) for half inputs, and the products kept are those with i + j <= 2
+// for fp32 (the terms left out are below 2^-24 of the product) and i + j <= 1 for half inputs (below
+// 2^-16, far under the output's rounding). Scores: A = keys, B = queries; P . V: A = probabilities,
+// B = values.
+template <typename T>
+struct Parts;
+template <>
+struct Parts<float> {
+  static constexpr int stored = 3, computed = 3;
+  static constexpr ProductList scores{6, {0, 0, 1, 1, 0, 2}, {2, 1, 1, 0, 0, 0}};  // 14 tile loads a step, not 24
+  static constexpr ProductList values = scores;
+};
+template <>
+struct Parts<Half16> {
+  static constexpr int stored = 2, computed = 2;
+  static constexpr ProductList scores{3, {0, 0, 1}, {1, 0, 0}};
+  static constexpr ProductList values = scores;
+};
+template <>
+struct Parts<BFloat16Bits> {
+  static constexpr int stored = 1, computed = 2;
+  static constexpr ProductList scores{2, {0, 0}, {0, 1}};
+  static constexpr ProductList values{2, {0, 1}, {0, 0}};
+};
 // Keys per tile. The tile products stream their operands from L2, so the heads' state must stay in it:
 // 32 keys keep it at ~215 KB per head at head_dim 128 (queries' parts 61 KB, double-buffered key and
 // value parts 61 + 55 KB, output 37 KB), 1.7 MB for kGroupHeads heads.
@@ -436,24 +465,38 @@ constexpr int kGroupHeads = 8;
 using VF = Vec<float>::type;
 using VU = uint32_t __attribute__((vector_size(64)));
 
-// The three bf16 parts of 16 pairs of floats (lo[l], hi[l]), each pair packed in one 32-bit word (lo in
-// the low half), the element order of tile rows: a tile row's 32-bit word k multiplies word k of the
-// other operand's row pairwise. Which elements are paired is free as long as both operands pair them
+// The first kParts bf16 parts of 16 pairs of floats (lo[l], hi[l]), each pair packed in one 32-bit word
+// (lo in the low half), the element order of tile rows: a tile row's 32-bit word k multiplies word k of
+// the other operand's row pairwise. Which elements are paired is free as long as both operands pair them
 // alike; pairing element l of one 16-float vector with element l of another costs a shift and a
 // bitwise select per part. Truncation makes every remainder exact: x - x0 keeps the low 16
 // significant bits, and x1 the top 8 of those.
-inline __attribute__((always_inline)) void split_pairs(VF lo, VF hi, VU part[3]) {
+template <int kParts>
+inline __attribute__((always_inline)) void split_pairs(VF lo, VF hi, VU part[kParts]) {
   const VU high = VU{} + 0xFFFF0000u;
-  for (int i = 0; i < 3; ++i) {
+  for (int i = 0; i < kParts; ++i) {
     part[i] = ((VU)lo >> 16) | ((VU)hi & high);
     lo -= (VF)((VU)lo & high);
     hi -= (VF)((VU)hi & high);
   }
 }
 
-// Stands in for keys past the tile's end and for missing pages.
-template <int D>
-alignas(64) constexpr float kZeroRow[D] = {};
+// 16 elements of a cache row as floats.
+template <typename T>
+R2LM_AMX_TARGET inline __attribute__((always_inline)) VF load_floats(const T* src) {
+  if constexpr (std::is_same_v<T, float>) {
+    return load_vec<VF>(src);
+  } else {
+    using VH = uint16_t __attribute__((vector_size(32)));
+    const VH bits = load_vec<VH>(src);
+    if constexpr (std::is_same_v<T, Half16>) return (VF)_mm512_maskz_cvtph_ps(0xFFFF, (__m256i)bits);
+    else return (VF)(__builtin_convertvector(bits, VU) << 16);  // bf16: the top half of a float
+  }
+}
+
+// Stands in for keys past the tile's end and for missing pages (all-zero bits are +0 in every dtype).
+template <typename T, int D>
+alignas(64) constexpr T kZeroRow[D] = {};
 
 // Transposes a 16 x 16 block of floats held as 16 row vectors: 4 rounds of two-source shuffles (unpack
 // pairs, then 2 x 2 blocks within 128-bit lanes, then 128-bit lanes twice).
@@ -523,13 +566,14 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
 };
 
-// One matmul on the tile unit, C (+)= the sum of the part products A_i B_j, issued one part product at a
+// One matmul on the tile unit, C (+)= the sum of the part products A_i B_j in kList, issued one part product at a
 // time so that vector work can run between them: m_tiles x n_tiles output tiles of 16 x 16 floats, walked
 // in blocks of up to 2 x 2 (tile (m, c) of a block is accumulator 2m + c; all 8 tile registers), k_steps
 // steps of 32 bf16 of the inner dimension, steps outer so that a step's tiles of all parts stay in L1
-// while the six products reuse them. Addresses in bytes: A tile (part i, row tile m, step s) at
+// while the part products reuse them. Addresses in bytes: A tile (part i, row tile m, step s) at
 // a + i a_part + 16 m a_stride + 64 s; B tile (part j, column tile n, step s) at b + j b_part +
 // 16 s b_stride + 64 n; C tile (m, n) at c + 16 m c_stride + 64 n. A job with m_tiles = 0 is empty.
+template <ProductList kList>
 struct TileJob {
   const char* a = nullptr;
   int64_t a_part = 0, a_stride = 0;
@@ -542,7 +586,7 @@ struct TileJob {
   int bm = 0, bn = 0, step = 0, product = 0;  // the next product: block origin (in tiles), k-step, product
 
   bool done() const { return bm >= m_tiles; }
-  int products() const { return (m_tiles + 1) / 2 * ((n_tiles + 1) / 2) * k_steps * kProducts; }
+  int products() const { return (m_tiles + 1) / 2 * ((n_tiles + 1) / 2) * k_steps * kList.count; }
 
   R2LM_AMX_TARGET inline __attribute__((always_inline)) void issue() {
     const bool two_m = bm + 1 < m_tiles, two_n = bn + 1 < n_tiles;
@@ -557,10 +601,10 @@ struct TileJob {
         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
       }
     }
-    const char* a0 = a + kPartA[product] * a_part + 16 * bm * a_stride + 64 * step;
-    const char* b0 = b + kPartB[product] * b_part + 16 * step * b_stride + 64 * bn;
-    const bool new_a = product == 0 || kPartA[product] != kPartA[product - 1];
-    const bool new_b = product == 0 || kPartB[product] != kPartB[product - 1];
+    const char* a0 = a + kList.a[product] * a_part + 16 * bm * a_stride + 64 * step;
+    const char* b0 = b + kList.b[product] * b_part + 16 * step * b_stride + 64 * bn;
+    const bool new_a = product == 0 || kList.a[product] != kList.a[product - 1];
+    const bool new_b = product == 0 || kList.b[product] != kList.b[product - 1];
     if (new_a) _tile_loadd(4, a0, a_stride);
     if (new_b) _tile_loadd(6, b0, b_stride);
     _tile_dpbf16ps(0, 4, 6);
@@ -573,7 +617,7 @@ struct TileJob {
       _tile_dpbf16ps(1, 4, 7);
       if (two_m) _tile_dpbf16ps(3, 5, 7);
     }
-    if (++product < kProducts) return;
+    if (++product < kList.count) return;
     product = 0;
     if (++step < k_steps) return;
     step = 0;
@@ -593,12 +637,13 @@ struct TileJob {
 // job. finish() issues what is left once the vector work is done. operator() is not always_inline: the
 // shared online_softmax, compiled for the baseline target, calls it; the AMX entry points are flattened,
 // which inlines it there.
+template <typename Job>
 struct Pacer {
-  TileJob& job;
+  Job& job;
   const int64_t products, ticks;
   int64_t credit = 0;
 
-  Pacer(TileJob& job, int64_t ticks) : job(job), products(job.products()), ticks(std::max<int64_t>(ticks, 1)) {
+  Pacer(Job& job, int64_t ticks) : job(job), products(job.products()), ticks(std::max<int64_t>(ticks, 1)) {
     // The tile loads read operands that earlier phases stored with plain stores: the tile intrinsics'
     // asm declares no memory operands, so a compiler barrier keeps those stores ahead of them.
     __asm__ volatile("" ::: "memory");
@@ -613,9 +658,9 @@ struct Pacer {
 };
 
 // S^T = K . Q^T of one head for the key tile in buffer `buf`, into st (key-major).
-template <int D>
-TileJob score_job(HeadState<D>& h, int buf, float (*st)[kRowTile], int row_tiles) {
-  TileJob job;
+template <typename T, int D>
+TileJob<Parts<T>::scores> score_job(HeadState<D>& h, int buf, float (*st)[kRowTile], int row_tiles) {
+  TileJob<Parts<T>::scores> job;
   job.a = reinterpret_cast<const char*>(h.kp[buf]);
   job.a_part = sizeof(h.kp[buf][0]);
   job.a_stride = sizeof(h.kp[buf][0][0]);
@@ -632,9 +677,9 @@ TileJob score_job(HeadState<D>& h, int buf, float (*st)[kRowTile], int row_tiles
 
 // O += P . V of one head for the value tile in buffer `buf` (P's parts in w.pp). Accumulating in place
 // (O's tiles loaded at each block's start) measured faster than storing P . V for the vector units to add.
-template <int D>
-TileJob value_job(HeadState<D>& h, int buf, Scratch<D>& w, int row_tiles) {
-  TileJob job;
+template <typename T, int D>
+TileJob<Parts<T>::values> value_job(HeadState<D>& h, int buf, Scratch<D>& w, int row_tiles) {
+  TileJob<Parts<T>::values> job;
   job.a = reinterpret_cast<const char*>(w.pp);
   job.a_part = sizeof(w.pp[0]);
   job.a_stride = sizeof(w.pp[0][0]);
@@ -666,40 +711,29 @@ R2LM_AMX_TARGET inline __attribute__((always_inline)) void split_key_pairs(const
                                                                            int buf, HeadState<D>* heads,
                                                                            Tick&& tick) {
   constexpr int L = Vec<float>::lanes;
+  constexpr int kParts = Parts<T>::stored;
   for (int q = pair0; q < pair1; ++q) {
     const int n = q / 16 * 32 + q % 16;
     for (int g = 0; g < n_group; ++g) {
       HeadState<D>& h = heads[g];
-      const float* krow[2];
-      const float* vrow[2];
-      alignas(64) float converted[2][2][std::is_same_v<T, float> ? 1 : D];  // fp16 / bf16 rows as fp32
+      const T* krow[2];
+      const T* vrow[2];
       for (int e = 0; e < 2; ++e) {
-        const T* ks = nullptr;
-        const T* vs = nullptr;
-        if (n + 16 * e < nt) key_value_rows(p, b, kvh0 + g, len, k0 + n + 16 * e, ks, vs);
-        if (!ks) {
-          krow[e] = vrow[e] = kZeroRow<D>;
-        } else if constexpr (std::is_same_v<T, float>) {
-          krow[e] = ks;
-          vrow[e] = vs;
-        } else {
-          for (int d = 0; d < D; ++d) converted[e][0][d] = to_acc<float>(ks[d]);
-          for (int d = 0; d < D; ++d) converted[e][1][d] = to_acc<float>(vs[d]);
-          krow[e] = converted[e][0];
-          vrow[e] = converted[e][1];
-        }
+        krow[e] = vrow[e] = nullptr;
+        if (n + 16 * e < nt) key_value_rows(p, b, kvh0 + g, len, k0 + n + 16 * e, krow[e], vrow[e]);
+        if (!krow[e]) krow[e] = vrow[e] = kZeroRow<T, D>;
       }
-      VU part[3];
+      VU part[kParts];
       for (int e = 0; e < 2; ++e) {
         for (int d = 0; d < D; d += 32) {
-          split_pairs(load_vec<VF>(&krow[e][d]), load_vec<VF>(&krow[e][d + 16]), part);
-          for (int i = 0; i < 3; ++i) store_vec(&h.kp[buf][i][n + 16 * e][d / 2], part[i]);
+          split_pairs<kParts>(load_floats(&krow[e][d]), load_floats(&krow[e][d + 16]), part);
+          for (int i = 0; i < kParts; ++i) store_vec(&h.kp[buf][i][n + 16 * e][d / 2], part[i]);
         }
         tick();
       }
       for (int d = 0; d < D; d += L) {
-        split_pairs(load_vec<VF>(&vrow[0][d]), load_vec<VF>(&vrow[1][d]), part);
-        for (int i = 0; i < 3; ++i) store_vec(&h.vv[buf][i][n / 32 * 16 + n % 32][d], part[i]);
+        split_pairs<kParts>(load_floats(&vrow[0][d]), load_floats(&vrow[1][d]), part);
+        for (int i = 0; i < kParts; ++i) store_vec(&h.vv[buf][i][n / 32 * 16 + n % 32][d], part[i]);
         if (d % (D / 2) == D / 2 - L) tick();
       }
     }
@@ -712,12 +746,13 @@ constexpr int kProbabilityTicks = softmax_ticks(kKeys) + kKeys / 32 * 6;
 
 // Online softmax of one head over the key tile at k0 (scores in st), then P row-major (keys past the
 // tile's end have probability 0) split into w.pp.
-template <int D, typename Tick>
+template <typename T, int D, typename Tick>
 R2LM_AMX_TARGET inline __attribute__((always_inline)) void softmax_and_split(const CacheAttnParams& p, int64_t len,
                                                                              int64_t k0, int nt, int row_tiles,
                                                                              float (*st)[kRowTile], HeadState<D>& h,
                                                                              Scratch<D>& w, Tick&& tick) {
   constexpr int L = Vec<float>::lanes;
+  constexpr int kParts = Parts<T>::computed;
   const bool rescale =
       online_softmax<float, 64>(p, len, k0, nt, row_tiles, st, h.row_query, h.row_max, h.row_sum, h.correction, tick);
   for (int n = nt; n < kKeys; ++n)
@@ -731,9 +766,9 @@ R2LM_AMX_TARGET inline __attribute__((always_inline)) void softmax_and_split(con
         tick();
       }
       for (int i = 0; i < 16; ++i) {
-        VU part[3];
-        split_pairs(block[0][i], block[1][i], part);
-        for (int j = 0; j < 3; ++j) store_vec(&w.pp[j][rt * 16 + i][kt * 8], part[j]);
+        VU part[kParts];
+        split_pairs<kParts>(block[0][i], block[1][i], part);
+        for (int j = 0; j < kParts; ++j) store_vec(&w.pp[j][rt * 16 + i][kt * 8], part[j]);
         if (i % 4 == 3) tick();
       }
     }
@@ -768,9 +803,9 @@ R2LM_AMX_TARGET inline __attribute__((always_inline)) void attend_rows(const Cac
     for (int j = 0; j < D / 2; ++j)
       for (int c = 0; c < row_tiles; ++c) {
         const int d = j / 16 * 32 + j % 16;
-        VU part[3];
-        split_pairs(load_vec<VF>(&w.qt[d][c * L]), load_vec<VF>(&w.qt[d + 16][c * L]), part);
-        for (int i = 0; i < 3; ++i) store_vec(&h.qv[i][j][c * L], part[i]);
+        VU part[Parts<T>::computed];
+        split_pairs<Parts<T>::computed>(load_vec<VF>(&w.qt[d][c * L]), load_vec<VF>(&w.qt[d + 16][c * L]), part);
+        for (int i = 0; i < Parts<T>::computed; ++i) store_vec(&h.qv[i][j][c * L], part[i]);
       }
   }
   const auto tile_keys = [&](int64_t k0) { return int(std::min<int64_t>(kKeys, n_keys - k0)); };
@@ -783,21 +818,21 @@ R2LM_AMX_TARGET inline __attribute__((always_inline)) void attend_rows(const Cac
     const int buf = int(k0 / kKeys % 2), nt = tile_keys(k0);
     const bool last = k0 + kKeys >= n_keys;
     if (k0 == 0 || n_group == 1) {  // otherwise issued alongside the previous tile's last softmax
-      TileJob scores = score_job(heads[0], buf, w.st[u % 2], row_tiles);
+      auto scores = score_job<T>(heads[0], buf, w.st[u % 2], row_tiles);
       Pacer(scores, 0).finish();
     }
     for (int g = 0; g < n_group; ++g, ++u) {
-      TileJob scores;
-      if (g + 1 < n_group) scores = score_job(heads[g + 1], buf, w.st[(u + 1) % 2], row_tiles);
-      else if (!last && n_group > 1) scores = score_job(heads[0], 1 - buf, w.st[(u + 1) % 2], row_tiles);
+      TileJob<Parts<T>::scores> scores;
+      if (g + 1 < n_group) scores = score_job<T>(heads[g + 1], buf, w.st[(u + 1) % 2], row_tiles);
+      else if (!last && n_group > 1) scores = score_job<T>(heads[0], 1 - buf, w.st[(u + 1) % 2], row_tiles);
       Pacer phase_a(scores, int64_t(row_tiles) * kProbabilityTicks);
-      softmax_and_split(p, len, k0, nt, row_tiles, w.st[u % 2], heads[g], w, phase_a);
+      softmax_and_split<T>(p, len, k0, nt, row_tiles, w.st[u % 2], heads[g], w, phase_a);
       phase_a.finish();
 
       int pair0 = 0, pair1 = 0;
       if (!last && n_group == 1) pair1 = kPairs;
       else if (!last && g + 1 < n_group) pair0 = kPairs * g / (n_group - 1), pair1 = kPairs * (g + 1) / (n_group - 1);
-      TileJob values = value_job(heads[g], buf, w, row_tiles);
+      auto values = value_job<T>(heads[g], buf, w, row_tiles);
       Pacer phase_b(values, int64_t(pair1 - pair0) * n_group * kSplitTicks);
       split_key_pairs<T, D>(p, b, kvh0, n_group, len, k0 + kKeys, last ? 0 : tile_keys(k0 + kKeys), pair0, pair1,
                             1 - buf, heads, phase_b);
