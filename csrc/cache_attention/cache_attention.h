@@ -79,22 +79,26 @@ R2LM_HD bool attn_visible(int64_t key, int64_t i, int64_t len, int64_t q_len, bo
 struct Half16 { uint16_t bits; };
 struct BFloat16Bits { uint16_t bits; };
 
+// Branch-free, so that the loops converting whole rows vectorise. The half's exponent and mantissa are
+// moved into float position and the exponent rebiased (15 -> 127); Inf/NaN get the rest of the bias;
+// zeros and subnormals (m * 2^-24) come out exactly as (1 + m / 1024) * 2^-14 - 2^-14.
 inline float half_bits_to_float(uint16_t h) {
-  uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, f;
-  if (exp == 0x1f) {
-    f = sign | 0x7f800000u | (man << 13);
-  } else if (exp != 0) {
-    f = sign | ((exp + 112) << 23) | (man << 13);
-  } else if (man == 0) {
-    f = sign;
-  } else {  // subnormal half: normalise
-    int shift = 0;
-    while (!(man & 0x400)) { man <<= 1; ++shift; }
-    f = sign | (uint32_t(113 - shift) << 23) | ((man & 0x3ff) << 13);
-  }
-  float out;
-  std::memcpy(&out, &f, 4);
-  return out;
+  const auto as_float = [](uint32_t bits) {
+    float out;
+    std::memcpy(&out, &bits, 4);
+    return out;
+  };
+  const auto as_bits = [](float x) {
+    uint32_t out;
+    std::memcpy(&out, &x, 4);
+    return out;
+  };
+  // Selects as masks: GCC does not if-convert the ternaries for AVX2.
+  const uint32_t magnitude = uint32_t(h & 0x7fff) << 13, exp = magnitude & 0x0f800000u;
+  const uint32_t special = 0u - uint32_t(exp == 0x0f800000u), tiny = 0u - uint32_t(exp == 0);
+  const uint32_t bits = magnitude + (112u << 23) + ((112u << 23) & special);
+  const uint32_t small = as_bits(as_float(bits + (1u << 23)) - as_float(113u << 23));
+  return as_float((small & tiny) | (bits & ~tiny) | uint32_t(h & 0x8000) << 16);
 }
 
 inline uint16_t float_to_half_bits(float x) {  // round to nearest even
