@@ -174,6 +174,20 @@ def test_growing_scores_rescale_the_output(device, cpu_kernel, rel_err, tol):
     assert rel_err(lse, want_lse) <= 1e-6, rel_err(lse, want_lse)
 
 
+def test_fp16_subnormal_values(device, cpu_kernel, rel_err, tol):
+    # Values below fp16's normal range (m * 2^-24): the CPU kernels widen fp16 rows without branches, and
+    # zeros and subnormals take their own path there.
+    q, k, v, k_cache, v_cache, lens, _ = make_case(device, torch.float16, batch=2, q_len=17, n_heads=4, n_kv=2,
+                                                   head_dim=64, max_len=96, paged=False)
+    subnormal = lambda t: (torch.randint(-1023, 1024, t.shape, device=device) * 2.0**-24).to(torch.float16)  # noqa: E731
+    v, v_cache = subnormal(v), subnormal(v_cache)
+    assert (v_cache.abs() < 2.0**-14).all() and (v_cache != 0).any()
+    want = ref.cache_attention(*(t.double() for t in (q, k, v, k_cache, v_cache)), lens, write_kv=False)
+    out = r2lm_kernels.cache_attention(q, k, v, k_cache, v_cache, lens, write_kv=False)
+    lowp = low_precision_error(q, k, v, k_cache, v_cache, lens, None, True, want)
+    assert rel_err(out, want) <= 3 * lowp + 1e-4 and rel_err(out, want) <= tol[torch.float16], (rel_err(out, want), lowp)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_matches_sdpa_with_explicit_mask(device, cpu_kernel, causal, rel_err):
     batch, q_len, n_heads, n_kv, head_dim, max_len = 3, 17, 8, 2, 64, 128
