@@ -8,14 +8,15 @@ import torch.nn.functional as F
 import r2lm_kernels
 
 # (batch, cache_len, q_len, n_heads, n_kv_heads, head_dim)
-CPU_SHAPES = [(4, 2048, 32, 16, 8, 128)]
-CPU_DTYPES = [torch.float32, torch.bfloat16]  # fp32: the CPU target; bf16: what models run
+# CPU: the block shape in fp32 (the CPU target) and bf16 (what models run), and plain decode in bf16.
+CPU_CASES = [((4, 2048, 32, 16, 8, 128), torch.float32), ((4, 2048, 32, 16, 8, 128), torch.bfloat16),
+             ((8, 4096, 1, 32, 8, 128), torch.bfloat16)]
 GPU_SHAPES = [(32, 8192, 32, 16, 8, 128), (1, 32768, 32, 16, 8, 128), (64, 2048, 32, 16, 8, 128),
               (8, 4096, 1, 32, 8, 128)]
 QUICK_SHAPES = [(2, 512, 32, 16, 8, 128)]
 
 
-ALL_SHAPES = ([("cpu", s, d) for s in CPU_SHAPES for d in CPU_DTYPES] + [("cuda", s, None) for s in GPU_SHAPES]
+ALL_SHAPES = ([("cpu", s, d) for s, d in CPU_CASES] + [("cuda", s, None) for s in GPU_SHAPES]
               + [("quick", s, None) for s in QUICK_SHAPES])
 
 
