@@ -129,9 +129,10 @@ def test_matches_reference(device, cpu_kernel, causal, paged, q_len, head_dim, r
                                 n_heads=6, n_kv=2, head_dim=head_dim, max_len=160)
 
 
-# (20, 10): more kv heads than one CPU work item of the AMX kernel takes (8): with 2 threads (fewer work
-# items than threads would shrink the groups) the last item gets the other 2.
-@pytest.mark.parametrize("n_heads,n_kv", [(4, 4), (8, 1), (12, 4), (20, 10)])
+# (20, 10) and (10, 10): more kv heads than one CPU work item takes (8, in the AMX kernel, and in the FMA
+# kernel up to 16 rows per kv head, as (10, 10) has): with 2 threads (fewer work items than threads would
+# shrink the groups) the last item gets the other 2.
+@pytest.mark.parametrize("n_heads,n_kv", [(4, 4), (8, 1), (12, 4), (20, 10), (10, 10)])
 def test_gqa_groups_and_contiguous_inputs(device, cpu_kernel, n_heads, n_kv, rel_err, tol):
     threads = torch.get_num_threads()
     torch.set_num_threads(min(threads, 2))
