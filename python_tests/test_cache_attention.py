@@ -180,13 +180,16 @@ def test_fp16_subnormal_values(device, cpu_kernel, rel_err, tol):
     # zeros and subnormals take their own path there.
     q, k, v, k_cache, v_cache, lens, _ = make_case(device, torch.float16, batch=2, q_len=17, n_heads=4, n_kv=2,
                                                    head_dim=64, max_len=96, paged=False)
-    subnormal = lambda t: (torch.randint(-1023, 1024, t.shape, device=device) * 2.0**-24).to(torch.float16)  # noqa: E731
+    def subnormal(t):
+        return (torch.randint(-1023, 1024, t.shape, device=device) * 2.0**-24).to(torch.float16)
+
     v, v_cache = subnormal(v), subnormal(v_cache)
     assert (v_cache.abs() < 2.0**-14).all() and (v_cache != 0).any()
     want = ref.cache_attention(*(t.double() for t in (q, k, v, k_cache, v_cache)), lens, write_kv=False)
     out = r2lm_kernels.cache_attention(q, k, v, k_cache, v_cache, lens, write_kv=False)
     lowp = low_precision_error(q, k, v, k_cache, v_cache, lens, None, True, want)
-    assert rel_err(out, want) <= 3 * lowp + 1e-4 and rel_err(out, want) <= tol[torch.float16], (rel_err(out, want), lowp)
+    err = rel_err(out, want)
+    assert err <= 3 * lowp + 1e-4 and err <= tol[torch.float16], (err, lowp)
 
 
 @pytest.mark.parametrize("causal", [True, False])

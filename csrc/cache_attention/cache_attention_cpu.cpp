@@ -435,11 +435,11 @@ R2LM_FOR_EACH_VECTOR_WIDTH(R2LM_FMA_ATTEND_AT)
 // unit, which multiplies bf16 pairs into fp32 sums at ~15x the FMA rate. fp32 accuracy comes from
 // splitting every operand exactly into three bf16 parts, x = x0 + x1 + x2 (8 significant bits each), and
 // summing the six part products a_i b_j with i + j <= 2: the three left out are below 2^-24 of the
-// product, the size of fp32 rounding. Half-precision inputs need fewer parts (see Parts). The tile unit reads parts below 2^-126 as 0 and flushes tiny
-// products: inputs below about 2^-110 lose accuracy, and below about 2^-120 (fp32 subnormals included)
-// they are effectively 0 - far outside what attention sees. Scores are computed key-major (S^T = K Q^T, so the key tile is
-// used as stored and the softmax runs on row vectors as in the FMA path); P . V then needs P row-major,
-// one transpose per tile (16 x 16 blocks). The work is software-pipelined across heads so that the tile
+// product, the size of fp32 rounding; half-precision inputs need fewer parts (see Parts). The tile unit
+// reads parts below 2^-126 as 0 and flushes tiny products: inputs below about 2^-110 lose accuracy, and
+// below about 2^-120 (fp32 subnormals included) they are effectively 0 - far outside what attention sees.
+// Scores are computed key-major (S^T = K Q^T, so the key tile is used as stored and the softmax runs on row
+// vectors as in the FMA path); P . V then needs P row-major, one transpose per tile (16 x 16 blocks). The work is software-pipelined across heads so that the tile
 // unit and the vector units run side by side (see attend_rows).
 namespace amx {
 
@@ -479,6 +479,7 @@ struct Parts<BFloat16Bits> {
   static constexpr ProductList scores{2, {0, 0}, {0, 1}};
   static constexpr ProductList values{2, {0, 1}, {0, 0}};
 };
+
 // Keys per tile. The tile products stream their operands from L2, so the heads' state must stay in it:
 // 32 keys keep it at ~215 KB per head at head_dim 128 (queries' parts 61 KB, double-buffered key and
 // value parts 61 + 55 KB, output 37 KB), 1.7 MB for kGroupHeads heads.
@@ -592,8 +593,8 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
 };
 
-// One matmul on the tile unit, C (+)= the sum of the part products A_i B_j in kList, issued one part product at a
-// time so that vector work can run between them: m_tiles x n_tiles output tiles of 16 x 16 floats, walked
+// One matmul on the tile unit, C (+)= the sum of the part products A_i B_j in kList, issued one part
+// product at a time so that vector work can run between them: m_tiles x n_tiles output tiles of 16 x 16 floats, walked
 // in blocks of up to 2 x 2 (tile (m, c) of a block is accumulator 2m + c; all 8 tile registers), k_steps
 // steps of 32 bf16 of the inner dimension, steps outer so that a step's tiles of all parts stay in L1
 // while the part products reuse them. Addresses in bytes: A tile (part i, row tile m, step s) at
