@@ -125,6 +125,10 @@ R2LM_INLINE void fwd_block(const ConvParams& p, int64_t b, int64_t d0) {
   }
 }
 
+// dweight / dbias sums of a block run in C (fp32 for every storage type but fp64) over kGradChunkRows rows,
+// then go into fp64 sums: fp32 vectors in the per-row loop, fp64 accuracy over long sequences.
+constexpr int64_t kGradChunkRows = 32;
+
 // Walks s = 0 .. seqlen-1: g[s] needs x[s .. s+width-1]; dx[s] needs g[s-width+1 .. s], kept in a ring.
 // dweight / dbias partials of this (b, channel block) go to partial_dw[k][d] / partial_db[d] (fp64).
 template <typename T, typename C, int kBytes>
@@ -135,7 +139,13 @@ R2LM_INLINE void bwd_block(const ConvParams& p, int64_t b, int64_t d0, double* p
   const T* dy = static_cast<const T*>(p.dy) + b * p.dy_batch_stride + d0;
   T* dx = static_cast<T*>(p.dx) + b * p.dx_batch_stride + d0;
   C pre[kChannelBlock], gring[kConvMaxWidth][kChannelBlock];
+  C dw_chunk[kConvMaxWidth][kChannelBlock] = {}, db_chunk[kChannelBlock] = {};
   double dw[kConvMaxWidth][kChannelBlock] = {}, db[kChannelBlock] = {};
+  const auto flush_chunk = [&] {
+    for (int k = 0; k < width; ++k)
+      for (int64_t c = 0; c < nd; ++c) dw[k][c] += double(dw_chunk[k][c]), dw_chunk[k][c] = C(0);
+    for (int64_t c = 0; c < nd; ++c) db[c] += double(db_chunk[c]), db_chunk[c] = C(0);
+  };
   for (int64_t r = 0; r < std::min<int64_t>(width - 1, p.seqlen); ++r) ctx.load_row(r);
   for (int64_t s = 0; s < p.seqlen; ++s) {
     if (s + width - 1 < p.seqlen) ctx.load_row(s + width - 1);
@@ -152,12 +162,13 @@ R2LM_INLINE void bwd_block(const ConvParams& p, int64_t b, int64_t d0, double* p
       });
     }
     const int32_t seg_s = ctx.segment(s);
-    for (int64_t c = 0; c < nd; ++c) db[c] += g[c];
+    for (int64_t c = 0; c < nd; ++c) db_chunk[c] += g[c];
     for (int k = 0; k < width; ++k) {
       if (!conv_tap_live(s, k, p.seqlen, seg_s, ctx.segment(s + k))) continue;
       const C* row = ctx.xring[ctx.slot_after(slot, k)];
-      for (int64_t c = 0; c < nd; ++c) dw[k][c] += double(g[c] * row[c]);
+      for (int64_t c = 0; c < nd; ++c) dw_chunk[k][c] += g[c] * row[c];
     }
+    if (s % kGradChunkRows == kGradChunkRows - 1) flush_chunk();
     C acc[kChannelBlock] = {};
     for (int k = 0; k < width; ++k) {
       if (!conv_tap_live(s - k, k, p.seqlen, ctx.segment(s - k), seg_s)) continue;
@@ -167,6 +178,7 @@ R2LM_INLINE void bwd_block(const ConvParams& p, int64_t b, int64_t d0, double* p
     T* out = dx + s * p.dx_seq_stride;
     for (int64_t c = 0; c < nd; ++c) out[c] = conv_from_float<T>(acc[c]);
   }
+  flush_chunk();
   for (int k = 0; k < width; ++k)
     for (int64_t c = 0; c < nd; ++c) partial_dw[k * p.dim + d0 + c] = dw[k][c];
   for (int64_t c = 0; c < nd; ++c) partial_db[d0 + c] = db[c];
