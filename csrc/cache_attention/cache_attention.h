@@ -75,65 +75,6 @@ R2LM_HD bool attn_visible(int64_t key, int64_t i, int64_t len, int64_t q_len, bo
   return causal ? j <= i : j < q_len;
 }
 
-// Storage conversions shared by the CPU kernel (the CUDA kernel uses the intrinsics).
-struct Half16 { uint16_t bits; };
-struct BFloat16Bits { uint16_t bits; };
-
-// Branch-free, so that the loops converting whole rows vectorise. The half's exponent and mantissa are
-// moved into float position and the exponent rebiased (15 -> 127); Inf/NaN get the rest of the bias;
-// zeros and subnormals (m * 2^-24) come out exactly as (1 + m / 1024) * 2^-14 - 2^-14.
-inline float half_bits_to_float(uint16_t h) {
-  const auto as_float = [](uint32_t bits) {
-    float out;
-    std::memcpy(&out, &bits, 4);
-    return out;
-  };
-  const auto as_bits = [](float x) {
-    uint32_t out;
-    std::memcpy(&out, &x, 4);
-    return out;
-  };
-  // Selects as masks: GCC does not if-convert the ternaries for AVX2.
-  const uint32_t magnitude = uint32_t(h & 0x7fff) << 13, exp = magnitude & 0x0f800000u;
-  const uint32_t special = 0u - uint32_t(exp == 0x0f800000u), tiny = 0u - uint32_t(exp == 0);
-  const uint32_t bits = magnitude + (112u << 23) + ((112u << 23) & special);
-  const uint32_t small = as_bits(as_float(bits + (1u << 23)) - as_float(113u << 23));
-  return as_float((small & tiny) | (bits & ~tiny) | uint32_t(h & 0x8000) << 16);
-}
-
-inline uint16_t float_to_half_bits(float x) {  // round to nearest even
-  uint32_t f;
-  std::memcpy(&f, &x, 4);
-  uint32_t sign = (f >> 16) & 0x8000;
-  uint32_t absf = f & 0x7fffffff;
-  if (absf > 0x7f800000u) return uint16_t(sign | 0x7e00);        // NaN
-  if (absf >= 0x477ff000u) return uint16_t(sign | 0x7c00);       // overflow (>= 65520) to inf
-  if (absf < 0x38800000u) {                                      // subnormal or zero half
-    if (absf < 0x33000000u) return uint16_t(sign);
-    uint32_t exp = absf >> 23, man = (absf & 0x7fffff) | 0x800000;
-    uint32_t shift = 126 - exp;                                  // 14 .. 24
-    uint32_t half = man >> shift, rem = man & ((1u << shift) - 1), mid = 1u << (shift - 1);
-    if (rem > mid || (rem == mid && (half & 1))) ++half;
-    return uint16_t(sign | half);
-  }
-  uint32_t rounded = absf + 0xfff + ((absf >> 13) & 1);
-  return uint16_t(sign | ((rounded - 0x38000000u) >> 13));
-}
-
-inline float bf16_bits_to_float(uint16_t h) {
-  uint32_t f = uint32_t(h) << 16;
-  float out;
-  std::memcpy(&out, &f, 4);
-  return out;
-}
-
-inline uint16_t float_to_bf16_bits(float x) {  // round to nearest even, NaN kept quiet
-  uint32_t f;
-  std::memcpy(&f, &x, 4);
-  if ((f & 0x7fffffff) > 0x7f800000u) return uint16_t((f >> 16) | 0x40);
-  return uint16_t((f + 0x7fff + ((f >> 16) & 1)) >> 16);
-}
-
 // CPU kernel (cache_attention_cpu.cpp): attention, then the write_kv copy when write_kv.
 void cache_attention_cpu(const CacheAttnParams& p, bool write_kv);
 

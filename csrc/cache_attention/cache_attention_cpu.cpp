@@ -10,6 +10,7 @@
 //   kv heads, software-pipelined so that the tile unit and the vector units work side by side.
 //   R2LM_ATTENTION_CPU_GENERIC=1 forces the FMA kernel.
 #include "cache_attention/cache_attention.h"
+#include "cpu_half.h"
 #include "cpu_vector.h"
 
 #include <algorithm>

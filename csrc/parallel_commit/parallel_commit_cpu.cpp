@@ -8,6 +8,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_half.h"
 #include "cpu_vector.h"
 #include "parallel_commit/parallel_commit.h"
 
@@ -15,29 +16,6 @@ namespace r2lm {
 namespace {
 
 constexpr int64_t kChunk = 2048;  // logits converted to the compute type per step (L1-resident)
-
-inline float bits_to_float(uint32_t bits) {
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-inline uint32_t float_to_bits(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  return bits;
-}
-
-// IEEE half to float with selects rather than branches (so the conversion loop vectorises).
-inline float half_to_float(uint16_t h) {
-  const uint32_t magnitude = static_cast<uint32_t>(h & 0x7fffu) << 13;  // exponent and mantissa, float-aligned
-  const uint32_t exponent = magnitude & (0x1fu << 23);
-  uint32_t bits = magnitude + ((127u - 15u) << 23);                     // rebias the exponent
-  bits = exponent == (0x1fu << 23) ? bits + ((128u - 16u) << 23) : bits;  // inf / NaN keep an all-ones exponent
-  const float subnormal = bits_to_float(bits + (1u << 23)) - 6.103515625e-05f;  // zero and subnormals: - 2^-14
-  const float value = exponent == 0 ? subnormal : bits_to_float(bits);
-  return bits_to_float(float_to_bits(value) | (static_cast<uint32_t>(h & 0x8000u) << 16));
-}
 
 // Float, int and unsigned lanes of one vector of kBytes. They never cross a non-inlined call boundary,
 // so the vector argument-passing ABI note does not apply.
@@ -212,9 +190,9 @@ R2LM_INLINE void chunk_sums(const double* buf, int64_t n, double off, bool want_
 // Logits of one chunk in the compute type.
 R2LM_INLINE void convert_chunk(const uint16_t* src, int64_t n, bool is_bf16, float* dst) {
   if (is_bf16) {
-    for (int64_t j = 0; j < n; ++j) dst[j] = bits_to_float(uint32_t(src[j]) << 16);
+    for (int64_t j = 0; j < n; ++j) dst[j] = bf16_bits_to_float(src[j]);
   } else {
-    for (int64_t j = 0; j < n; ++j) dst[j] = half_to_float(src[j]);
+    for (int64_t j = 0; j < n; ++j) dst[j] = half_bits_to_float(src[j]);
   }
 }
 

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cpu_half.h"
 #include "r2lm_common.h"
 #ifndef __CUDACC__
 #include <utility>
@@ -90,63 +91,16 @@ R2LM_HD bool conv_tap_live(int64_t t, int k, int64_t seqlen, int32_t seg_t, int3
 
 // --- 16-bit float storage for the CPU kernel (CUDA uses its own __half / __nv_bfloat16) ----------
 
-struct ConvHalf { uint16_t bits; };
-struct ConvBFloat16 { uint16_t bits; };
-
 inline float conv_to_float(float v) { return v; }
 inline double conv_to_float(double v) { return v; }
-inline float conv_to_float(ConvBFloat16 v) {
-  uint32_t u = uint32_t(v.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline float conv_to_float(ConvHalf v) {
-  uint32_t sign = uint32_t(v.bits & 0x8000u) << 16, ex = (v.bits >> 10) & 0x1fu, man = v.bits & 0x3ffu, u;
-  if (ex == 0x1f) {
-    u = sign | 0x7f800000u | (man << 13);                      // inf / nan
-  } else if (ex != 0) {
-    u = sign | ((ex + 112) << 23) | (man << 13);              // normal
-  } else if (man == 0) {
-    u = sign;                                                  // zero
-  } else {                                                     // subnormal: normalise
-    int e = -1;
-    do { man <<= 1; ++e; } while (!(man & 0x400u));
-    u = sign | uint32_t(112 - e) << 23 | ((man & 0x3ffu) << 13);
-  }
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+inline float conv_to_float(BFloat16Bits v) { return bf16_bits_to_float(v.bits); }
+inline float conv_to_float(Half16 v) { return half_bits_to_float(v.bits); }
 
 template <typename T> inline T conv_from_float(double v);
 template <> inline double conv_from_float<double>(double v) { return v; }
 template <> inline float conv_from_float<float>(double v) { return float(v); }
-template <> inline ConvBFloat16 conv_from_float<ConvBFloat16>(double v) {
-  float f = float(v);
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return {uint16_t((u >> 16) | 0x40u)};   // quiet nan
-  u += 0x7fffu + ((u >> 16) & 1u);                                              // round to nearest even
-  return {uint16_t(u >> 16)};
-}
-template <> inline ConvHalf conv_from_float<ConvHalf>(double v) {
-  float f = float(v);
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return {uint16_t(sign | 0x7e00u)};                      // nan
-  if (a >= 0x477ff000u) return {uint16_t(sign | 0x7c00u)};                     // rounds to inf
-  if (a >= 0x38800000u) {                                                      // normal half
-    uint32_t r = a - (112u << 23);
-    r += 0xfffu + ((r >> 13) & 1u);
-    return {uint16_t(sign | (r >> 13))};
-  }
-  // Subnormal half (or zero): value = m * 2^-24; round |f| * 2^24 to nearest even.
-  float scaled = std::fabs(f) * 16777216.0f;
-  float rounded = std::nearbyint(scaled);  // default rounding mode: to nearest even
-  return {uint16_t(sign | uint32_t(rounded))};
-}
+template <> inline BFloat16Bits conv_from_float<BFloat16Bits>(double v) { return {float_to_bf16_bits(float(v))}; }
+template <> inline Half16 conv_from_float<Half16>(double v) { return {float_to_half_bits(float(v))}; }
 
 // CPU kernels (reverse_conv1d_cpu.cpp).
 void reverse_conv1d_fwd_cpu(const ConvParams& p);

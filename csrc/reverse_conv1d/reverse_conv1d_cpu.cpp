@@ -23,8 +23,8 @@ C load_param(const void* ptr, int64_t i, DType dtype) {
   switch (dtype) {
     case DType::kFloat32: return C(static_cast<const float*>(ptr)[i]);
     case DType::kFloat64: return C(static_cast<const double*>(ptr)[i]);
-    case DType::kBFloat16: return C(conv_to_float(static_cast<const ConvBFloat16*>(ptr)[i]));
-    case DType::kFloat16: return C(conv_to_float(static_cast<const ConvHalf*>(ptr)[i]));
+    case DType::kBFloat16: return C(conv_to_float(static_cast<const BFloat16Bits*>(ptr)[i]));
+    case DType::kFloat16: return C(conv_to_float(static_cast<const Half16*>(ptr)[i]));
   }
   return C(0);
 }
@@ -33,8 +33,8 @@ void store_param(void* ptr, int64_t i, DType dtype, double v) {
   switch (dtype) {
     case DType::kFloat32: static_cast<float*>(ptr)[i] = float(v); break;
     case DType::kFloat64: static_cast<double*>(ptr)[i] = v; break;
-    case DType::kBFloat16: static_cast<ConvBFloat16*>(ptr)[i] = conv_from_float<ConvBFloat16>(v); break;
-    case DType::kFloat16: static_cast<ConvHalf*>(ptr)[i] = conv_from_float<ConvHalf>(v); break;
+    case DType::kBFloat16: static_cast<BFloat16Bits*>(ptr)[i] = conv_from_float<BFloat16Bits>(v); break;
+    case DType::kFloat16: static_cast<Half16*>(ptr)[i] = conv_from_float<Half16>(v); break;
   }
 }
 
@@ -207,8 +207,8 @@ struct BlockFnsAt;
 #define R2LM_CONV_BLOCK_FNS_AT(bytes, target)                                                                \
   R2LM_CONV_BLOCK_FNS(f32_v##bytes, target, bytes, float, float)                                              \
   R2LM_CONV_BLOCK_FNS(f64_v##bytes, target, bytes, double, double)                                            \
-  R2LM_CONV_BLOCK_FNS(bf16_v##bytes, target, bytes, ConvBFloat16, float)                                      \
-  R2LM_CONV_BLOCK_FNS(f16_v##bytes, target, bytes, ConvHalf, float)
+  R2LM_CONV_BLOCK_FNS(bf16_v##bytes, target, bytes, BFloat16Bits, float)                                      \
+  R2LM_CONV_BLOCK_FNS(f16_v##bytes, target, bytes, Half16, float)
 R2LM_FOR_EACH_VECTOR_WIDTH(R2LM_CONV_BLOCK_FNS_AT)
 #undef R2LM_CONV_BLOCK_FNS_AT
 #undef R2LM_CONV_BLOCK_FNS
@@ -260,8 +260,8 @@ void reverse_conv1d_fwd_cpu(const ConvParams& p) {
   switch (p.dtype) {
     case DType::kFloat32: return fwd<float, float>(p);
     case DType::kFloat64: return fwd<double, double>(p);
-    case DType::kBFloat16: return fwd<ConvBFloat16, float>(p);
-    case DType::kFloat16: return fwd<ConvHalf, float>(p);
+    case DType::kBFloat16: return fwd<BFloat16Bits, float>(p);
+    case DType::kFloat16: return fwd<Half16, float>(p);
   }
 }
 
@@ -269,8 +269,8 @@ void reverse_conv1d_bwd_cpu(const ConvParams& p) {
   switch (p.dtype) {
     case DType::kFloat32: return bwd<float, float>(p);
     case DType::kFloat64: return bwd<double, double>(p);
-    case DType::kBFloat16: return bwd<ConvBFloat16, float>(p);
-    case DType::kFloat16: return bwd<ConvHalf, float>(p);
+    case DType::kBFloat16: return bwd<BFloat16Bits, float>(p);
+    case DType::kFloat16: return bwd<Half16, float>(p);
   }
 }
 

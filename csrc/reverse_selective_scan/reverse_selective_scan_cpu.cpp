@@ -13,6 +13,7 @@
 // through partial sums (per channel partition, per sequence) that are reduced afterwards in a fixed
 // order, so the gradients are bitwise reproducible whatever the thread count.
 #include "reverse_selective_scan/reverse_selective_scan.h"
+#include "cpu_half.h"
 #include "cpu_vector.h"
 
 #include <algorithm>
@@ -188,43 +189,16 @@ R2LM_INLINE V lane_sigmoid(V x) {
 template <typename V>
 R2LM_INLINE V lane_softplus_grad(V x) { return x > Elem<V>(20) ? splat<V>(1) : lane_sigmoid(x); }
 
-// Half-precision storage types (bit patterns), converted to float for arithmetic.
-struct Half { uint16_t bits; };
-struct BFloat16 { uint16_t bits; };
-
+// Storage elements as arithmetic values (16-bit floats: cpu_half.h).
 inline float load_elem(const float* p) { return *p; }
 inline double load_elem(const double* p) { return *p; }
-inline float load_elem(const BFloat16* p) { return std::bit_cast<float>(uint32_t(p->bits) << 16); }
-inline float load_elem(const Half* p) {
-  const uint32_t h = p->bits, sign = (h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
-  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24
-    const float v = float(mantissa) * 0x1p-24f;
-    return sign ? -v : v;
-  }
-  if (exponent == 31) return std::bit_cast<float>(sign | 0x7f800000u | (mantissa << 13));
-  return std::bit_cast<float>(sign | ((exponent + 112) << 23) | (mantissa << 13));
-}
+inline float load_elem(const BFloat16Bits* p) { return bf16_bits_to_float(p->bits); }
+inline float load_elem(const Half16* p) { return half_bits_to_float(p->bits); }
 
 inline void store_elem(float* p, float v) { *p = v; }
 inline void store_elem(double* p, double v) { *p = v; }
-inline void store_elem(BFloat16* p, float v) {  // round to nearest even
-  const uint32_t x = std::bit_cast<uint32_t>(v);
-  if ((x & 0x7fffffffu) > 0x7f800000u) { p->bits = uint16_t((x >> 16) | 0x40u); return; }  // quiet NaN
-  p->bits = uint16_t((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
-}
-inline void store_elem(Half* p, float v) {  // round to nearest even
-  const uint32_t x = std::bit_cast<uint32_t>(v), sign = (x >> 16) & 0x8000u, abs_x = x & 0x7fffffffu;
-  uint32_t h;
-  if (abs_x > 0x7f800000u) h = 0x7e00u;                          // NaN
-  else if (abs_x >= 0x477ff000u) h = 0x7c00u;                    // rounds to infinity (>= 65520)
-  else if (abs_x < 0x38800000u)                                  // below 2^-14: subnormal half
-    h = uint32_t(std::nearbyint(std::bit_cast<float>(abs_x) * 0x1p24f));
-  else {
-    const uint32_t rebased = abs_x - 0x38000000u;                // exponent bias 127 -> 15
-    h = (rebased + 0xfffu + ((rebased >> 13) & 1u)) >> 13;
-  }
-  p->bits = uint16_t(sign | h);
-}
+inline void store_elem(BFloat16Bits* p, float v) { p->bits = float_to_bf16_bits(v); }
+inline void store_elem(Half16* p, float v) { p->bits = float_to_half_bits(v); }
 
 // Lanes [0, width) of a row, converted; the padding lanes read as 0.
 template <typename V, typename T>
@@ -490,8 +464,8 @@ struct BlockFns;
 #define R2LM_SCAN_BLOCK_FNS_AT(bytes, target)                                                                 \
   R2LM_SCAN_BLOCK_FNS(f32_v##bytes, target, bytes, float, float)                                               \
   R2LM_SCAN_BLOCK_FNS(f64_v##bytes, target, bytes, double, double)                                             \
-  R2LM_SCAN_BLOCK_FNS(f16_v##bytes, target, bytes, Half, float)                                                \
-  R2LM_SCAN_BLOCK_FNS(bf16_v##bytes, target, bytes, BFloat16, float)
+  R2LM_SCAN_BLOCK_FNS(f16_v##bytes, target, bytes, Half16, float)                                                \
+  R2LM_SCAN_BLOCK_FNS(bf16_v##bytes, target, bytes, BFloat16Bits, float)
 R2LM_FOR_EACH_VECTOR_WIDTH(R2LM_SCAN_BLOCK_FNS_AT)
 #undef R2LM_SCAN_BLOCK_FNS_AT
 #undef R2LM_SCAN_BLOCK_FNS
@@ -719,9 +693,9 @@ void run_at(const ScanParams& p) {
   switch (p.dtype) {
     case DType::kFloat32: return kBackward ? backward<float, float, kBytes>(p) : forward<float, float, kBytes>(p);
     case DType::kFloat64: return kBackward ? backward<double, double, kBytes>(p) : forward<double, double, kBytes>(p);
-    case DType::kFloat16: return kBackward ? backward<Half, float, kBytes>(p) : forward<Half, float, kBytes>(p);
+    case DType::kFloat16: return kBackward ? backward<Half16, float, kBytes>(p) : forward<Half16, float, kBytes>(p);
     case DType::kBFloat16:
-      return kBackward ? backward<BFloat16, float, kBytes>(p) : forward<BFloat16, float, kBytes>(p);
+      return kBackward ? backward<BFloat16Bits, float, kBytes>(p) : forward<BFloat16Bits, float, kBytes>(p);
   }
 }
 

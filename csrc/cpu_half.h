@@ -1,0 +1,69 @@
+// 16-bit float storage for the CPU kernels (the CUDA kernels use __half / __nv_bfloat16): the bit-pattern
+// types the torch layers hand over, and their conversions to and from float, rounding to nearest even.
+// Branch-free (selects written as masks: GCC does not if-convert ternaries for AVX2), so that loops
+// converting whole rows vectorise at every vector width. Exhaustively equal to the compiler's _Float16
+// conversions (float -> half over all 2^32 inputs, NaNs as quiet NaNs of the same sign).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace r2lm {
+
+struct Half16 { uint16_t bits; };
+struct BFloat16Bits { uint16_t bits; };
+
+namespace half_detail {
+inline float as_float(uint32_t bits) {
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+inline uint32_t as_bits(float x) {
+  uint32_t out;
+  std::memcpy(&out, &x, 4);
+  return out;
+}
+inline uint32_t mask_if(bool c) { return 0u - uint32_t(c); }
+}  // namespace half_detail
+
+// The half's exponent and mantissa move into float position and the exponent is rebiased (15 -> 127);
+// Inf/NaN get the rest of the bias; zeros and subnormals (m * 2^-24) come out exactly as
+// (1 + m / 1024) * 2^-14 - 2^-14.
+inline float half_bits_to_float(uint16_t h) {
+  using namespace half_detail;
+  const uint32_t magnitude = uint32_t(h & 0x7fff) << 13, exp = magnitude & 0x0f800000u;
+  const uint32_t special = mask_if(exp == 0x0f800000u), tiny = mask_if(exp == 0);
+  const uint32_t bits = magnitude + (112u << 23) + ((112u << 23) & special);
+  const uint32_t small = as_bits(as_float(bits + (1u << 23)) - as_float(113u << 23));
+  return as_float((small & tiny) | (bits & ~tiny) | uint32_t(h & 0x8000) << 16);
+}
+
+// Normal halves: the rebased float bits rounded at bit 13. Below 2^-14 (subnormal halves and zero): adding
+// 0.5 leaves |x| rounded to a multiple of 2^-24 (the float spacing on [0.5, 1)), whose count is the half's
+// bits. From 65520 up: Inf; NaN stays a quiet NaN.
+inline uint16_t float_to_half_bits(float x) {
+  using namespace half_detail;
+  const uint32_t bits = as_bits(x), sign = (bits >> 16) & 0x8000u, a = bits & 0x7fffffffu;
+  const uint32_t rebased = a - (112u << 23);
+  const uint32_t normal = (rebased + 0xfffu + ((rebased >> 13) & 1u)) >> 13;
+  const uint32_t subnormal = as_bits(as_float(a) + 0.5f) - as_bits(0.5f);
+  const uint32_t is_small = mask_if(a < 0x38800000u), is_inf = mask_if(a >= 0x477ff000u),
+                 is_nan = mask_if(a > 0x7f800000u);
+  uint32_t h = (subnormal & is_small) | (normal & ~is_small);
+  h = (0x7c00u & is_inf) | (h & ~is_inf);
+  h = (0x7e00u & is_nan) | (h & ~is_nan);
+  return uint16_t(sign | h);
+}
+
+inline float bf16_bits_to_float(uint16_t h) { return half_detail::as_float(uint32_t(h) << 16); }
+
+inline uint16_t float_to_bf16_bits(float x) {
+  using namespace half_detail;
+  const uint32_t bits = as_bits(x);
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16, quiet_nan = (bits >> 16) | 0x40u;
+  const uint32_t is_nan = mask_if((bits & 0x7fffffffu) > 0x7f800000u);
+  return uint16_t((quiet_nan & is_nan) | (rounded & ~is_nan));
+}
+
+}  // namespace r2lm
