@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <limits>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -200,23 +201,32 @@ inline void store_elem(double* p, double v) { *p = v; }
 inline void store_elem(BFloat16Bits* p, float v) { p->bits = float_to_bf16_bits(v); }
 inline void store_elem(Half16* p, float v) { p->bits = float_to_half_bits(v); }
 
-// Lanes [0, width) of a row, converted; the padding lanes read as 0.
+// Lanes [0, width) of a row, converted; the padding lanes read as 0. Whole rows convert in loops of a
+// fixed count, which GCC vectorises (16-bit storage).
 template <typename V, typename T>
 R2LM_INLINE V load_row(const T* row, int64_t width) {
-  if constexpr (std::is_same_v<T, Elem<V>>) {
-    if (width == kLanesOf<V>) return load_vec<V>(row);
+  constexpr int64_t kLanes = kLanesOf<V>;
+  alignas(64) Elem<V> tmp[kLanes] = {};
+  if (width == kLanes) {
+    if constexpr (std::is_same_v<T, Elem<V>>) return load_vec<V>(row);
+    for (int64_t j = 0; j < kLanes; ++j) tmp[j] = load_elem(row + j);
+  } else {
+    for (int64_t j = 0; j < width; ++j) tmp[j] = load_elem(row + j);
   }
-  alignas(64) Elem<V> tmp[kLanesOf<V>] = {};
-  for (int64_t j = 0; j < width; ++j) tmp[j] = load_elem(row + j);
   return load_vec<V>(tmp);
 }
 template <typename V, typename T>
 R2LM_INLINE void store_row(T* row, V v, int64_t width) {
-  if constexpr (std::is_same_v<T, Elem<V>>) {
-    if (width == kLanesOf<V>) {
+  constexpr int64_t kLanes = kLanesOf<V>;
+  if (width == kLanes) {
+    if constexpr (std::is_same_v<T, Elem<V>>) {
       std::memcpy(row, &v, sizeof(v));
-      return;
+    } else {
+      alignas(64) Elem<V> tmp[kLanes];
+      std::memcpy(tmp, &v, sizeof(v));
+      for (int64_t j = 0; j < kLanes; ++j) store_elem(row + j, tmp[j]);
     }
+    return;
   }
   for (int64_t j = 0; j < width; ++j) store_elem(row + j, v[j]);
 }
@@ -249,6 +259,7 @@ struct Block {
   void load(const ScanParams& p, int64_t b_, int64_t d0_) {
     b = b_; d0 = d0_; width = std::min(kLanes, p.dim - d0);
     A_nonpos = true;
+    A_log2e_min = splat<V>(std::numeric_limits<Acc>::infinity());
     alignas(64) Acc tmp[kLanes];
     A.resize(p.d_state);
     A_log2e.resize(p.d_state);
@@ -260,7 +271,7 @@ struct Block {
       // Rounded once from double: a float product would carry log2(e)'s own rounding into every decay.
       for (int64_t j = 0; j < kLanes; ++j) tmp[j] = Acc(double(tmp[j]) * 1.44269504088896340736);
       A_log2e[n] = load_vec<V>(tmp);
-      for (int64_t j = 0; j < kLanes; ++j) A_log2e_min[j] = n == 0 ? tmp[j] : std::min(A_log2e_min[j], tmp[j]);
+      for (int64_t j = 0; j < kLanes; ++j) A_log2e_min[j] = std::min(A_log2e_min[j], tmp[j]);
     }
     D = load_row<V>(p.D ? static_cast<const Acc*>(p.D) + d0 : nullptr, p.D ? width : 0);
     bias = load_row<V>(p.delta_bias ? static_cast<const Acc*>(p.delta_bias) + d0 : nullptr, p.delta_bias ? width : 0);
@@ -308,6 +319,17 @@ R2LM_INLINE void block_forward_fixed(const ScanParams& p, const Block<float, kBy
       for (int n = 0; n < kN; ++n) h[n] = V{};
     }
     const auto [dt, u, B_row, C_row] = load_token_inputs<T>(p, k, t);
+    // 16-bit B and C rows are converted once per token, in loops GCC vectorises.
+    alignas(64) float B_conv[kN], C_conv[kN];
+    const float* B = nullptr;
+    const float* C = nullptr;
+    if constexpr (std::is_same_v<T, float>) {
+      B = B_row, C = C_row;
+    } else {
+      for (int n = 0; n < kN; ++n) B_conv[n] = load_elem(B_row + n);
+      for (int n = 0; n < kN; ++n) C_conv[n] = load_elem(C_row + n);
+      B = B_conv, C = C_conv;
+    }
     const V dt_u = dt * u;
     V y{};
     // The state updates; kExp 0: general exp2, 1: arguments <= 0, 2: arguments in [-126, 0] (no clamp).
@@ -317,8 +339,8 @@ R2LM_INLINE void block_forward_fixed(const ScanParams& p, const Block<float, kBy
         V decay;
         if constexpr (kExp.value == 0) decay = lane_exp2(dt * a[n]);
         else decay = lane_exp2_nonpos<kExp.value == 1>(dt * a[n]);
-        h[n] = decay * h[n] + dt_u * float(load_elem(B_row + n));
-        y += h[n] * float(load_elem(C_row + n));
+        h[n] = decay * h[n] + dt_u * B[n];
+        y += h[n] * C[n];
       }
     };
     if constexpr (kNonpos) {
