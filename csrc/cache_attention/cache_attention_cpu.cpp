@@ -456,9 +456,9 @@ struct ProductList {
 // How many bf16 parts each operand is split into, and which part products a matmul sums, by input dtype.
 // A cache row (keys, values) needs the parts that hold it exactly: 1 for bf16, 2 for fp16 (11 significant
 // bits), 3 for fp32 (24). The computed operands (scaled queries, probabilities) get 3 parts for fp32
-// inputs and 2 (16 bits, error 2^-17) for half inputs, and the products kept are those with i + j <= 2
-// for fp32 (the terms left out are below 2^-24 of the product) and i + j <= 1 for half inputs (below
-// 2^-16, far under the output's rounding). Scores: A = keys, B = queries; P . V: A = probabilities,
+// inputs and 2 for half inputs (16 bits: truncation shrinks them by less than 2^-16), and the products kept
+// are those with i + j <= 2 for fp32 (the terms left out are below 2^-24 of the product) and i + j <= 1 for
+// half inputs (below 2^-16): far under the rounding of a half-precision output (2^-11 for fp16). Scores: A = keys, B = queries; P . V: A = probabilities,
 // B = values.
 template <typename T>
 struct Parts;
