@@ -432,16 +432,16 @@ R2LM_FOR_EACH_VECTOR_WIDTH(R2LM_FMA_ATTEND_AT)
 #undef R2LM_FMA_ATTEND
 
 #ifdef R2LM_ATTENTION_AMX
-// AMX path (x86 CPUs with AMX-BF16: Sapphire Rapids and later). Both matmuls of a tile run on the tile
-// unit, which multiplies bf16 pairs into fp32 sums at ~15x the FMA rate. fp32 accuracy comes from
-// splitting every operand exactly into three bf16 parts, x = x0 + x1 + x2 (8 significant bits each), and
-// summing the six part products a_i b_j with i + j <= 2: the three left out are below 2^-24 of the
-// product, the size of fp32 rounding; half-precision inputs need fewer parts (see Parts). The tile unit
-// reads parts below 2^-126 as 0 and flushes tiny products: inputs below about 2^-110 lose accuracy, and
-// below about 2^-120 (fp32 subnormals included) they are effectively 0 - far outside what attention sees.
-// Scores are computed key-major (S^T = K Q^T, so the key tile is used as stored and the softmax runs on row
-// vectors as in the FMA path); P . V then needs P row-major, one transpose per tile (16 x 16 blocks). The work is software-pipelined across heads so that the tile
-// unit and the vector units run side by side (see attend_rows).
+// AMX path (x86 CPUs with AMX-BF16: Sapphire Rapids and later). Both matmuls of a tile run on the tile unit,
+// which multiplies bf16 pairs into fp32 sums at ~15x the FMA rate. fp32 accuracy comes from splitting every
+// operand exactly into three bf16 parts, x = x0 + x1 + x2 (8 significant bits each), and summing the six part
+// products a_i b_j with i + j <= 2: the three left out are below 2^-24 of the product, the size of fp32
+// rounding; half-precision inputs need fewer parts (see Parts). The tile unit reads parts below 2^-126 as 0
+// and flushes tiny products: inputs below about 2^-110 lose accuracy, and below about 2^-120 (fp32 subnormals
+// included) they are effectively 0 - far outside what attention sees. Scores are computed key-major (S^T = K
+// Q^T, so the key tile is used as stored and the softmax runs on row vectors as in the FMA path); P . V then
+// needs P row-major, one transpose per tile (16 x 16 blocks). The work is software-pipelined across heads so
+// that the tile unit and the vector units run side by side (see attend_rows).
 namespace amx {
 
 #define R2LM_AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,amx-tile,amx-bf16")))
@@ -453,13 +453,13 @@ struct ProductList {
   int a[6], b[6];
 };
 
-// How many bf16 parts each operand is split into, and which part products a matmul sums, by input dtype.
-// A cache row (keys, values) needs the parts that hold it exactly: 1 for bf16, 2 for fp16 (11 significant
-// bits), 3 for fp32 (24). The computed operands (scaled queries, probabilities) get 3 parts for fp32
-// inputs and 2 for half inputs (16 bits: truncation shrinks them by less than 2^-16), and the products kept
-// are those with i + j <= 2 for fp32 (the terms left out are below 2^-24 of the product) and i + j <= 1 for
-// half inputs (below 2^-16): far under the rounding of a half-precision output (2^-11 for fp16). Scores: A = keys, B = queries; P . V: A = probabilities,
-// B = values.
+// How many bf16 parts each operand is split into, and which part products a matmul sums, by input dtype. A
+// cache row (keys, values) needs the parts that hold it exactly: 1 for bf16, 2 for fp16 (11 significant bits),
+// 3 for fp32 (24). The computed operands (scaled queries, probabilities) get 3 parts for fp32 inputs and 2 for
+// half inputs (16 bits: truncation shrinks them by less than 2^-16), and the products kept are those with i +
+// j <= 2 for fp32 (the terms left out are below 2^-24 of the product) and i + j <= 1 for half inputs (below
+// 2^-16): far under the rounding of a half-precision output (2^-11 for fp16). Scores: A = keys, B = queries; P
+// . V: A = probabilities, B = values.
 template <typename T>
 struct Parts;
 template <>
@@ -594,13 +594,13 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
 };
 
-// One matmul on the tile unit, C (+)= the sum of the part products A_i B_j in kList, issued one part
-// product at a time so that vector work can run between them: m_tiles x n_tiles output tiles of 16 x 16 floats, walked
-// in blocks of up to 2 x 2 (tile (m, c) of a block is accumulator 2m + c; all 8 tile registers), k_steps
-// steps of 32 bf16 of the inner dimension, steps outer so that a step's tiles of all parts stay in L1
-// while the part products reuse them. Addresses in bytes: A tile (part i, row tile m, step s) at
-// a + i a_part + 16 m a_stride + 64 s; B tile (part j, column tile n, step s) at b + j b_part +
-// 16 s b_stride + 64 n; C tile (m, n) at c + 16 m c_stride + 64 n. A job with m_tiles = 0 is empty.
+// One matmul on the tile unit, C (+)= the sum of the part products A_i B_j in kList, issued one part product
+// at a time so that vector work can run between them: m_tiles x n_tiles output tiles of 16 x 16 floats, walked
+// in blocks of up to 2 x 2 (tile (m, c) of a block is accumulator 2m + c; all 8 tile registers), k_steps steps
+// of 32 bf16 of the inner dimension, steps outer so that a step's tiles of all parts stay in L1 while the part
+// products reuse them. Addresses in bytes: A tile (part i, row tile m, step s) at a + i a_part + 16 m a_stride
+// + 64 s; B tile (part j, column tile n, step s) at b + j b_part + 16 s b_stride + 64 n; C tile (m, n) at c +
+// 16 m c_stride + 64 n. A job with m_tiles = 0 is empty.
 template <ProductList kList>
 struct TileJob {
   const char* a = nullptr;
