@@ -236,6 +236,36 @@ const T* row_ptr(const void* base, int64_t batch_stride, int64_t seq_stride, int
   return static_cast<const T*>(base) + b * batch_stride + t * seq_stride + d0;
 }
 
+// The element type the kernels read B and C as: 16-bit B and C are converted to float once per call
+// (with_float_states), not once per channel block and state.
+template <typename T>
+using StateRow = std::conditional_t<std::is_same_v<T, Half16> || std::is_same_v<T, BFloat16Bits>, float, T>;
+
+// Runs run(q) with q = p, where 16-bit B and C are replaced by float copies (batch, seqlen, d_state).
+template <typename T, typename Run>
+void with_float_states(const ScanParams& p, Run&& run) {
+  if constexpr (std::is_same_v<StateRow<T>, T>) {
+    run(p);
+  } else {
+    const int64_t L = p.seqlen, N = p.d_state;
+    std::vector<float> states(2 * p.batch * L * N);
+    float* B = states.data();
+    float* C = B + p.batch * L * N;
+#pragma omp parallel for schedule(static)
+    for (int64_t bt = 0; bt < p.batch * L; ++bt) {
+      const int64_t b = bt / L, t = bt % L;
+      const T* B_row = row_ptr<T>(p.B, p.B_batch_stride, p.B_seq_stride, b, t, 0);
+      const T* C_row = row_ptr<T>(p.C, p.C_batch_stride, p.C_seq_stride, b, t, 0);
+      for (int64_t n = 0; n < N; ++n) B[bt * N + n] = load_elem(B_row + n);
+      for (int64_t n = 0; n < N; ++n) C[bt * N + n] = load_elem(C_row + n);
+    }
+    ScanParams q = p;
+    q.B = B, q.B_batch_stride = L * N, q.B_seq_stride = N;
+    q.C = C, q.C_batch_stride = L * N, q.C_seq_stride = N;
+    run(q);
+  }
+}
+
 // Whether the state carries from t + 1 into t (false at the sequence end and at segment boundaries).
 inline bool carries(const ScanParams& p, int64_t b, int64_t t) {
   if (t + 1 >= p.seqlen) return false;
@@ -289,8 +319,8 @@ R2LM_INLINE Vec<Acc, kBytes> load_dt_input(const ScanParams& p, const Block<Acc,
 template <typename T, typename V>
 struct TokenInputs {
   V dt, u;
-  const T* B_row;
-  const T* C_row;
+  const StateRow<T>* B_row;
+  const StateRow<T>* C_row;
 };
 
 template <typename T, typename Acc, int kBytes>
@@ -299,8 +329,8 @@ R2LM_INLINE TokenInputs<T, Vec<Acc, kBytes>> load_token_inputs(const ScanParams&
   const Vec<Acc, kBytes> x = load_dt_input<T>(p, k, t);
   return {p.delta_softplus ? lane_softplus(x) : x,
           load_row<Vec<Acc, kBytes>>(row_ptr<T>(p.u, p.u_batch_stride, p.u_seq_stride, k.b, t, k.d0), k.width),
-          row_ptr<T>(p.B, p.B_batch_stride, p.B_seq_stride, k.b, t, 0),
-          row_ptr<T>(p.C, p.C_batch_stride, p.C_seq_stride, k.b, t, 0)};
+          row_ptr<StateRow<T>>(p.B, p.B_batch_stride, p.B_seq_stride, k.b, t, 0),
+          row_ptr<StateRow<T>>(p.C, p.C_batch_stride, p.C_seq_stride, k.b, t, 0)};
 }
 
 // The forward of a float block with d_state == kN, written to p.out: the state stays in registers.
@@ -318,18 +348,7 @@ R2LM_INLINE void block_forward_fixed(const ScanParams& p, const Block<float, kBy
     if (!carry) {
       for (int n = 0; n < kN; ++n) h[n] = V{};
     }
-    const auto [dt, u, B_row, C_row] = load_token_inputs<T>(p, k, t);
-    // 16-bit B and C rows are converted once per token, in loops GCC vectorises.
-    alignas(64) float B_conv[kN], C_conv[kN];
-    const float* B = nullptr;
-    const float* C = nullptr;
-    if constexpr (std::is_same_v<T, float>) {
-      B = B_row, C = C_row;
-    } else {
-      for (int n = 0; n < kN; ++n) B_conv[n] = load_elem(B_row + n);
-      for (int n = 0; n < kN; ++n) C_conv[n] = load_elem(C_row + n);
-      B = B_conv, C = C_conv;
-    }
+    const auto [dt, u, B, C] = load_token_inputs<T>(p, k, t);
     const V dt_u = dt * u;
     V y{};
     // The state updates; kExp 0: general exp2, 1: arguments <= 0, 2: arguments in [-126, 0] (no clamp).
@@ -442,8 +461,8 @@ R2LM_INLINE void block_backward(const ScanParams& p, const Block<Acc, kBytes>& k
     const Acc carry_scale = carry ? Acc(1) : Acc(0);
     const V* h = w.states.data() + t * N;
     const V* h_next = w.states.data() + (carry ? t + 1 : L) * N;
-    const T* B_row = row_ptr<T>(p.B, p.B_batch_stride, p.B_seq_stride, k.b, t, 0);
-    const T* C_row = row_ptr<T>(p.C, p.C_batch_stride, p.C_seq_stride, k.b, t, 0);
+    const StateRow<T>* B_row = row_ptr<StateRow<T>>(p.B, p.B_batch_stride, p.B_seq_stride, k.b, t, 0);
+    const StateRow<T>* C_row = row_ptr<StateRow<T>>(p.C, p.C_batch_stride, p.C_seq_stride, k.b, t, 0);
     for (int64_t n = 0; n < N; ++n) {
       const V g = w.g[n] + dy * Acc(load_elem(C_row + n));
       const V decay = lane_exp2(dt * k.A_log2e[n]);
@@ -710,14 +729,20 @@ void backward(const ScanParams& p) {
   }
 }
 
+template <bool kBackward, typename T, typename Acc, int kBytes>
+void run_typed(const ScanParams& p) {
+  with_float_states<T>(p, [](const ScanParams& q) {
+    kBackward ? backward<T, Acc, kBytes>(q) : forward<T, Acc, kBytes>(q);
+  });
+}
+
 template <bool kBackward, int kBytes>
 void run_at(const ScanParams& p) {
   switch (p.dtype) {
-    case DType::kFloat32: return kBackward ? backward<float, float, kBytes>(p) : forward<float, float, kBytes>(p);
-    case DType::kFloat64: return kBackward ? backward<double, double, kBytes>(p) : forward<double, double, kBytes>(p);
-    case DType::kFloat16: return kBackward ? backward<Half16, float, kBytes>(p) : forward<Half16, float, kBytes>(p);
-    case DType::kBFloat16:
-      return kBackward ? backward<BFloat16Bits, float, kBytes>(p) : forward<BFloat16Bits, float, kBytes>(p);
+    case DType::kFloat32: return run_typed<kBackward, float, float, kBytes>(p);
+    case DType::kFloat64: return run_typed<kBackward, double, double, kBytes>(p);
+    case DType::kFloat16: return run_typed<kBackward, Half16, float, kBytes>(p);
+    case DType::kBFloat16: return run_typed<kBackward, BFloat16Bits, float, kBytes>(p);
   }
 }
 
