@@ -7,6 +7,9 @@
 
 #include <cstdint>
 #include <cstring>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace r2lm {
 
@@ -54,6 +57,28 @@ inline uint16_t float_to_half_bits(float x) {
   h = (0x7c00u & is_inf) | (h & ~is_inf);
   h = (0x7e00u & is_nan) | (h & ~is_nan);
   return uint16_t(sign | h);
+}
+
+// A row of n fp16 values to float, in a kernel compiled for vectors of kBytes (cpu_vector.h): x86-64-v3 and
+// up have a conversion instruction (F16C, 8 values each), which beats the vectorised bit arithmetic above.
+#if defined(__x86_64__)
+__attribute__((target("arch=x86-64-v3"))) inline void half_row_to_float_f16c(const uint16_t* src, int64_t n,
+                                                                            float* dst) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j))));
+  for (; j < n; ++j) dst[j] = half_bits_to_float(src[j]);
+}
+#endif
+template <int kBytes>
+inline void half_row_to_float(const uint16_t* src, int64_t n, float* dst) {
+#if defined(__x86_64__)
+  if constexpr (kBytes >= 32) {
+    half_row_to_float_f16c(src, n, dst);
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j) dst[j] = half_bits_to_float(src[j]);
 }
 
 inline float bf16_bits_to_float(uint16_t h) { return half_detail::as_float(uint32_t(h) << 16); }

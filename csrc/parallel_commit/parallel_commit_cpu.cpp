@@ -188,15 +188,16 @@ R2LM_INLINE void chunk_sums(const double* buf, int64_t n, double off, bool want_
 }
 
 // Logits of one chunk in the compute type.
+template <int kBytes>
 R2LM_INLINE void convert_chunk(const uint16_t* src, int64_t n, bool is_bf16, float* dst) {
   if (is_bf16) {
     for (int64_t j = 0; j < n; ++j) dst[j] = bf16_bits_to_float(src[j]);
   } else {
-    for (int64_t j = 0; j < n; ++j) dst[j] = half_bits_to_float(src[j]);
+    half_row_to_float<kBytes>(src, n, dst);
   }
 }
 
-template <typename T, typename acc_t>
+template <int kBytes, typename T, typename acc_t>
 R2LM_INLINE void convert_chunk(const T* src, int64_t n, bool, acc_t* dst) {
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<acc_t>(src[j]);
 }
@@ -215,7 +216,7 @@ R2LM_INLINE CommitRowStats<acc_t> row_stats(const T* row, const CommitParams& p,
     const int64_t n = std::min(kChunk, p.vocab - c0);
     // Padded with -inf to whole lanes, which changes no statistic (e^(-87) per pad is below any ulp).
     const int64_t n_padded = (n + kMaxLanes - 1) / kMaxLanes * kMaxLanes;
-    convert_chunk(row + c0, n, is_bf16, buf);
+    convert_chunk<kBytes>(row + c0, n, is_bf16, buf);
     for (int64_t j = n; j < n_padded; ++j) buf[j] = ninf;
     // The mask token counts in the softmax but is never a candidate: set it aside.
     const int64_t mask_j = p.mask_token_id - c0;
