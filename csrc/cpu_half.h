@@ -59,15 +59,65 @@ inline uint16_t float_to_half_bits(float x) {
   return uint16_t(sign | h);
 }
 
-// A row of n fp16 values to float, in a kernel compiled for vectors of kBytes (cpu_vector.h): x86-64-v3 and
-// up have a conversion instruction (F16C, 8 values each), which beats the vectorised bit arithmetic above.
+#if defined(__x86_64__)
+// 8 fp16 values <-> 8 floats by F16C (x86-64-v3 and up; float -> half rounds to nearest even, as
+// float_to_half_bits, and keeps NaN payloads). Plain `inline` with that target: they inline into kernels
+// compiled for x86-64-v3 / v4 whose entry points are `flatten`ed (an always_inline call from a template
+// compiled for the baseline target would not build).
+typedef float Float8 __attribute__((vector_size(32)));
+__attribute__((target("arch=x86-64-v3"))) inline Float8 half8_to_float(const uint16_t* src) {
+  return Float8(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
+}
+__attribute__((target("arch=x86-64-v3"))) inline void float8_to_half(Float8 v, uint16_t* dst) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_cvtps_ph(__m256(v), _MM_FROUND_TO_NEAREST_INT));
+}
+
+// A float vector F of 8 or 16 lanes from / to fp16 bits, by F16C: for kernels compiled for vectors of 32 or
+// 64 bytes (cpu_vector.h), under the conditions above.
+template <typename F>
+inline F half_lanes_to_float(const uint16_t* src) {
+  static_assert(sizeof(F) == 32 || sizeof(F) == 64, "8 or 16 float lanes");
+  if constexpr (sizeof(F) == 32) {
+    return half8_to_float(src);
+  } else {
+    const Float8 lo = half8_to_float(src), hi = half8_to_float(src + 8);
+    return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  }
+}
+template <typename F>
+inline void float_lanes_to_half(F v, uint16_t* dst) {
+  static_assert(sizeof(F) == 32 || sizeof(F) == 64, "8 or 16 float lanes");
+  if constexpr (sizeof(F) == 32) {
+    float8_to_half(v, dst);
+  } else {
+    float8_to_half(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7), dst);
+    float8_to_half(__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15), dst + 8);
+  }
+}
+#endif
+
+// Rows of n fp16 values to float and back, in a kernel compiled for vectors of kBytes (cpu_vector.h):
+// x86-64-v3 and up convert by F16C, 8 values per instruction, which beats the vectorised bit arithmetic
+// above (a call per row, so the callers need no `flatten`).
 #if defined(__x86_64__)
 __attribute__((target("arch=x86-64-v3"))) inline void half_row_to_float_f16c(const uint16_t* src, int64_t n,
                                                                             float* dst) {
   int64_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j))));
+  for (; j + 8 <= n; j += 8) {
+    const Float8 v = half8_to_float(src + j);
+    std::memcpy(dst + j, &v, sizeof(v));
+  }
   for (; j < n; ++j) dst[j] = half_bits_to_float(src[j]);
+}
+__attribute__((target("arch=x86-64-v3"))) inline void float_row_to_half_f16c(const float* src, int64_t n,
+                                                                            uint16_t* dst) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    Float8 v;
+    std::memcpy(&v, src + j, sizeof(v));
+    float8_to_half(v, dst + j);
+  }
+  for (; j < n; ++j) dst[j] = float_to_half_bits(src[j]);
 }
 #endif
 template <int kBytes>
@@ -79,6 +129,16 @@ inline void half_row_to_float(const uint16_t* src, int64_t n, float* dst) {
   }
 #endif
   for (int64_t j = 0; j < n; ++j) dst[j] = half_bits_to_float(src[j]);
+}
+template <int kBytes>
+inline void float_row_to_half(const float* src, int64_t n, uint16_t* dst) {
+#if defined(__x86_64__)
+  if constexpr (kBytes >= 32) {
+    float_row_to_half_f16c(src, n, dst);
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j) dst[j] = float_to_half_bits(src[j]);
 }
 
 inline float bf16_bits_to_float(uint16_t h) { return half_detail::as_float(uint32_t(h) << 16); }

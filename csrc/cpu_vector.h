@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <type_traits>
@@ -65,25 +66,43 @@ struct CpuVector {
 template <typename F>
 inline F times_log2e(F x) { return x * 1.44269502162933349609375f + x * 1.925963033500011079e-08f; }
 
-// 2^x of a float vector, branch-free: x = j + r with j an integer and |r| <= 1/2, 2^r by the shared
-// exp2_fraction, 2^j added to the exponent field. Inputs are clamped to [-126, 127]: results below 2^-126
-// read as 2^-126 (as good as 0 for a decay factor or a sigmoid); from 128 on, +inf. Vector selects, so
-// loops of these vectorise on any target (a scalar clamp becomes control flow that AVX2 / SSE code
-// cannot vectorise).
-template <typename V>
-inline __attribute__((always_inline)) V vec_exp2(V x) {
+// 2^x of a float vector for x <= 127 (or NaN), branch-free: x = j + r with j an integer and |r| <= 1/2,
+// 2^r by the shared exp2_fraction, 2^j added to the exponent field. kClampLow: inputs below -126 read as
+// -126 (results 2^-126, as good as 0 for a decay factor or a sigmoid); false where the caller knows
+// x >= -126 or handles it. Vector selects, so loops of these vectorise on any target (a scalar clamp
+// becomes control flow that AVX2 / SSE code cannot vectorise).
+template <bool kClampLow = true, typename V>
+inline __attribute__((always_inline)) V vec_exp2_upto127(V x) {
   using UInt = typename CpuVector<uint32_t, sizeof(V)>::type;
-  V xc = x < -126.0f ? V{} - 126.0f : x;
-  xc = xc > 127.0f ? V{} + 127.0f : xc;
-  const V shifted = xc + 12582912.0f;  // 1.5 * 2^23: rounds xc to the integer j in the low bits
-  const V r = xc - (shifted - 12582912.0f);
+  if constexpr (kClampLow) x = x < -126.0f ? V{} - 126.0f : x;
+  const V shifted = x + 12582912.0f;  // 1.5 * 2^23: rounds x to the integer j in the low bits
+  const V r = x - (shifted - 12582912.0f);
   const V poly = exp2_fraction(r);
   // (bits(shifted) - 0x4B400000) << 23 is bits(shifted) << 23 modulo 2^32 (0x4B400000 << 23 wraps to 0).
-  const UInt scaled = std::bit_cast<UInt>(poly) + (std::bit_cast<UInt>(shifted) << 23);
-  return x >= 128.0f ? V{} + __builtin_inff() : std::bit_cast<V>(scaled);
+  return std::bit_cast<V>(std::bit_cast<UInt>(poly) + (std::bit_cast<UInt>(shifted) << 23));
 }
-// e^x of a float vector.
+
+// 2^x of a float vector for any x: as vec_exp2_upto127, and +inf from 128 on. Double vectors (the tests'
+// precision) take std::exp2 lane by lane.
 template <typename V>
-inline __attribute__((always_inline)) V vec_exp(V x) { return vec_exp2(times_log2e(x)); }
+inline __attribute__((always_inline)) V vec_exp2(V x) {
+  if constexpr (sizeof(x[0]) == sizeof(double)) {
+    for (int i = 0; i < int(sizeof(V) / sizeof(double)); ++i) x[i] = std::exp2(x[i]);
+    return x;
+  } else {
+    const V result = vec_exp2_upto127(x > 127.0f ? V{} + 127.0f : x);
+    return x >= 128.0f ? V{} + __builtin_inff() : result;
+  }
+}
+// e^x of a float or double vector.
+template <typename V>
+inline __attribute__((always_inline)) V vec_exp(V x) {
+  if constexpr (sizeof(x[0]) == sizeof(double)) {
+    for (int i = 0; i < int(sizeof(V) / sizeof(double)); ++i) x[i] = std::exp(x[i]);
+    return x;
+  } else {
+    return vec_exp2(times_log2e(x));
+  }
+}
 
 }  // namespace r2lm

@@ -95,27 +95,25 @@ template <> inline Half16 from_acc<Half16>(float x) { return Half16{float_to_hal
 template <> inline BFloat16Bits from_acc<BFloat16Bits>(float x) { return BFloat16Bits{float_to_bf16_bits(x)}; }
 template <typename T> inline T from_acc(double x) { return T(x); }
 
-// exp on a float vector for arguments up to about 88 (the softmax passes at most kRescaleMargin):
-// 2^t = 2^round(t) * 2^f with |f| <= 1/2 and a degree-7 Taylor polynomial (within a few float ulps); -inf
-// and arguments below about -88 give exactly 0, NaN stays NaN. Vectorises where std::exp would not.
-// Double vectors call std::exp lane by lane.
+// e^x for the softmax (x <= kRescaleMargin, or -inf): the shared vec_exp arithmetic, and
+// exactly 0 below 2^-126, so that masked keys and a fresh row's correction (exp(-inf)) vanish.
 template <typename V>
-inline __attribute__((always_inline)) V exp_vec(V x) {
+inline __attribute__((always_inline)) V softmax_exp(V x) {
   if constexpr (sizeof(x[0]) == sizeof(double)) {
-    for (int i = 0; i < int(sizeof(V) / sizeof(double)); ++i) x[i] = std::exp(x[i]);
-    return x;
+    return vec_exp(x);
   } else {
-    using VI = typename Vec<int32_t, sizeof(V)>::type;
-    V t = x * 1.4426950408889634f;
-    t = t < -127.0f ? V{} - 127.0f : t;
-    const float magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-    V r = (t + magic) - magic;
-    V f = (t - r) * 0.6931471805599453f;
-    V poly = 1.0f + f * (1.0f + f * (0.5f + f * (1.0f / 6 + f * (1.0f / 24 + f * (1.0f / 120 +
-             f * (1.0f / 720 + f * (1.0f / 5040)))))));
-    VI bits = (__builtin_convertvector(r, VI) + 127) << 23;
-    return poly * (V)bits;
+    const V t = times_log2e(x);
+    return t < -126.0f ? V{} : vec_exp2_upto127<false>(t);
   }
+}
+
+// A key / value row to the accumulator type; fp16 rows by F16C where kBytes allows (cpu_half.h).
+template <int kBytes, int D, typename T, typename Acc>
+inline __attribute__((always_inline)) void widen_row(const T* src, Acc* dst) {
+  if constexpr (std::is_same_v<T, Half16> && std::is_same_v<Acc, float>)
+    half_row_to_float<kBytes>(&src->bits, D, dst);
+  else
+    for (int d = 0; d < D; ++d) dst[d] = to_acc<Acc>(src[d]);
 }
 
 // One kv head's rows in the FMA kernel, Acc-typed and 64-byte aligned. Queries are stored transposed so
@@ -269,10 +267,10 @@ inline __attribute__((always_inline)) bool online_softmax(const CacheAttnParams&
     const V new_max = keep ? old_max : tile_max;
     const V base = new_max == neg_inf ? V{} : new_max;  // nothing visible yet: p = 0, no NaN
     const V one = V{} + Acc(1);
-    const V correction = keep ? one : exp_vec(old_max - base);  // exp(-inf) = 0 for a fresh row
+    const V correction = keep ? one : softmax_exp(old_max - base);  // exp(-inf) = 0 for a fresh row
     V sum{};
     for (int n = 0; n < nt; ++n) {
-      const V e = exp_vec(load_vec<V>(&st[n][c * L]) - base);
+      const V e = softmax_exp(load_vec<V>(&st[n][c * L]) - base);
       store_vec(&st[n][c * L], e);
       sum += e;
       if (n % 4 == 3) tick();
@@ -365,8 +363,8 @@ inline __attribute__((always_inline)) void attend_rows(const CacheAttnParams& p,
         // token's heads apart (4 KB in the benchmark shape), so the rows in place would all map to the
         // same few L1 sets and be refetched by every row block.
         if (ks) {
-          for (int d = 0; d < D; ++d) w.k[n][d] = to_acc<Acc>(ks[d]);
-          for (int d = 0; d < D; ++d) w.v[n][d] = to_acc<Acc>(vs[d]);
+          widen_row<kBytes, D>(ks, w.k[n]);
+          widen_row<kBytes, D>(vs, w.v[n]);
         } else {
           for (int d = 0; d < D; ++d) w.k[n][d] = w.v[n][d] = Acc(0);
         }

@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 
 #include "cache_attention/cache_attention.h"
@@ -418,16 +419,19 @@ __global__ void __launch_bounds__(128) write_kv_kernel(const CacheAttnParams p, 
 template <typename T, int D>
 const char* launch_mma(const CacheAttnParams& p, cudaStream_t stream) {
   constexpr int bytes = smem_bytes<D>();
-  // The shared-memory opt-in is set once per device (so a later CUDA-graph capture issues no such call).
-  static bool opted_in[64] = {};
+  // The shared-memory opt-in is set once per device (so a later CUDA-graph capture issues no such call);
+  // atomic flags, since host threads may make their first calls at once. A failed runtime call's error is
+  // cleared before returning it, so that the next op's launch check does not report it again.
+  static std::atomic<bool> opted_in[64] = {};
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return cudaGetErrorString(err);
-  if (device < 0 || device >= 64 || !opted_in[device]) {
+  if (err == cudaSuccess && (device < 0 || device >= 64 || !opted_in[device].load(std::memory_order_relaxed)))
     err = cudaFuncSetAttribute(attention_mma_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    if (err != cudaSuccess) return cudaGetErrorString(err);
-    if (device >= 0 && device < 64) opted_in[device] = true;
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    return cudaGetErrorString(err);
   }
+  if (device >= 0 && device < 64) opted_in[device].store(true, std::memory_order_relaxed);
   const dim3 grid(unsigned(p.batch * p.n_kv_heads), unsigned((p.q_len * p.group + kBlockM - 1) / kBlockM),
                   unsigned(p.num_splits));
   attention_mma_kernel<T, D><<<grid, kThreads, bytes, stream>>>(p);
@@ -439,14 +443,17 @@ const char* launch_mma(const CacheAttnParams& p, cudaStream_t stream) {
 }
 
 int device_sm_count(int device) {
-  static int counts[64] = {};
+  static std::atomic<int> counts[64] = {};
   if (device < 0 || device >= 64) return 132;
-  if (counts[device] == 0) {
-    int n = 0;
-    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) n = 132;
-    counts[device] = n;
+  int n = counts[device].load(std::memory_order_relaxed);
+  if (n == 0) {
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) {
+      (void)cudaGetLastError();
+      n = 132;
+    }
+    counts[device].store(n, std::memory_order_relaxed);
   }
-  return counts[device];
+  return n;
 }
 
 }  // namespace

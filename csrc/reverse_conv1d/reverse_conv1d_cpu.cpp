@@ -38,9 +38,26 @@ void store_param(void* ptr, int64_t i, DType dtype, double v) {
   }
 }
 
+// A row of n storage elements to the compute type C and back; fp16 rows by F16C where kBytes allows
+// (cpu_half.h).
+template <int kBytes, typename T, typename C>
+R2LM_INLINE void row_to_compute(const T* src, int64_t n, C* dst) {
+  if constexpr (std::is_same_v<T, Half16> && std::is_same_v<C, float>)
+    half_row_to_float<kBytes>(&src->bits, n, dst);
+  else
+    for (int64_t c = 0; c < n; ++c) dst[c] = C(conv_to_float(src[c]));
+}
+template <int kBytes, typename T, typename C>
+R2LM_INLINE void row_from_compute(const C* src, int64_t n, T* dst) {
+  if constexpr (std::is_same_v<T, Half16> && std::is_same_v<C, float>)
+    float_row_to_half<kBytes>(src, n, &dst->bits);
+  else
+    for (int64_t c = 0; c < n; ++c) dst[c] = conv_from_float<T>(src[c]);
+}
+
 // One channel block's view of the sequence of batch row b: weights transposed to [tap][channel],
 // bias, segment ids and a ring of the last `width` rows of x converted to the compute type C.
-template <typename T, typename C>
+template <typename T, typename C, int kBytes>
 struct BlockContext {
   const ConvParams& p;
   int64_t b, d0, nd;
@@ -70,9 +87,7 @@ struct BlockContext {
   R2LM_INLINE int slot_after(int slot, int k) const { return slot + k < width ? slot + k : slot + k - width; }
 
   R2LM_INLINE void load_row(int64_t r) {
-    C* dst = xring[r % width];
-    const T* src = x + r * p.x_seq_stride;
-    for (int64_t c = 0; c < nd; ++c) dst[c] = C(conv_to_float(src[c]));
+    row_to_compute<kBytes>(x + r * p.x_seq_stride, nd, xring[r % width]);
   }
 
   // Rows t .. t + width - 1 must be in the ring. Writes the pre-activation of row t into pre.
@@ -111,7 +126,7 @@ R2LM_INLINE void store_at(C* row, int64_t i, const V& v) { std::memcpy(row + i, 
 
 template <typename T, typename C, int kBytes>
 R2LM_INLINE void fwd_block(const ConvParams& p, int64_t b, int64_t d0) {
-  BlockContext<T, C> ctx(p, b, d0);
+  BlockContext<T, C, kBytes> ctx(p, b, d0);
   const int width = p.width;
   T* y = static_cast<T*>(p.y) + b * p.y_batch_stride + d0;
   C pre[kChannelBlock];
@@ -121,7 +136,7 @@ R2LM_INLINE void fwd_block(const ConvParams& p, int64_t b, int64_t d0) {
     ctx.preactivation(t, pre);
     T* out = y + t * p.y_seq_stride;
     if (p.silu) for_row_vectors<kBytes>(pre, ctx.nd, [&](auto v, int64_t i) { store_at(pre, i, conv_activate(v, true)); });
-    for (int64_t c = 0; c < ctx.nd; ++c) out[c] = conv_from_float<T>(pre[c]);
+    row_from_compute<kBytes>(pre, ctx.nd, out);
   }
 }
 
@@ -133,7 +148,7 @@ constexpr int64_t kGradChunkRows = 32;
 // dweight / dbias partials of this (b, channel block) go to partial_dw[k][d] / partial_db[d] (fp64).
 template <typename T, typename C, int kBytes>
 R2LM_INLINE void bwd_block(const ConvParams& p, int64_t b, int64_t d0, double* partial_dw, double* partial_db) {
-  BlockContext<T, C> ctx(p, b, d0);
+  BlockContext<T, C, kBytes> ctx(p, b, d0);
   const int width = p.width;
   const int64_t nd = ctx.nd;
   const T* dy = static_cast<const T*>(p.dy) + b * p.dy_batch_stride + d0;
@@ -152,7 +167,7 @@ R2LM_INLINE void bwd_block(const ConvParams& p, int64_t b, int64_t d0, double* p
     const T* dy_row = dy + s * p.dy_seq_stride;
     const int slot = int(s % width);
     C* g = gring[slot];
-    for (int64_t c = 0; c < nd; ++c) g[c] = C(conv_to_float(dy_row[c]));
+    row_to_compute<kBytes>(dy_row, nd, g);
     if (p.silu) {
       ctx.preactivation(s, pre);
       for_row_vectors<kBytes>(pre, nd, [&](auto v, int64_t i) {
@@ -176,7 +191,7 @@ R2LM_INLINE void bwd_block(const ConvParams& p, int64_t b, int64_t d0, double* p
       for (int64_t c = 0; c < nd; ++c) acc[c] += ctx.w[k][c] * g_row[c];
     }
     T* out = dx + s * p.dx_seq_stride;
-    for (int64_t c = 0; c < nd; ++c) out[c] = conv_from_float<T>(acc[c]);
+    row_from_compute<kBytes>(acc, nd, out);
   }
   flush_chunk();
   for (int k = 0; k < width; ++k)

@@ -115,46 +115,6 @@ R2LM_INLINE bool any_lane(M m) {
 template <typename V>
 constexpr bool kDoubleLanes = std::is_same_v<Elem<V>, double>;
 
-// 2^x and e^x of lanes: float lanes by the shared branch-free vec_exp2 / vec_exp (cpu_vector.h), double
-// lanes (tests, gradcheck) by std::exp2 / std::exp lane by lane.
-template <typename V>
-R2LM_INLINE V lane_exp2(V x) {
-  if constexpr (kDoubleLanes<V>) {
-    for (int j = 0; j < kLanesOf<V>; ++j) x[j] = std::exp2(x[j]);
-    return x;
-  } else {
-    return vec_exp2(x);
-  }
-}
-template <typename V>
-R2LM_INLINE V lane_exp(V x) {
-  if constexpr (kDoubleLanes<V>) {
-    for (int j = 0; j < kLanesOf<V>; ++j) x[j] = std::exp(x[j]);
-    return x;
-  } else {
-    return vec_exp(x);
-  }
-}
-
-// lane_exp2 of float lanes known to be <= 0 (or NaN): no overflow, so only the lower clamp is needed.
-// Same arithmetic and results as lane_exp2 on that range.
-// kClamp = false: the caller knows x >= -126 (or NaN) too, where the clamp changes nothing.
-template <bool kClamp = true, typename V>
-R2LM_INLINE V lane_exp2_nonpos(V x) {
-  using UInt = typename CpuVector<uint32_t, sizeof(V)>::type;
-  V xc = x;
-  if constexpr (kClamp) xc = x < -126.0f ? splat<V>(-126.0f) : x;
-  const V shifted = xc + 12582912.0f;
-  const V r = xc - (shifted - 12582912.0f);
-  const V poly = exp2_fraction(r);
-  return std::bit_cast<V>(std::bit_cast<UInt>(poly) + (std::bit_cast<UInt>(shifted) << 23));
-}
-// e^x of float lanes for x <= 0 (or NaN).
-template <typename V>
-R2LM_INLINE V lane_exp_nonpos(V x) {
-  return lane_exp2_nonpos(times_log2e(x));
-}
-
 // log1p(e) of float vectors F (GCC vector types, __m512 included) for e in [0, 1]:
 // 2 atanh(e / (2 + e)) summed as a series (|s| <= 1/3, 8 terms: < 1e-9 relative).
 template <typename F>
@@ -172,7 +132,8 @@ R2LM_INLINE V lane_softplus(V x) {
     for (int j = 0; j < kLanesOf<V>; ++j) x[j] = scan_softplus(x[j]);
     return x;
   } else {
-    const V result = (x > 0.0f ? x : splat<V>(0.0f)) + log1p_of_small(lane_exp_nonpos(x < 0.0f ? x : -x));
+    const V neg_abs = x < 0.0f ? x : -x;
+    const V result = (x > 0.0f ? x : splat<V>(0.0f)) + log1p_of_small(vec_exp2_upto127(times_log2e(neg_abs)));
     return x > 20.0f ? x : result;
   }
 }
@@ -182,7 +143,7 @@ R2LM_INLINE V lane_sigmoid(V x) {
     for (int j = 0; j < kLanesOf<V>; ++j) x[j] = scan_sigmoid(x[j]);
     return x;
   } else {
-    return 1.0f / (1.0f + lane_exp(-x));
+    return 1.0f / (1.0f + vec_exp(-x));
   }
 }
 
@@ -201,14 +162,27 @@ inline void store_elem(double* p, double v) { *p = v; }
 inline void store_elem(BFloat16Bits* p, float v) { p->bits = float_to_bf16_bits(v); }
 inline void store_elem(Half16* p, float v) { p->bits = float_to_half_bits(v); }
 
+// Whether whole fp16 rows of float vectors V convert by F16C (cpu_half.h): kernels compiled for 32 or 64
+// bytes, whose entry points are `flatten`ed so that the conversions inline.
+template <typename V, typename T>
+constexpr bool kF16cRows =
+#ifdef R2LM_X86_VECTOR_TARGETS
+    std::is_same_v<T, Half16> && sizeof(V) >= 32;
+#else
+    false;
+#endif
+
 // Lanes [0, width) of a row, converted; the padding lanes read as 0. Whole rows convert in loops of a
-// fixed count, which GCC vectorises (16-bit storage).
+// fixed count, which GCC vectorises (16-bit storage), or by F16C.
 template <typename V, typename T>
 R2LM_INLINE V load_row(const T* row, int64_t width) {
   constexpr int64_t kLanes = kLanesOf<V>;
   alignas(64) Elem<V> tmp[kLanes] = {};
   if (width == kLanes) {
     if constexpr (std::is_same_v<T, Elem<V>>) return load_vec<V>(row);
+#ifdef R2LM_X86_VECTOR_TARGETS
+    if constexpr (kF16cRows<V, T>) return half_lanes_to_float<V>(&row->bits);
+#endif
     for (int64_t j = 0; j < kLanes; ++j) tmp[j] = load_elem(row + j);
   } else {
     for (int64_t j = 0; j < width; ++j) tmp[j] = load_elem(row + j);
@@ -221,6 +195,10 @@ R2LM_INLINE void store_row(T* row, V v, int64_t width) {
   if (width == kLanes) {
     if constexpr (std::is_same_v<T, Elem<V>>) {
       std::memcpy(row, &v, sizeof(v));
+#ifdef R2LM_X86_VECTOR_TARGETS
+    } else if constexpr (kF16cRows<V, T>) {
+      float_lanes_to_half(v, &row->bits);
+#endif
     } else {
       alignas(64) Elem<V> tmp[kLanes];
       std::memcpy(tmp, &v, sizeof(v));
@@ -356,8 +334,8 @@ R2LM_INLINE void block_forward_fixed(const ScanParams& p, const Block<float, kBy
 #pragma GCC unroll 16
       for (int n = 0; n < kN; ++n) {
         V decay;
-        if constexpr (kExp.value == 0) decay = lane_exp2(dt * a[n]);
-        else decay = lane_exp2_nonpos<kExp.value == 1>(dt * a[n]);
+        if constexpr (kExp.value == 0) decay = vec_exp2(dt * a[n]);
+        else decay = vec_exp2_upto127<kExp.value == 1>(dt * a[n]);
         h[n] = decay * h[n] + dt_u * B[n];
         y += h[n] * C[n];
       }
@@ -406,7 +384,7 @@ R2LM_INLINE void block_forward(const ScanParams& p, const Block<Acc, kBytes>& k,
     const V dt_u = dt * u;
     V y{};
     for (int64_t n = 0; n < N; ++n) {
-      h[n] = lane_exp2(dt * k.A_log2e[n]) * h[n] + dt_u * Acc(load_elem(B_row + n));
+      h[n] = vec_exp2(dt * k.A_log2e[n]) * h[n] + dt_u * Acc(load_elem(B_row + n));
       y += h[n] * Acc(load_elem(C_row + n));
     }
     if (keep_states) {
@@ -465,7 +443,7 @@ R2LM_INLINE void block_backward(const ScanParams& p, const Block<Acc, kBytes>& k
     const StateRow<T>* C_row = row_ptr<StateRow<T>>(p.C, p.C_batch_stride, p.C_seq_stride, k.b, t, 0);
     for (int64_t n = 0; n < N; ++n) {
       const V g = w.g[n] + dy * Acc(load_elem(C_row + n));
-      const V decay = lane_exp2(dt * k.A_log2e[n]);
+      const V decay = vec_exp2(dt * k.A_log2e[n]);
       V db{};
       scan_step_bwd(g, h_next[n], dt, k.A[n], splat<V>(load_elem(B_row + n)), u, decay, ddt, w.dA[n], db, du);
       w.g[n] = decay * g * carry_scale;
@@ -485,16 +463,18 @@ R2LM_INLINE void block_backward(const ScanParams& p, const Block<Acc, kBytes>& k
 }
 
 // The per-block functions of one element type and vector width, each compiled for its instruction set
-// (called inside the OpenMP regions: an outlined region itself is compiled for the baseline target).
+// (called inside the OpenMP regions: an outlined region itself is compiled for the baseline target) and
+// flattened, so that the F16C row conversions inline.
 template <typename T, int kBytes>
 struct BlockFns;
 #define R2LM_SCAN_BLOCK_FNS(suffix, target, bytes, T, Acc)                                                    \
-  target void forward_##suffix(const ScanParams& p, const Block<Acc, bytes>& k, Vec<Acc, bytes>* h) {          \
+  target __attribute__((flatten)) void forward_##suffix(const ScanParams& p, const Block<Acc, bytes>& k,        \
+                                                        Vec<Acc, bytes>* h) {                                  \
     block_forward<T, Acc>(p, k, h, nullptr, false);                                                            \
   }                                                                                                            \
-  target void backward_##suffix(const ScanParams& p, const Block<Acc, bytes>& k,                               \
-                                BwdScratch<Vec<Acc, bytes>>& w, Acc* dB_acc, Acc* dC_acc, Acc* dA, Acc* dD,     \
-                                Acc* dbias) {                                                                  \
+  target __attribute__((flatten)) void backward_##suffix(const ScanParams& p, const Block<Acc, bytes>& k,       \
+                                                         BwdScratch<Vec<Acc, bytes>>& w, Acc* dB_acc,          \
+                                                         Acc* dC_acc, Acc* dA, Acc* dD, Acc* dbias) {          \
     block_backward<T, Acc>(p, k, w, dB_acc, dC_acc, dA, dD, dbias);                                            \
   }                                                                                                            \
   template <>                                                                                                  \
@@ -530,7 +510,7 @@ R2LM_AVX512_INLINE __m512 avx512_exp2(__m512 x) {
   const __m512 r = _mm512_maskz_reduce_ps(kAll, x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   return _mm512_maskz_scalef_ps(kAll, exp2_fraction<__m512>(r), x - r);
 }
-// As lane_exp.
+// As vec_exp.
 R2LM_AVX512_INLINE __m512 avx512_exp(__m512 x) {
   return avx512_exp2(times_log2e(x));
 }
