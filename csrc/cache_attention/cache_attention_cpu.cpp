@@ -870,18 +870,26 @@ R2LM_AMX_TARGET inline __attribute__((always_inline)) void attend_rows(const Cac
   for (int g = 0; g < n_group; ++g) finish_rows<T, D>(p, b, kvh0 + g, row0, rows, heads[g]);
 }
 
-// Flattened so that the pacer's ticks inside the shared online_softmax are inlined too.
-#define R2LM_ATTEND_ROWS_AMX(name, T, D)                                                                     \
-  R2LM_AMX_TARGET __attribute__((flatten)) void name(const CacheAttnParams& p, int64_t b, int64_t kvh0,     \
-                                                     int n_group, int64_t row0, int64_t rows, Scratch<D>& w) { \
+// Flattened so that the pacer's ticks inside the shared online_softmax are inlined too; AmxAttend<T, D>::fn
+// names the entry point.
+template <typename T, int D>
+struct AmxAttend;
+#define R2LM_ATTEND_ROWS_AMX(suffix, T, D)                                                                   \
+  R2LM_AMX_TARGET __attribute__((flatten)) void attend_##suffix(const CacheAttnParams& p, int64_t b,        \
+                                                                int64_t kvh0, int n_group, int64_t row0,    \
+                                                                int64_t rows, Scratch<D>& w) {              \
     attend_rows<T, D>(p, b, kvh0, n_group, row0, rows, w);                                                   \
-  }
-R2LM_ATTEND_ROWS_AMX(attend_f32_64, float, 64)
-R2LM_ATTEND_ROWS_AMX(attend_f32_128, float, 128)
-R2LM_ATTEND_ROWS_AMX(attend_f16_64, Half16, 64)
-R2LM_ATTEND_ROWS_AMX(attend_f16_128, Half16, 128)
-R2LM_ATTEND_ROWS_AMX(attend_bf16_64, BFloat16Bits, 64)
-R2LM_ATTEND_ROWS_AMX(attend_bf16_128, BFloat16Bits, 128)
+  }                                                                                                          \
+  template <>                                                                                                \
+  struct AmxAttend<T, D> {                                                                                   \
+    static constexpr auto fn = &attend_##suffix;                                                             \
+  };
+R2LM_ATTEND_ROWS_AMX(f32_64, float, 64)
+R2LM_ATTEND_ROWS_AMX(f32_128, float, 128)
+R2LM_ATTEND_ROWS_AMX(f16_64, Half16, 64)
+R2LM_ATTEND_ROWS_AMX(f16_128, Half16, 128)
+R2LM_ATTEND_ROWS_AMX(bf16_64, BFloat16Bits, 64)
+R2LM_ATTEND_ROWS_AMX(bf16_128, BFloat16Bits, 128)
 #undef R2LM_ATTEND_ROWS_AMX
 #undef R2LM_AMX_TARGET
 
@@ -964,7 +972,19 @@ void write_block_kv(const CacheAttnParams& p) {
 }  // namespace
 
 void cache_attention_cpu(const CacheAttnParams& p, bool write_kv) {
-  const bool d64 = p.head_dim == 64;
+  // f(T{}, head_dim as an integral_constant) for the call's storage type T (fp16 / bf16 as bit patterns).
+  const auto with_type_and_dim = [&p](auto&& f) {
+    const auto at_dim = [&p, &f](auto type) {
+      if (p.head_dim == 64) f(type, std::integral_constant<int, 64>{});
+      else f(type, std::integral_constant<int, 128>{});
+    };
+    switch (p.dtype) {
+      case DType::kFloat32: at_dim(float{}); break;
+      case DType::kFloat16: at_dim(Half16{}); break;
+      case DType::kBFloat16: at_dim(BFloat16Bits{}); break;
+      case DType::kFloat64: at_dim(double{}); break;
+    }
+  };
   bool attended = false;
 #ifdef R2LM_ATTENTION_AMX
   // Below one 16-row tile per kv head (plain decode) the tile unit computes padding rows; for fp32, where
@@ -973,40 +993,20 @@ void cache_attention_cpu(const CacheAttnParams& p, bool write_kv) {
   // bf16 11.7 ms on the FMA path, 7.5 on the tile unit).
   const bool half = p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16;
   if (p.dtype != DType::kFloat64 && (half || p.q_len * p.group >= 16) && amx::usable()) {
-    constexpr int g = amx::kGroupHeads;
-    switch (p.dtype) {
-      case DType::kFloat32: d64 ? attend_all(p, amx::attend_f32_64, g) : attend_all(p, amx::attend_f32_128, g); break;
-      case DType::kFloat16: d64 ? attend_all(p, amx::attend_f16_64, g) : attend_all(p, amx::attend_f16_128, g); break;
-      default: d64 ? attend_all(p, amx::attend_bf16_64, g) : attend_all(p, amx::attend_bf16_128, g); break;
-    }
+    with_type_and_dim([&](auto type, auto dim) {
+      using T = decltype(type);
+      if constexpr (!std::is_same_v<T, double>) attend_all(p, amx::AmxAttend<T, dim.value>::fn, amx::kGroupHeads);
+    });
     attended = true;
   }
 #endif
   if (!attended) with_cpu_vector_width([&](auto width) {
-    constexpr int w = decltype(width)::value;
     const int group = p.q_len * p.group <= kFmaSharedRows ? kFmaGroupHeads : 1;
-    switch (p.dtype) {
-      case DType::kFloat32:
-        d64 ? attend_all(p, FmaAttend<float, 64, w>::fn, group) : attend_all(p, FmaAttend<float, 128, w>::fn, group);
-        break;
-      case DType::kFloat16:
-        d64 ? attend_all(p, FmaAttend<Half16, 64, w>::fn, group) : attend_all(p, FmaAttend<Half16, 128, w>::fn, group);
-        break;
-      case DType::kBFloat16:
-        d64 ? attend_all(p, FmaAttend<BFloat16Bits, 64, w>::fn, group)
-            : attend_all(p, FmaAttend<BFloat16Bits, 128, w>::fn, group);
-        break;
-      case DType::kFloat64:
-        d64 ? attend_all(p, FmaAttend<double, 64, w>::fn, group) : attend_all(p, FmaAttend<double, 128, w>::fn, group);
-        break;
-    }
+    with_type_and_dim([&](auto type, auto dim) {
+      attend_all(p, FmaAttend<decltype(type), dim.value, width.value>::fn, group);
+    });
   });
-  if (!write_kv) return;
-  switch (p.dtype) {
-    case DType::kFloat32: write_block_kv<float>(p); break;
-    case DType::kFloat64: write_block_kv<double>(p); break;
-    default: write_block_kv<uint16_t>(p); break;
-  }
+  if (write_kv) with_type_and_dim([&](auto type, auto) { write_block_kv<decltype(type)>(p); });
 }
 
 }  // namespace r2lm
