@@ -327,14 +327,15 @@ R2LM_INLINE TokenInputs<T, Vec<Acc, kBytes>> load_token_inputs(const ScanParams&
           row_ptr<StateRow<T>>(p.C, p.C_batch_stride, p.C_seq_stride, k.b, t, 0)};
 }
 
-// The forward of a float block with d_state == kN, written to p.out: the state stays in registers.
-// kNonpos: the decay arguments are known to be <= 0 (softplus dt, A <= 0). Same arithmetic, in the same
+// The forward of a float block with d_state == kN: the state stays in registers. Writes p.out, or with
+// `kept` (as block_forward's `states`, slot L zero) keeps every h_t in slot t and y_t . C_t in ys. kNonpos: the decay arguments are known to be <= 0 (softplus dt, A <= 0). Same arithmetic, in the same
 // order, as block_forward, software-pipelined: a token's step size and gate are computed two tokens ahead
 // and, with 32 vector registers (kBytes 64), its decays one token ahead (inside the previous token's state
 // loop), so that their long dependency chains overlap other tokens' work instead of stalling the state
 // updates. With 16 registers the decays ahead would spill (AVX2, fp32: 8.0 -> 9.0 ms).
 template <typename T, int kN, bool kNonpos, int kBytes>
-R2LM_INLINE void block_forward_fixed(const ScanParams& p, const Block<float, kBytes>& k) {
+R2LM_INLINE void block_forward_fixed(const ScanParams& p, const Block<float, kBytes>& k, Vec<float, kBytes>* kept,
+                                     Vec<float, kBytes>* ys) {
   using V = Vec<float, kBytes>;
   const int64_t L = p.seqlen;
   constexpr bool kDecaysAhead = kBytes == 64;
@@ -347,7 +348,7 @@ R2LM_INLINE void block_forward_fixed(const ScanParams& p, const Block<float, kBy
     return p.delta_softplus ? lane_softplus(x) : x;
   };
   auto gate_of = [&](int64_t t) R2LM_INLINE_LAMBDA {
-    if (!p.z) return splat<V>(1.0f);
+    if (!p.z || kept) return splat<V>(1.0f);
     const V z = load_row<V>(row_ptr<T>(p.z, p.z_batch_stride, p.z_seq_stride, k.b, std::max<int64_t>(t, 0), k.d0),
                             k.width);
     return z * lane_sigmoid(z);
@@ -386,7 +387,7 @@ R2LM_INLINE void block_forward_fixed(const ScanParams& p, const Block<float, kBy
     }
     const int64_t ahead = std::max<int64_t>(t - kPrefetchTokens, 0);
     prefetch_inputs<T>(p, k.b, ahead, k.d0, false);
-    prefetch_output<T>(p.out, k.b * p.out_batch_stride + ahead * p.out_seq_stride + k.d0);
+    if (!kept) prefetch_output<T>(p.out, k.b * p.out_batch_stride + ahead * p.out_seq_stride + k.d0);
     const V dt2 = step_size(t - 2), gate2 = gate_of(t - 2);
     const V u = load_row<V>(row_ptr<T>(p.u, p.u_batch_stride, p.u_seq_stride, k.b, t, k.d0), k.width);
     const V dt_u = dt * u;
@@ -399,8 +400,13 @@ R2LM_INLINE void block_forward_fixed(const ScanParams& p, const Block<float, kBy
       case 1: y = states(std::integral_constant<int, 1>{}, dt_exp, dt_u, B, C); break;
       default: y = states(std::integral_constant<int, 0>{}, dt_exp, dt_u, B, C); break;
     }
-    const V out = (y + k.D * u) * gate;
-    store_row(static_cast<T*>(p.out) + k.b * p.out_batch_stride + t * p.out_seq_stride + k.d0, out, k.width);
+    if (kept) {
+      for (int n = 0; n < kN; ++n) kept[t * kN + n] = h[n];
+      ys[t] = y;
+    } else {
+      const V out = (y + k.D * u) * gate;
+      store_row(static_cast<T*>(p.out) + k.b * p.out_batch_stride + t * p.out_seq_stride + k.d0, out, k.width);
+    }
     dt = dt1, dt1 = dt2;
     gate = gate1, gate1 = gate2;
   }
@@ -414,28 +420,26 @@ R2LM_INLINE void block_forward(const ScanParams& p, const Block<Acc, kBytes>& k,
                                Vec<Acc, kBytes>* ys, bool keep_states) {
   using V = Vec<Acc, kBytes>;
   const int64_t L = p.seqlen, N = p.d_state;
+  if (keep_states) std::fill(states + L * N, states + (L + 1) * N, V{});
   if constexpr (std::is_same_v<Acc, float>) {
-    if (!keep_states && N == 16) {
-      if (p.delta_softplus && k.A_nonpos) return block_forward_fixed<T, 16, true, kBytes>(p, k);
-      return block_forward_fixed<T, 16, false, kBytes>(p, k);
+    if (N == 16) {
+      V* kept = keep_states ? states : nullptr;
+      if (p.delta_softplus && k.A_nonpos) return block_forward_fixed<T, 16, true, kBytes>(p, k, kept, ys);
+      return block_forward_fixed<T, 16, false, kBytes>(p, k, kept, ys);
     }
   }
-  if (keep_states) std::fill(states + L * N, states + (L + 1) * N, V{});
   for (int64_t t = L - 1; t >= 0; --t) {
     const bool carry = carries(p, k.b, t);
-    V* h = states;
-    if (keep_states) {
-      h = states + t * N;
-      std::copy(states + (carry ? t + 1 : L) * N, states + (carry ? t + 2 : L + 1) * N, h);
-    } else if (!carry) {
-      std::fill(h, h + N, V{});
-    }
+    // h_t in place of the running state, or in slot t from h_{t+1} (slot L, zero, where the state resets).
+    V* h = keep_states ? states + t * N : states;
+    const V* h_prev = keep_states ? states + (carry ? t + 1 : L) * N : states;
+    if (!keep_states && !carry) std::fill(h, h + N, V{});
     prefetch_inputs<T>(p, k.b, std::max<int64_t>(t - kPrefetchTokens, 0), k.d0, false);
     const auto [dt, u, B_row, C_row] = load_token_inputs<T>(p, k, t);
     const V dt_u = dt * u;
     V y{};
     for (int64_t n = 0; n < N; ++n) {
-      h[n] = vec_exp2(dt * k.A_log2e[n]) * h[n] + dt_u * Acc(load_elem(B_row + n));
+      h[n] = vec_exp2(dt * k.A_log2e[n]) * h_prev[n] + dt_u * Acc(load_elem(B_row + n));
       y += h[n] * Acc(load_elem(C_row + n));
     }
     if (keep_states) {
