@@ -328,11 +328,12 @@ R2LM_INLINE TokenInputs<T, Vec<Acc, kBytes>> load_token_inputs(const ScanParams&
 }
 
 // The forward of a float block with d_state == kN: the state stays in registers. Writes p.out, or with
-// `kept` (as block_forward's `states`, slot L zero) keeps every h_t in slot t and y_t . C_t in ys. kNonpos: the decay arguments are known to be <= 0 (softplus dt, A <= 0). Same arithmetic, in the same
-// order, as block_forward, software-pipelined: a token's step size and gate are computed two tokens ahead
-// and, with 32 vector registers (kBytes 64), its decays one token ahead (inside the previous token's state
-// loop), so that their long dependency chains overlap other tokens' work instead of stalling the state
-// updates. With 16 registers the decays ahead would spill (AVX2, fp32: 8.0 -> 9.0 ms).
+// `kept` (as block_forward's `states`, slot L zero) keeps every h_t in slot t and y_t . C_t in ys. kNonpos:
+// the decay arguments are known to be <= 0 (softplus dt, A <= 0). Same arithmetic, in the same order, as
+// block_forward, software-pipelined: a token's step size and gate are computed two tokens ahead and, with 32
+// vector registers (kBytes 64), its decays one token ahead (inside the previous token's state loop), so that
+// their long dependency chains overlap other tokens' work instead of stalling the state updates. With 16
+// registers the decays ahead would spill (AVX2, fp32: 8.0 -> 9.0 ms).
 template <typename T, int kN, bool kNonpos, int kBytes>
 R2LM_INLINE void block_forward_fixed(const ScanParams& p, const Block<float, kBytes>& k, Vec<float, kBytes>* kept,
                                      Vec<float, kBytes>* ys) {
@@ -612,8 +613,6 @@ R2LM_AVX512_INLINE __m512 avx512_step(__m512 (&h)[16], __m512 (&decay)[16], cons
 template <bool kSoftplus, bool kGate>
 R2LM_AVX512 void forward_f32_n16_avx512(const ScanParams& p, const Block<float, 64>& k) {
   constexpr int kN = 16;
-  // Consecutive tokens' rows are a sequence stride apart, too far for the hardware prefetchers.
-  constexpr int64_t kPrefetch = 16;  // tokens ahead
   const int64_t L = p.seqlen;
   const __mmask16 lanes = __mmask16((1u << k.width) - 1);
   auto row0 = [&](const void* base, int64_t batch_stride) R2LM_INLINE_LAMBDA {
@@ -654,7 +653,7 @@ R2LM_AVX512 void forward_f32_n16_avx512(const ScanParams& p, const Block<float, 
     if (!carry) {
       for (int n = 0; n < kN; ++n) h[n] = _mm512_setzero_ps();
     }
-    const int64_t ahead = std::max<int64_t>(t - kPrefetch, 0);
+    const int64_t ahead = std::max<int64_t>(t - kPrefetchTokens, 0);
     _mm_prefetch(reinterpret_cast<const char*>(delta + ahead * delta_stride), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(u + ahead * u_stride), _MM_HINT_T0);
     if constexpr (kGate) _mm_prefetch(reinterpret_cast<const char*>(z + ahead * z_stride), _MM_HINT_T0);
