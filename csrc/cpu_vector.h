@@ -66,6 +66,13 @@ struct CpuVector {
 template <typename F>
 inline F times_log2e(F x) { return x * 1.44269502162933349609375f + x * 1.925963033500011079e-08f; }
 
+// f of every lane of a vector, one lane at a time (the double-vector paths, which match the fp64 references).
+template <typename V, typename F>
+inline __attribute__((always_inline)) V map_lanes(V x, F&& f) {
+  for (int i = 0; i < int(sizeof(V) / sizeof(x[0])); ++i) x[i] = f(x[i]);
+  return x;
+}
+
 // 2^x of a float vector for x <= 127 (or NaN), branch-free: x = j + r with j an integer and |r| <= 1/2,
 // 2^r by the shared exp2_fraction, 2^j added to the exponent field. kClampLow: inputs below -126 read as
 // -126 (results 2^-126, as good as 0 for a decay factor or a sigmoid); false where the caller knows
@@ -87,8 +94,7 @@ inline __attribute__((always_inline)) V vec_exp2_upto127(V x) {
 template <typename V>
 inline __attribute__((always_inline)) V vec_exp2(V x) {
   if constexpr (sizeof(x[0]) == sizeof(double)) {
-    for (int i = 0; i < int(sizeof(V) / sizeof(double)); ++i) x[i] = std::exp2(x[i]);
-    return x;
+    return map_lanes(x, [](double v) { return std::exp2(v); });
   } else {
     const V result = vec_exp2_upto127(x > 127.0f ? V{} + 127.0f : x);
     return x >= 128.0f ? V{} + __builtin_inff() : result;
@@ -98,8 +104,7 @@ inline __attribute__((always_inline)) V vec_exp2(V x) {
 template <typename V>
 inline __attribute__((always_inline)) V vec_exp(V x) {
   if constexpr (sizeof(x[0]) == sizeof(double)) {
-    for (int i = 0; i < int(sizeof(V) / sizeof(double)); ++i) x[i] = std::exp(x[i]);
-    return x;
+    return map_lanes(x, [](double v) { return std::exp(v); });
   } else {
     return vec_exp2(times_log2e(x));
   }

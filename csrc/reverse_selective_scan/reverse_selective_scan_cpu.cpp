@@ -129,8 +129,7 @@ R2LM_INLINE F log1p_of_small(F e) {
 template <typename V>
 R2LM_INLINE V lane_softplus(V x) {
   if constexpr (kDoubleLanes<V>) {
-    for (int j = 0; j < kLanesOf<V>; ++j) x[j] = scan_softplus(x[j]);
-    return x;
+    return map_lanes(x, [](double v) { return scan_softplus(v); });
   } else {
     const V neg_abs = x < 0.0f ? x : -x;
     const V result = (x > 0.0f ? x : splat<V>(0.0f)) + log1p_of_small(vec_exp2_upto127(times_log2e(neg_abs)));
@@ -140,8 +139,7 @@ R2LM_INLINE V lane_softplus(V x) {
 template <typename V>
 R2LM_INLINE V lane_sigmoid(V x) {
   if constexpr (kDoubleLanes<V>) {
-    for (int j = 0; j < kLanesOf<V>; ++j) x[j] = scan_sigmoid(x[j]);
-    return x;
+    return map_lanes(x, [](double v) { return scan_sigmoid(v); });
   } else {
     return 1.0f / (1.0f + vec_exp(-x));
   }
