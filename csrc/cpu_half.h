@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -149,6 +150,38 @@ inline uint16_t float_to_bf16_bits(float x) {
   const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16, quiet_nan = (bits >> 16) | 0x40u;
   const uint32_t is_nan = mask_if((bits & 0x7fffffffu) > 0x7f800000u);
   return uint16_t((quiet_nan & is_nan) | (rounded & ~is_nan));
+}
+
+// Storage elements as compute values: 16-bit floats widen to float, float and double pass through.
+inline float to_compute(float x) { return x; }
+inline double to_compute(double x) { return x; }
+inline float to_compute(Half16 x) { return half_bits_to_float(x.bits); }
+inline float to_compute(BFloat16Bits x) { return bf16_bits_to_float(x.bits); }
+
+// A compute value (float or double) stored as T; 16-bit floats round to nearest even (from a double, through
+// float first).
+template <typename T, typename X>
+inline T to_storage(X x) {
+  if constexpr (std::is_same_v<T, Half16>) return Half16{float_to_half_bits(float(x))};
+  else if constexpr (std::is_same_v<T, BFloat16Bits>) return BFloat16Bits{float_to_bf16_bits(float(x))};
+  else return T(x);
+}
+
+// A row of n storage elements to compute values C and back, in a kernel compiled for vectors of kBytes:
+// fp16 rows by F16C where kBytes allows (half_row_to_float), the others element by element.
+template <int kBytes, typename T, typename C>
+inline void widen_row(const T* src, int64_t n, C* dst) {
+  if constexpr (std::is_same_v<T, Half16> && std::is_same_v<C, float>)
+    half_row_to_float<kBytes>(&src->bits, n, dst);
+  else
+    for (int64_t i = 0; i < n; ++i) dst[i] = C(to_compute(src[i]));
+}
+template <int kBytes, typename T, typename C>
+inline void narrow_row(const C* src, int64_t n, T* dst) {
+  if constexpr (std::is_same_v<T, Half16> && std::is_same_v<C, float>)
+    float_row_to_half<kBytes>(src, n, &dst->bits);
+  else
+    for (int64_t i = 0; i < n; ++i) dst[i] = to_storage<T>(src[i]);
 }
 
 }  // namespace r2lm

@@ -84,16 +84,6 @@ inline __attribute__((always_inline)) V load_vec(const void* p) {
 template <typename V>
 inline __attribute__((always_inline)) void store_vec(void* p, V v) { __builtin_memcpy(p, &v, sizeof(V)); }
 
-// Storage element -> accumulator conversions (fp16 / bf16 are passed as raw 16-bit patterns).
-template <typename Acc> inline Acc to_acc(float x) { return Acc(x); }
-template <typename Acc> inline Acc to_acc(double x) { return Acc(x); }
-template <typename Acc> inline Acc to_acc(Half16 x) { return Acc(half_bits_to_float(x.bits)); }
-template <typename Acc> inline Acc to_acc(BFloat16Bits x) { return Acc(bf16_bits_to_float(x.bits)); }
-template <typename T> inline T from_acc(float x);
-template <> inline float from_acc<float>(float x) { return x; }
-template <> inline Half16 from_acc<Half16>(float x) { return Half16{float_to_half_bits(x)}; }
-template <> inline BFloat16Bits from_acc<BFloat16Bits>(float x) { return BFloat16Bits{float_to_bf16_bits(x)}; }
-template <typename T> inline T from_acc(double x) { return T(x); }
 
 // e^x for the softmax (x <= kRescaleMargin, or -inf): the shared vec_exp arithmetic, and
 // exactly 0 below 2^-126, so that masked keys and a fresh row's correction (exp(-inf)) vanish.
@@ -105,15 +95,6 @@ inline __attribute__((always_inline)) V softmax_exp(V x) {
     const V t = times_log2e(x);
     return t < -126.0f ? V{} : vec_exp2_upto127<false>(t);
   }
-}
-
-// A key / value row to the accumulator type; fp16 rows by F16C where kBytes allows (cpu_half.h).
-template <int kBytes, int D, typename T, typename Acc>
-inline __attribute__((always_inline)) void widen_row(const T* src, Acc* dst) {
-  if constexpr (std::is_same_v<T, Half16> && std::is_same_v<Acc, float>)
-    half_row_to_float<kBytes>(&src->bits, D, dst);
-  else
-    for (int d = 0; d < D; ++d) dst[d] = to_acc<Acc>(src[d]);
 }
 
 // One kv head's rows in the FMA kernel, Acc-typed and 64-byte aligned. Queries are stored transposed so
@@ -313,7 +294,7 @@ inline int64_t start_rows(const CacheAttnParams& p, int64_t b, int64_t kvh, int6
     w.row_query[r] = i;
     last_query = std::max(last_query, i);
     const T* src = elem<T>(p.q, b * p.q_batch_stride + i * p.q_seq_stride + h * p.q_head_stride);
-    for (int d = 0; d < D; ++d) qt[d][r] = real ? to_acc<Acc>(src[d]) * Acc(p.scale) : Acc(0);
+    for (int d = 0; d < D; ++d) qt[d][r] = real ? Acc(to_compute(src[d])) * Acc(p.scale) : Acc(0);
     for (int d = 0; d < D; ++d) w.o[r][d] = Acc(0);
     w.row_max[r] = -std::numeric_limits<Acc>::infinity();
     w.row_sum[r] = Acc(0);
@@ -329,7 +310,7 @@ inline void finish_rows(const CacheAttnParams& p, int64_t b, int64_t kvh, int64_
     const int64_t row = row0 + r, i = row / p.group, h = kvh * p.group + row % p.group;
     const Acc inv = Acc(1) / w.row_sum[r];
     T* dst = static_cast<T*>(p.out) + ((b * p.q_len + i) * p.n_heads + h) * D;
-    for (int d = 0; d < D; ++d) dst[d] = from_acc<T>(w.o[r][d] * inv);
+    for (int d = 0; d < D; ++d) dst[d] = to_storage<T>(w.o[r][d] * inv);
     p.lse[(b * p.n_heads + h) * p.q_len + i] = float(w.row_max[r] + std::log(w.row_sum[r]));
   }
 }
@@ -363,8 +344,8 @@ inline __attribute__((always_inline)) void attend_rows(const CacheAttnParams& p,
         // token's heads apart (4 KB in the benchmark shape), so the rows in place would all map to the
         // same few L1 sets and be refetched by every row block.
         if (ks) {
-          widen_row<kBytes, D>(ks, w.k[n]);
-          widen_row<kBytes, D>(vs, w.v[n]);
+          widen_row<kBytes>(ks, D, w.k[n]);
+          widen_row<kBytes>(vs, D, w.v[n]);
         } else {
           for (int d = 0; d < D; ++d) w.k[n][d] = w.v[n][d] = Acc(0);
         }

@@ -13,7 +13,6 @@
 #include <cstdint>
 #include <cstring>
 
-#include "cpu_half.h"
 #include "r2lm_common.h"
 #ifndef __CUDACC__
 #include <utility>
@@ -88,19 +87,6 @@ R2LM_HD T conv_pre_grad(T pre, T dy, bool silu) {
 R2LM_HD bool conv_tap_live(int64_t t, int k, int64_t seqlen, int32_t seg_t, int32_t seg_tk) {
   return t >= 0 && t + k < seqlen && seg_t == seg_tk;
 }
-
-// --- 16-bit float storage for the CPU kernel (CUDA uses its own __half / __nv_bfloat16) ----------
-
-inline float conv_to_float(float v) { return v; }
-inline double conv_to_float(double v) { return v; }
-inline float conv_to_float(BFloat16Bits v) { return bf16_bits_to_float(v.bits); }
-inline float conv_to_float(Half16 v) { return half_bits_to_float(v.bits); }
-
-template <typename T> inline T conv_from_float(double v);
-template <> inline double conv_from_float<double>(double v) { return v; }
-template <> inline float conv_from_float<float>(double v) { return float(v); }
-template <> inline BFloat16Bits conv_from_float<BFloat16Bits>(double v) { return {float_to_bf16_bits(float(v))}; }
-template <> inline Half16 conv_from_float<Half16>(double v) { return {float_to_half_bits(float(v))}; }
 
 // CPU kernels (reverse_conv1d_cpu.cpp).
 void reverse_conv1d_fwd_cpu(const ConvParams& p);

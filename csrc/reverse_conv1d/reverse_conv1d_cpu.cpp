@@ -8,6 +8,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_half.h"
 #include "cpu_vector.h"
 #include "reverse_conv1d/reverse_conv1d.h"
 
@@ -23,8 +24,8 @@ C load_param(const void* ptr, int64_t i, DType dtype) {
   switch (dtype) {
     case DType::kFloat32: return C(static_cast<const float*>(ptr)[i]);
     case DType::kFloat64: return C(static_cast<const double*>(ptr)[i]);
-    case DType::kBFloat16: return C(conv_to_float(static_cast<const BFloat16Bits*>(ptr)[i]));
-    case DType::kFloat16: return C(conv_to_float(static_cast<const Half16*>(ptr)[i]));
+    case DType::kBFloat16: return C(to_compute(static_cast<const BFloat16Bits*>(ptr)[i]));
+    case DType::kFloat16: return C(to_compute(static_cast<const Half16*>(ptr)[i]));
   }
   return C(0);
 }
@@ -33,26 +34,9 @@ void store_param(void* ptr, int64_t i, DType dtype, double v) {
   switch (dtype) {
     case DType::kFloat32: static_cast<float*>(ptr)[i] = float(v); break;
     case DType::kFloat64: static_cast<double*>(ptr)[i] = v; break;
-    case DType::kBFloat16: static_cast<BFloat16Bits*>(ptr)[i] = conv_from_float<BFloat16Bits>(v); break;
-    case DType::kFloat16: static_cast<Half16*>(ptr)[i] = conv_from_float<Half16>(v); break;
+    case DType::kBFloat16: static_cast<BFloat16Bits*>(ptr)[i] = to_storage<BFloat16Bits>(v); break;
+    case DType::kFloat16: static_cast<Half16*>(ptr)[i] = to_storage<Half16>(v); break;
   }
-}
-
-// A row of n storage elements to the compute type C and back; fp16 rows by F16C where kBytes allows
-// (cpu_half.h).
-template <int kBytes, typename T, typename C>
-R2LM_INLINE void row_to_compute(const T* src, int64_t n, C* dst) {
-  if constexpr (std::is_same_v<T, Half16> && std::is_same_v<C, float>)
-    half_row_to_float<kBytes>(&src->bits, n, dst);
-  else
-    for (int64_t c = 0; c < n; ++c) dst[c] = C(conv_to_float(src[c]));
-}
-template <int kBytes, typename T, typename C>
-R2LM_INLINE void row_from_compute(const C* src, int64_t n, T* dst) {
-  if constexpr (std::is_same_v<T, Half16> && std::is_same_v<C, float>)
-    float_row_to_half<kBytes>(src, n, &dst->bits);
-  else
-    for (int64_t c = 0; c < n; ++c) dst[c] = conv_from_float<T>(src[c]);
 }
 
 // A channel block's rows are a sequence stride apart (2 KB at dim 512, fp32), which the hardware prefetchers
@@ -101,7 +85,7 @@ struct BlockContext {
   }
 
   R2LM_INLINE void load_row(int64_t r) {
-    row_to_compute<kBytes>(x + r * p.x_seq_stride, nd, xring[r % width]);
+    widen_row<kBytes>(x + r * p.x_seq_stride, nd, xring[r % width]);
   }
 
   // Rows t .. t + width - 1 must be in the ring. Writes the pre-activation of row t into pre.
@@ -152,7 +136,7 @@ R2LM_INLINE void fwd_block(const ConvParams& p, int64_t b, int64_t d0) {
     ctx.preactivation(t, pre);
     T* out = y + t * p.y_seq_stride;
     if (p.silu) for_row_vectors<kBytes>(pre, ctx.nd, [&](auto v, int64_t i) { store_at(pre, i, conv_activate(v, true)); });
-    row_from_compute<kBytes>(pre, ctx.nd, out);
+    narrow_row<kBytes>(pre, ctx.nd, out);
   }
 }
 
@@ -188,7 +172,7 @@ R2LM_INLINE void bwd_block(const ConvParams& p, int64_t b, int64_t d0, double* p
     const T* dy_row = dy + s * p.dy_seq_stride;
     const int slot = int(s % width);
     C* g = gring[slot];
-    row_to_compute<kBytes>(dy_row, nd, g);
+    widen_row<kBytes>(dy_row, nd, g);
     if (p.silu) {
       ctx.preactivation(s, pre);
       for_row_vectors<kBytes>(pre, nd, [&](auto v, int64_t i) {
@@ -212,7 +196,7 @@ R2LM_INLINE void bwd_block(const ConvParams& p, int64_t b, int64_t d0, double* p
       for (int64_t c = 0; c < nd; ++c) acc[c] += ctx.w[k][c] * g_row[c];
     }
     T* out = dx + s * p.dx_seq_stride;
-    row_from_compute<kBytes>(acc, nd, out);
+    narrow_row<kBytes>(acc, nd, out);
   }
   flush_chunk();
   for (int k = 0; k < width; ++k)

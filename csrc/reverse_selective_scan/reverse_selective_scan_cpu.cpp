@@ -149,17 +149,6 @@ R2LM_INLINE V lane_sigmoid(V x) {
 template <typename V>
 R2LM_INLINE V lane_softplus_grad(V x) { return x > Elem<V>(20) ? splat<V>(1) : lane_sigmoid(x); }
 
-// Storage elements as arithmetic values (16-bit floats: cpu_half.h).
-inline float load_elem(const float* p) { return *p; }
-inline double load_elem(const double* p) { return *p; }
-inline float load_elem(const BFloat16Bits* p) { return bf16_bits_to_float(p->bits); }
-inline float load_elem(const Half16* p) { return half_bits_to_float(p->bits); }
-
-inline void store_elem(float* p, float v) { *p = v; }
-inline void store_elem(double* p, double v) { *p = v; }
-inline void store_elem(BFloat16Bits* p, float v) { p->bits = float_to_bf16_bits(v); }
-inline void store_elem(Half16* p, float v) { p->bits = float_to_half_bits(v); }
-
 // Whether whole fp16 rows of float vectors V convert by F16C (cpu_half.h): kernels compiled for 32 or 64
 // bytes, whose entry points are `flatten`ed so that the conversions inline.
 template <typename V, typename T>
@@ -181,9 +170,9 @@ R2LM_INLINE V load_row(const T* row, int64_t width) {
 #ifdef R2LM_X86_VECTOR_TARGETS
     if constexpr (kF16cRows<V, T>) return half_lanes_to_float<V>(&row->bits);
 #endif
-    for (int64_t j = 0; j < kLanes; ++j) tmp[j] = load_elem(row + j);
+    for (int64_t j = 0; j < kLanes; ++j) tmp[j] = to_compute(row[j]);
   } else {
-    for (int64_t j = 0; j < width; ++j) tmp[j] = load_elem(row + j);
+    for (int64_t j = 0; j < width; ++j) tmp[j] = to_compute(row[j]);
   }
   return load_vec<V>(tmp);
 }
@@ -200,11 +189,11 @@ R2LM_INLINE void store_row(T* row, V v, int64_t width) {
     } else {
       alignas(64) Elem<V> tmp[kLanes];
       std::memcpy(tmp, &v, sizeof(v));
-      for (int64_t j = 0; j < kLanes; ++j) store_elem(row + j, tmp[j]);
+      for (int64_t j = 0; j < kLanes; ++j) row[j] = to_storage<T>(tmp[j]);
     }
     return;
   }
-  for (int64_t j = 0; j < width; ++j) store_elem(row + j, v[j]);
+  for (int64_t j = 0; j < width; ++j) row[j] = to_storage<T>(v[j]);
 }
 
 template <typename T>
@@ -248,8 +237,8 @@ void with_float_states(const ScanParams& p, Run&& run) {
       const int64_t b = bt / L, t = bt % L;
       const T* B_row = row_ptr<T>(p.B, p.B_batch_stride, p.B_seq_stride, b, t, 0);
       const T* C_row = row_ptr<T>(p.C, p.C_batch_stride, p.C_seq_stride, b, t, 0);
-      for (int64_t n = 0; n < N; ++n) B[bt * N + n] = load_elem(B_row + n);
-      for (int64_t n = 0; n < N; ++n) C[bt * N + n] = load_elem(C_row + n);
+      for (int64_t n = 0; n < N; ++n) B[bt * N + n] = to_compute(B_row[n]);
+      for (int64_t n = 0; n < N; ++n) C[bt * N + n] = to_compute(C_row[n]);
     }
     ScanParams q = p;
     q.B = B, q.B_batch_stride = L * N, q.B_seq_stride = N;
@@ -438,8 +427,8 @@ R2LM_INLINE void block_forward(const ScanParams& p, const Block<Acc, kBytes>& k,
     const V dt_u = dt * u;
     V y{};
     for (int64_t n = 0; n < N; ++n) {
-      h[n] = vec_exp2(dt * k.A_log2e[n]) * h_prev[n] + dt_u * Acc(load_elem(B_row + n));
-      y += h[n] * Acc(load_elem(C_row + n));
+      h[n] = vec_exp2(dt * k.A_log2e[n]) * h_prev[n] + dt_u * Acc(to_compute(B_row[n]));
+      y += h[n] * Acc(to_compute(C_row[n]));
     }
     if (keep_states) {
       ys[t] = y;
@@ -501,10 +490,10 @@ R2LM_INLINE void block_backward(const ScanParams& p, const Block<Acc, kBytes>& k
     const StateRow<T>* B_row = row_ptr<StateRow<T>>(p.B, p.B_batch_stride, p.B_seq_stride, k.b, t, 0);
     const StateRow<T>* C_row = row_ptr<StateRow<T>>(p.C, p.C_batch_stride, p.C_seq_stride, k.b, t, 0);
     for (int64_t n = 0; n < N; ++n) {
-      const V g = w.g[n] + dy * Acc(load_elem(C_row + n));
+      const V g = w.g[n] + dy * Acc(to_compute(C_row[n]));
       const V decay = vec_exp2(dt * k.A_log2e[n]);
       V db{};
-      scan_step_bwd(g, h_next[n], dt, k.A[n], splat<V>(load_elem(B_row + n)), u, decay, ddt, w.dA[n], db, du);
+      scan_step_bwd(g, h_next[n], dt, k.A[n], splat<V>(to_compute(B_row[n])), u, decay, ddt, w.dA[n], db, du);
       w.g[n] = decay * g * carry_scale;
       dB_acc[t * N + n] += lane_sum(db);
       dC_acc[t * N + n] += lane_sum(dy * h[n]);
@@ -745,8 +734,8 @@ void backward(const ScanParams& p) {
         db += part_dB[((b * n_parts + part) * L + t) * N + n];
         dc += part_dC[((b * n_parts + part) * L + t) * N + n];
       }
-      store_elem(static_cast<T*>(p.dB) + bt * N + n, db);
-      store_elem(static_cast<T*>(p.dC) + bt * N + n, dc);
+      static_cast<T*>(p.dB)[bt * N + n] = to_storage<T>(db);
+      static_cast<T*>(p.dC)[bt * N + n] = to_storage<T>(dc);
     }
   }
 #pragma omp parallel for schedule(static)
