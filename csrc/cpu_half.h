@@ -97,9 +97,9 @@ inline void float_lanes_to_half(F v, uint16_t* dst) {
 }
 #endif
 
-// Rows of n fp16 values to float and back, in a kernel compiled for vectors of kBytes (cpu_vector.h):
-// x86-64-v3 and up convert by F16C, 8 values per instruction, which beats the vectorised bit arithmetic
-// above (a call per row, so the callers need no `flatten`).
+// Rows of n fp16 values to float and back by F16C, 8 values per instruction, which beats the vectorised bit
+// arithmetic above (widen_row / narrow_row call them per row in kernels compiled for 32 or 64 bytes, so
+// the callers need no `flatten`).
 #if defined(__x86_64__)
 __attribute__((target("arch=x86-64-v3"))) inline void half_row_to_float_f16c(const uint16_t* src, int64_t n,
                                                                             float* dst) {
@@ -121,27 +121,6 @@ __attribute__((target("arch=x86-64-v3"))) inline void float_row_to_half_f16c(con
   for (; j < n; ++j) dst[j] = float_to_half_bits(src[j]);
 }
 #endif
-template <int kBytes>
-inline void half_row_to_float(const uint16_t* src, int64_t n, float* dst) {
-#if defined(__x86_64__)
-  if constexpr (kBytes >= 32) {
-    half_row_to_float_f16c(src, n, dst);
-    return;
-  }
-#endif
-  for (int64_t j = 0; j < n; ++j) dst[j] = half_bits_to_float(src[j]);
-}
-template <int kBytes>
-inline void float_row_to_half(const float* src, int64_t n, uint16_t* dst) {
-#if defined(__x86_64__)
-  if constexpr (kBytes >= 32) {
-    float_row_to_half_f16c(src, n, dst);
-    return;
-  }
-#endif
-  for (int64_t j = 0; j < n; ++j) dst[j] = float_to_half_bits(src[j]);
-}
-
 inline float bf16_bits_to_float(uint16_t h) { return half_detail::as_float(uint32_t(h) << 16); }
 
 inline uint16_t float_to_bf16_bits(float x) {
@@ -167,21 +146,27 @@ inline T to_storage(X x) {
   else return T(x);
 }
 
-// A row of n storage elements to compute values C and back, in a kernel compiled for vectors of kBytes:
-// fp16 rows by F16C where kBytes allows (half_row_to_float), the others element by element.
+// A row of n storage elements to compute values C and back, in a kernel compiled for vectors of kBytes
+// (cpu_vector.h): fp16 rows by F16C from 32 bytes on (x86-64-v3 and up), the others element by element.
 template <int kBytes, typename T, typename C>
 inline void widen_row(const T* src, int64_t n, C* dst) {
-  if constexpr (std::is_same_v<T, Half16> && std::is_same_v<C, float>)
-    half_row_to_float<kBytes>(&src->bits, n, dst);
-  else
-    for (int64_t i = 0; i < n; ++i) dst[i] = C(to_compute(src[i]));
+#if defined(__x86_64__)
+  if constexpr (kBytes >= 32 && std::is_same_v<T, Half16> && std::is_same_v<C, float>) {
+    half_row_to_float_f16c(&src->bits, n, dst);
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = C(to_compute(src[i]));
 }
 template <int kBytes, typename T, typename C>
 inline void narrow_row(const C* src, int64_t n, T* dst) {
-  if constexpr (std::is_same_v<T, Half16> && std::is_same_v<C, float>)
-    float_row_to_half<kBytes>(src, n, &dst->bits);
-  else
-    for (int64_t i = 0; i < n; ++i) dst[i] = to_storage<T>(src[i]);
+#if defined(__x86_64__)
+  if constexpr (kBytes >= 32 && std::is_same_v<T, Half16> && std::is_same_v<C, float>) {
+    float_row_to_half_f16c(src, n, &dst->bits);
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_storage<T>(src[i]);
 }
 
 }  // namespace r2lm

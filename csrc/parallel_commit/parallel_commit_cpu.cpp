@@ -193,7 +193,7 @@ R2LM_INLINE void convert_chunk(const uint16_t* src, int64_t n, bool is_bf16, flo
   if (is_bf16) {
     for (int64_t j = 0; j < n; ++j) dst[j] = bf16_bits_to_float(src[j]);
   } else {
-    half_row_to_float<kBytes>(src, n, dst);
+    widen_row<kBytes>(reinterpret_cast<const Half16*>(src), n, dst);
   }
 }
 
