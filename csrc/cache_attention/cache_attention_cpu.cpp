@@ -50,6 +50,9 @@ constexpr int kFmaSharedRows = 16;
 constexpr int kFmaGroupHeads = 8;
 constexpr int kRowTile = 64;   // rows per work item
 constexpr int kRowBlock = 6;   // rows per P . V micro-kernel
+// Scratch rows are padded by one cache line (in fp32): rows at a power-of-two stride would share a few L1
+// sets, so that a micro-kernel's column of rows (or a tile's 16 rows, in the AMX path) evicts itself.
+constexpr int kPad = 16;
 
 // A vector of kBytes bytes (cpu_vector.h: the FMA kernel is compiled for 64, 32 and 16; the AMX path
 // uses 64).
@@ -102,8 +105,8 @@ inline __attribute__((always_inline)) V softmax_exp(V x) {
 // softmax statistics of all rows update as whole vectors.
 template <typename Acc, int D>
 struct RowState {
-  alignas(64) Acc qt[D][kRowTile];        // scaled queries, transposed
-  alignas(64) Acc o[kRowTile][D];         // unnormalised output accumulators
+  alignas(64) Acc qt[D][kRowTile + kPad];  // scaled queries, transposed
+  alignas(64) Acc o[kRowTile][D + kPad];   // unnormalised output accumulators
   alignas(64) Acc row_max[kRowTile], row_sum[kRowTile], correction[kRowTile];
   int64_t row_query[kRowTile];            // query position i of each row
 };
@@ -112,9 +115,9 @@ struct RowState {
 template <typename Acc, int D>
 struct Scratch {
   std::vector<RowState<Acc, D>> heads;
-  alignas(64) Acc st[kKeyTile][kRowTile]; // scores, then probabilities, key-major
-  alignas(64) Acc k[kKeyTile][D];         // key / value tiles, converted; keys that do not exist are 0
-  alignas(64) Acc v[kKeyTile][D];
+  alignas(64) Acc st[kKeyTile][kRowTile + kPad];  // scores, then probabilities, key-major
+  alignas(64) Acc k[kKeyTile][D + kPad];          // key / value tiles, converted; keys that do not exist are 0
+  alignas(64) Acc v[kKeyTile][D + kPad];
   const char* next_rows[2 * kKeyTile];    // key (even) and value (odd) rows of the next tile, to prefetch
 };
 
@@ -152,7 +155,7 @@ inline __attribute__((always_inline)) void score_rows(Scratch<Acc, D>& w, const 
     for (int kk = 0; kk < kKeyGroup; ++kk) kr[kk] = w.k[n0 + kk];
     V acc[kKeyGroup][kRowVecs] = {};
     for (int d = 0; d < D; ++d) {
-      if (d % 4 == 0) prefetch.step();
+      if (d % 8 == 0) prefetch.step();
       V qv[kRowVecs];
       for (int c = 0; c < kRowVecs; ++c) qv[c] = load_vec<V>(&h.qt[d][(c0 + c) * L]);
       for (int kk = 0; kk < kKeyGroup; ++kk) {
@@ -220,9 +223,9 @@ constexpr float kRescaleMargin = 8.0f;
 // output accumulators; returns whether any row's correction differs from 1. tick() is called every few
 // keys, softmax_ticks(nt) times per row vector: the AMX path issues tile products there.
 constexpr int softmax_ticks(int nt) { return nt / 32 + nt / 4; }
-template <typename Acc, int kBytes, typename Tick>
+template <typename Acc, int kBytes, size_t kStride, typename Tick>
 inline __attribute__((always_inline)) bool online_softmax(const CacheAttnParams& p, int64_t len, int64_t k0, int nt,
-                                                          int row_vecs, Acc (*st)[kRowTile], const int64_t* row_query,
+                                                          int row_vecs, Acc (*st)[kStride], const int64_t* row_query,
                                                           Acc* row_max, Acc* row_sum, Acc* correction_out,
                                                           Tick&& tick) {
   using V = typename Vec<Acc, kBytes>::type;
@@ -283,9 +286,9 @@ inline PrefetchCursor<T, D> plan_prefetch(const CacheAttnParams& p, int64_t b, i
 // Loads rows [row0, row0 + rows) of (b, kvh) into qt as scaled, transposed queries (padding rows up to
 // `padded` are 0 and repeat the last row's query position) and resets w's output and softmax state.
 // Returns the number of keys to visit: those past the last one visible to these rows are skipped.
-template <typename T, int D, typename Acc, typename W>
+template <typename T, int D, typename Acc, size_t kStride, typename W>
 inline int64_t start_rows(const CacheAttnParams& p, int64_t b, int64_t kvh, int64_t row0, int64_t rows, int padded,
-                          int64_t len, Acc (*qt)[kRowTile], W& w) {
+                          int64_t len, Acc (*qt)[kStride], W& w) {
   int64_t last_query = 0;
   for (int r = 0; r < padded; ++r) {
     const bool real = r < rows;
@@ -540,10 +543,6 @@ inline __attribute__((always_inline)) void transpose16(VF rows[16]) {
     rows[12 + c] = __builtin_shuffle(odd01, odd23, lanes_odd);
   }
 }
-
-// Tile operands' rows are padded by one cache line: a tile's 16 rows at a power-of-two stride would
-// share a few L1 sets with every other tile of the step and evict each other.
-constexpr int kPad = 16;
 
 // One kv head's state in the AMX path. The key / value parts are double-buffered by tile parity: the
 // next tile's parts are split while this tile's are still being multiplied.
