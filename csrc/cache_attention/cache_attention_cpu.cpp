@@ -590,15 +590,19 @@ struct TileJob {
   int64_t c_stride = 0;
   bool accumulate = false;  // a block starts from C as stored (else from 0)
   int m_tiles = 0, n_tiles = 0, k_steps = 0;
-  int bm = 0, bn = 0, step = 0, product = 0;  // the next product: block origin (in tiles), k-step, product
+  // The next product: block origin (in tiles), and k-step * kList.count + product within the block. One
+  // int: two adjacent ones were tested for zero with one 8-byte load, which cannot forward from the two
+  // 4-byte stores just made and so waited for every older store, the last block's tile stores included.
+  int bm = 0, bn = 0, position = 0;
 
   bool done() const { return bm >= m_tiles; }
   int products() const { return (m_tiles + 1) / 2 * ((n_tiles + 1) / 2) * k_steps * kList.count; }
 
   R2LM_AMX_TARGET inline __attribute__((always_inline)) void issue() {
     const bool two_m = bm + 1 < m_tiles, two_n = bn + 1 < n_tiles;
+    const int step = position / kList.count, product = position % kList.count;
     char* c0 = c + 16 * bm * c_stride + 64 * bn;
-    if (step == 0 && product == 0) {
+    if (position == 0) {
       if (accumulate) {
         _tile_loadd(0, c0, c_stride);
         if (two_n) _tile_loadd(1, c0 + 64, c_stride);
@@ -624,10 +628,8 @@ struct TileJob {
       _tile_dpbf16ps(1, 4, 7);
       if (two_m) _tile_dpbf16ps(3, 5, 7);
     }
-    if (++product < kList.count) return;
-    product = 0;
-    if (++step < k_steps) return;
-    step = 0;
+    if (++position < k_steps * kList.count) return;
+    position = 0;
     _tile_stored(0, c0, c_stride);
     if (two_n) _tile_stored(1, c0 + 64, c_stride);
     if (two_m) _tile_stored(2, c0 + 16 * c_stride, c_stride);
