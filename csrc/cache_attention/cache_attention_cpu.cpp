@@ -50,8 +50,9 @@ constexpr int kFmaSharedRows = 16;
 constexpr int kFmaGroupHeads = 8;
 constexpr int kRowTile = 64;   // rows per work item
 constexpr int kRowBlock = 6;   // rows per P . V micro-kernel
-// Scratch rows are padded by one cache line (in fp32): rows at a power-of-two stride would share a few L1
-// sets, so that a micro-kernel's column of rows (or a tile's 16 rows, in the AMX path) evicts itself.
+// Scratch rows are padded by 16 elements (a cache line of fp32 or of the AMX path's 32-bit words): rows at a
+// power-of-two stride would share a few L1 sets, so that a micro-kernel's column of rows (or a tile's 16
+// rows) evicts itself.
 constexpr int kPad = 16;
 
 // A vector of kBytes bytes (cpu_vector.h: the FMA kernel is compiled for 64, 32 and 16; the AMX path
