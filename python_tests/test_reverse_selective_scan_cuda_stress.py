@@ -1,24 +1,29 @@
-"""Stress tests of the CUDA reverse_selective_scan kernels (skipped without a GPU).
+"""Stress tests of the CUDA reverse_selective_scan kernels (on a GPU, or on CPU tensors with the emulated build).
 
 The CUDA kernels tile the sequence: forward chunks of 16 / 8 / 4 tokens (d_state padded to 16 / 32 / 64),
 backward superchunks of 64 tokens (32 at d_state > 32) whose boundary states are stored, subchunks of
 8 tokens (4) recomputed per token, and dB / dC partial sums per block of 64 (32) channels. These tests
 put segment boundaries exactly on and around those edges, run 16k-token sequences, every padded
-d_state, and check that the backward is bitwise reproducible. The reference runs in float64 on the GPU.
+d_state, and check that the backward is bitwise reproducible. The reference runs in float64 on the device.
 """
+import os
+
 import pytest
 import torch
 
 import r2lm_kernels
 from r2lm_kernels import reference
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# "cuda", or "cpu" where CPU tensors run the CUDA kernels (the emulated build of scripts/emulate_cuda.sh).
+DEVICE = os.environ.get("R2LM_CUDA_STRESS_DEVICE", "cuda")
+ON_GPU = DEVICE == "cuda"
+pytestmark = pytest.mark.skipif(ON_GPU and not torch.cuda.is_available(), reason="needs a CUDA device")
 
 GRAD_NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
 
 
 def _inputs(batch, seqlen, dim, d_state, dtype, seq_idx=None, slow_decay=False):
-    dev = "cuda"
+    dev = DEVICE
     # Slow decays (|dt * A| down to ~1e-3) make the state remember thousands of tokens: errors in the
     # carry across chunk boundaries then show up far from where they happen.
     lo = -7.0 if slow_decay else -2.0
@@ -48,7 +53,7 @@ def _rel(a, b):
 
 def _poison_cache(numel):
     """Fills and frees NaN buffers so the caching allocator hands NaN memory to the op's outputs."""
-    bufs = [torch.full((numel,), float("nan"), device="cuda") for _ in range(4)]
+    bufs = [torch.full((numel,), float("nan"), device=DEVICE) for _ in range(4)]
     del bufs
 
 
@@ -72,7 +77,7 @@ def _boundary_segments(batch, seqlen):
     """Segments whose edges sit on, just before and just after multiples of 4, 8, 16, 32 and 64."""
     edges = sorted({e + o for e in range(4, seqlen, 4) if e % 16 == 0 or e % 64 in (4, 8, 32)
                     for o in (-1, 0, 1) if 0 < e + o < seqlen})
-    starts = torch.zeros(batch, seqlen, dtype=torch.int32, device="cuda")
+    starts = torch.zeros(batch, seqlen, dtype=torch.int32, device=DEVICE)
     starts[0, edges] = 1
     if batch > 1:  # a second pattern: single-token segments right at superchunk edges
         for e in range(63, seqlen, 64):
@@ -103,16 +108,16 @@ def _check(args, dout, tol=1e-5):
 def test_chunk_boundary_segments(d_state, seqlen):
     batch, dim = 2, 45  # dim spans a partial block of channels
     args = _inputs(batch, seqlen, dim, d_state, torch.float32, _boundary_segments(batch, seqlen), slow_decay=True)
-    dout = torch.randn(batch, seqlen, dim, device="cuda")
+    dout = torch.randn(batch, seqlen, dim, device=DEVICE)
     _check(args, dout)
 
 
 @pytest.mark.parametrize("d_state", [16, 64])
 def test_long_sequence_16k(d_state):
     batch, seqlen, dim = 1, 16384, 40
-    seq_idx = (torch.arange(seqlen, device="cuda") // 5000).to(torch.int32)[None]  # few, long segments
+    seq_idx = (torch.arange(seqlen, device=DEVICE) // 5000).to(torch.int32)[None]  # few, long segments
     args = _inputs(batch, seqlen, dim, d_state, torch.float32, seq_idx, slow_decay=True)
-    dout = torch.randn(batch, seqlen, dim, device="cuda")
+    dout = torch.randn(batch, seqlen, dim, device=DEVICE)
     _check(args, dout)
 
 
@@ -121,7 +126,7 @@ def test_half_precision_against_lowprec_reference(dtype):
     batch, seqlen, dim, d_state = 2, 777, 96, 16
     seq_idx = _boundary_segments(batch, seqlen)
     args = _inputs(batch, seqlen, dim, d_state, dtype, seq_idx)
-    dout = torch.randn(batch, seqlen, dim, device="cuda").to(dtype)
+    dout = torch.randn(batch, seqlen, dim, device=DEVICE).to(dtype)
     ref_out, ref_grads = _reference_grads(_f64(args), dout.double())
     low_out, low_grads = _reference_grads(args, dout)  # the reference at the input precision
     out = r2lm_kernels.reverse_selective_scan(**args)
@@ -133,17 +138,17 @@ def test_half_precision_against_lowprec_reference(dtype):
 
 def test_noncontiguous_views():
     batch, seqlen, dim, d_state = 2, 150, 50, 16
-    wide = lambda *shape: torch.randn(*shape[:-1], shape[-1] + 7, device="cuda")[..., 3:3 + shape[-1]]  # noqa: E731
+    wide = lambda *shape: torch.randn(*shape[:-1], shape[-1] + 7, device=DEVICE)[..., 3:3 + shape[-1]]  # noqa: E731
     args = _inputs(batch, seqlen, dim, d_state, torch.float32, _boundary_segments(batch, seqlen))
     for name in ("u", "delta", "z"):
         args[name] = wide(batch, seqlen, dim).copy_(args[name])
     for name in ("B", "C"):
         args[name] = wide(batch, seqlen, d_state).copy_(args[name])
     args["A"] = wide(dim, d_state).copy_(args["A"])
-    args["seq_idx"] = torch.zeros(batch, seqlen + 5, dtype=torch.int32, device="cuda")[:, 2:2 + seqlen].copy_(
+    args["seq_idx"] = torch.zeros(batch, seqlen + 5, dtype=torch.int32, device=DEVICE)[:, 2:2 + seqlen].copy_(
         args["seq_idx"])
     assert not args["u"].is_contiguous() and not args["B"].is_contiguous()
-    dout = torch.randn(batch, seqlen, dim + 4, device="cuda")[..., :dim]
+    dout = torch.randn(batch, seqlen, dim + 4, device=DEVICE)[..., :dim]
     _check(args, dout)
 
 
@@ -152,7 +157,7 @@ def test_noncontiguous_views():
 def test_backward_bitwise_deterministic(dtype, d_state):
     batch, seqlen, dim = 3, 1000, 300
     args = _inputs(batch, seqlen, dim, d_state, dtype, _boundary_segments(batch, seqlen))
-    dout = torch.randn(batch, seqlen, dim, device="cuda").to(dtype)
+    dout = torch.randn(batch, seqlen, dim, device=DEVICE).to(dtype)
     first = _kernel_grads(args, dout)
     for _ in range(3):
         again = _kernel_grads(args, dout)
@@ -160,22 +165,24 @@ def test_backward_bitwise_deterministic(dtype, d_state):
             assert torch.equal(first[name], again[name]), f"d{name} differs between runs"
 
 
+@pytest.mark.skipif(not ON_GPU, reason="CPU tensors run the CUDA kernels here")
 def test_agrees_with_cpu_kernel():
     batch, seqlen, dim, d_state = 2, 333, 70, 16
     args = _inputs(batch, seqlen, dim, d_state, torch.float32, _boundary_segments(batch, seqlen))
     cpu = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
     assert _rel(r2lm_kernels.reverse_selective_scan(**args).cpu(), r2lm_kernels.reverse_selective_scan(**cpu)) < 1e-5
-    dout = torch.randn(batch, seqlen, dim, device="cuda")
+    dout = torch.randn(batch, seqlen, dim, device=DEVICE)
     gpu_grads = _kernel_grads(args, dout)
     cpu_grads = _kernel_grads(cpu, dout.cpu())
     for name in GRAD_NAMES:
         assert _rel(gpu_grads[name].cpu(), cpu_grads[name]) < 2e-5, name
 
 
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
 def test_graph_capture_and_stream():
     """No host synchronisation inside: the forward and backward capture into a CUDA graph and replay."""
     args = _inputs(2, 100, 64, 16, torch.float32, _boundary_segments(2, 100))
-    dout = torch.randn(2, 100, 64, device="cuda")
+    dout = torch.randn(2, 100, 64, device=DEVICE)
     expected_out = r2lm_kernels.reverse_selective_scan(**args)
     expected = _kernel_grads(args, dout)
     stream = torch.cuda.Stream()

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The test suite against the CUDA kernels run on the CPU by a warp emulator (scripts/cuda_emulator), for
+# machines without a GPU: builds _C_emu (CUDA kernels and the torch layers' CUDA paths translated to host C++,
+# registered for CPU tensors) and runs pytest on it. Extra arguments go to pytest.
+#   scripts/emulate_cuda.sh [pytest args]
+# Needs the venv of scripts/test.sh and the CUDA headers (a CUDA toolkit; no GPU, no nvcc run).
+# R2LM_EMULATOR_ASAN=1 builds with AddressSanitizer: out-of-bounds accesses of the kernels abort the run.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+py="$repo/${R2LM_VENV:-.venv}/bin/python"
+"$py" -c "import torch" 2>/dev/null || { echo "emulate_cuda.sh: no venv with torch; run scripts/test.sh first"; exit 1; }
+asan=${R2LM_EMULATOR_ASAN:-0}
+build_dir=build/emulator
+flags=()
+if [ "$asan" = 1 ]; then
+  build_dir=build/emulator-asan
+  flags=(-DCMAKE_BUILD_TYPE=RelWithDebInfo "-DCMAKE_CXX_FLAGS=-fsanitize=address -fno-omit-frame-pointer"
+         -DCMAKE_SHARED_LINKER_FLAGS=-fsanitize=address)
+fi
+gen=()
+command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)
+export CCACHE_BASEDIR=$repo CCACHE_NOHASHDIR=1
+[ -f "$build_dir/CMakeCache.txt" ] || cmake -S . -B "$build_dir" "${gen[@]}" -DR2LM_CUDA=OFF -DR2LM_CUDA_EMULATOR=ON \
+  -DPython_EXECUTABLE="$py" "${flags[@]}" >/dev/null
+cmake --build "$build_dir" --target _C_emu -j "${JOBS:-$(nproc)}"
+export R2LM_LIBRARY=$(ls "$build_dir"/_C_emu*.so)
+if [ "$asan" = 1 ]; then
+  # libstdc++ preloaded too: the sanitizer's exception interceptor must find it before Python loads it.
+  export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"
+  export ASAN_OPTIONS=detect_leaks=0:detect_stack_use_after_return=0
+fi
+# The GPU stress tests run too, on CPU tensors.
+export R2LM_CUDA_STRESS_DEVICE=cpu PYTHONPATH="$repo:$repo/scripts${PYTHONPATH:+:$PYTHONPATH}"
+"$py" -m pytest -p cuda_emulator.pytest_plugin -p no:cacheprovider "$@"  # testpaths: python_tests
