@@ -82,33 +82,42 @@ def operand_exprs(section):
     return out
 
 
+# The PTX the kernels use (whitespace removed) -> (outputs, inputs, emulator call from the operand expressions).
+PTX = [
+    (r"ex2\.approx\.ftz\.f32%0,%1;?", 1, 1, lambda o, i, m: f"{o[0]} = exp2f({i[0]})"),
+    (r"cp\.async\.cg\.shared\.global\[%0\],\[%1\],16,%2;?", 0, 3,
+     lambda o, i, m: f"::emu::cp_async({i[0]}, {i[1]}, {i[2]})"),
+    (r"cp\.async\.commit_group;?", 0, 0, lambda o, i, m: "::emu::cp_async_commit()"),
+    (r"cp\.async\.wait_group%0;?", 0, 1, lambda o, i, m: f"::emu::cp_async_wait({i[0]})"),
+    (r"ldmatrix\.sync\.aligned\.m8n8\.x4(\.trans)?\.shared\.b16\{%0,%1,%2,%3\},\[%4\];?", 4, 1,
+     lambda o, i, m: f"::emu::ldmatrix_x4({'true' if m.group(1) else 'false'}, {', '.join(o)}, {i[0]})"),
+    (r"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.(bf16|f16)\.\1\.f32"
+     r"\{%0,%1,%2,%3\},\{%4,%5,%6,%7\},\{%8,%9\},\{%0,%1,%2,%3\};?", 4, 6,
+     lambda o, i, m: f"::emu::mma_m16n8k16(::emu::MmaType::{'kBf16' if m.group(1) == 'bf16' else 'kF16'}, "
+                     f"{', '.join(o)}, {', '.join(i)})"),
+]
+
+
 def translate_asm(body):
     """The emulator call for the inside of one asm(...) statement."""
     sections = split_top(body, ":")
     template = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', sections[0]))
     o = operand_exprs(sections[1]) if len(sections) > 1 else []
     i = operand_exprs(sections[2]) if len(sections) > 2 else []
-    op = template.split()[0]
-    if op == "ex2.approx.ftz.f32":
-        return f"{o[0]} = exp2f({i[0]})"
-    if op.startswith("cp.async.cg.shared.global"):
-        return f"::emu::cp_async({i[0]}, {i[1]}, {i[2]})"
-    if op.startswith("cp.async.commit_group"):
-        return "::emu::cp_async_commit()"
-    if op.startswith("cp.async.wait_group"):
-        return f"::emu::cp_async_wait({i[0]})"
-    if op.startswith("ldmatrix.sync.aligned.m8n8.x4"):
-        trans = "true" if ".trans" in op else "false"
-        return f"::emu::ldmatrix_x4({trans}, {o[0]}, {o[1]}, {o[2]}, {o[3]}, {i[0]})"
-    if op.startswith("mma.sync.aligned.m16n8k16.row.col.f32"):
-        t = {".bf16.bf16.": "kBf16", ".f16.f16.": "kF16"}[re.search(r"\.b?f16\.b?f16\.", op).group()]
-        return f"::emu::mma_m16n8k16(::emu::MmaType::{t}, {', '.join(o)}, {', '.join(i)})"
-    raise SystemExit(f"translate.py: no emulation for PTX '{template}'")
+    compact = re.sub(r"\s|\\n", "", template)
+    for pattern, n_out, n_in, call in PTX:
+        m = re.fullmatch(pattern, compact)
+        if m and (len(o), len(i)) == (n_out, n_in):
+            return call(o, i, m)
+    raise SystemExit(f"translate.py: no emulation for the PTX '{template}' with {len(o)} outputs and {len(i)} "
+                     "inputs (add it to PTX here and to warp_emulator.cpp)")
 
 
 def kernel_name_start(src, end):
     """Where the kernel expression ending at src[end] (a name, maybe with a template argument list) starts."""
     k = end
+    while src[k - 1].isspace():
+        k -= 1
     if src[k - 1] == ">":
         depth = 0
         while True:
@@ -124,7 +133,7 @@ def kernel_name_start(src, end):
 def translate_cu(src):
     # Inline PTX.
     out, pos = "", 0
-    for m in re.finditer(r"\basm\s*(volatile\s*)?\(", src):
+    for m in re.finditer(r"\b(?:asm|__asm__)\s*(?:volatile\s*|__volatile__\s*)?\(", src):
         if m.start() < pos:
             continue
         start = m.end() - 1
@@ -141,7 +150,7 @@ def translate_cu(src):
         if m.start() < pos:
             continue
         k = kernel_name_start(src, m.start())
-        name = src[k:m.start()]
+        name = src[k:m.start()].strip()
         cfg_end = src.index(">>>", m.end())
         cfg = [c.strip() for c in split_top(src[m.end():cfg_end], ",")]
         args_start = cfg_end + 3
@@ -149,8 +158,10 @@ def translate_cu(src):
         args_end = match_close(src, args_start, "(", ")")
         args = src[args_start + 1:args_end - 1]
         smem = cfg[2] if len(cfg) > 2 else "0"
+        # The arguments are evaluated once, at the launch, as on a GPU.
         out += (src[pos:k] + f"::emu::launch(dim3({cfg[0]}), dim3({cfg[1]}), size_t({smem}), "
-                f'[=]() {{ {name}({args}); }}, "{name}", reinterpret_cast<const void*>(&{name}))')
+                f"[emu_args = std::make_tuple({args})]() {{ std::apply({name}, emu_args); }}, "
+                f'"{name}", reinterpret_cast<const void*>(&{name}))')
         pos = args_end
     src = out + src[pos:]
     src = src.replace("__noinline__", "__attribute__((noinline))")  # a CUDA keyword, not a host macro
@@ -167,7 +178,11 @@ def translate_torch(src):
     blocks = {}
     for m in re.finditer(r"TORCH_LIBRARY_IMPL\(r2lm, (CPU|CUDA), m\) \{", src):
         end = match_close(src, m.end() - 1, "{", "}")
+        if m.group(1) in blocks:
+            raise SystemExit(f"translate.py: two TORCH_LIBRARY_IMPL blocks for {m.group(1)}")
         blocks[m.group(1)] = (m.start(), end)
+    if set(blocks) != {"CPU", "CUDA"}:
+        raise SystemExit("translate.py: expected one TORCH_LIBRARY_IMPL block for CPU and one for CUDA")
     cpu, cuda = blocks["CPU"], blocks["CUDA"]
     same = re.sub(r"\bCPU\b", "CUDA", src[cpu[0]:cpu[1]]) == src[cuda[0]:cuda[1]]
     drop = cuda if same else cpu

@@ -87,13 +87,14 @@ int n_threads = 0;
 const std::function<void()>* g_body = nullptr;
 unsigned char* smem = nullptr;
 size_t smem_size = 0;
-std::mt19937 rng(12345);
+std::mt19937 rng;  // reseeded per launch: a failing test replays alone
 const char* kernel_name = "";
 cudaError_t pending_error = cudaSuccess;
 std::map<const void*, int> smem_opt_in;
 // Race check of the dynamic shared memory written by cp.async and read by ldmatrix, per 16-byte chunk: a read
-// must follow the copy's landing with a __syncthreads in between (unless the same thread copied it), and a
-// copy must not be issued into a chunk another warp read since the last __syncthreads.
+// must follow the copy's landing with a __syncthreads in between (unless the reading warp copied it: lanes
+// of one warp are not checked against each other), and a copy must not be issued into a chunk another warp
+// read or copied since the last __syncthreads.
 struct Chunk {
   int in_flight_by = -1, landed_by = -1;
   long long landed_epoch = -1, read_epoch = -1;
@@ -102,17 +103,27 @@ struct Chunk {
 std::vector<Chunk> chunks;
 long long epoch = 0;
 
+// A kernel bug: the message goes to stderr and, since a test runner may capture stderr and the process
+// aborts, to the file R2LM_EMULATOR_LOG names. Aborting (not raising) keeps a test that expects an error
+// from passing on an emulator failure.
 [[noreturn]] void fail(const char* fmt, ...) {
-  std::fprintf(stderr, "\n[emu] kernel %s, block (%u,%u,%u)", kernel_name, g_block_idx.x, g_block_idx.y,
-               g_block_idx.z);
-  if (current >= 0) std::fprintf(stderr, ", thread %d", current);
-  std::fprintf(stderr, ": ");
+  char message[1024];
+  int n = std::snprintf(message, sizeof message, "[emu] kernel %s, block (%u,%u,%u)", kernel_name, g_block_idx.x,
+                        g_block_idx.y, g_block_idx.z);
+  if (current >= 0) n += std::snprintf(message + n, sizeof message - n, ", thread %d", current);
+  n += std::snprintf(message + n, sizeof message - n, ": ");
   va_list ap;
   va_start(ap, fmt);
-  std::vfprintf(stderr, fmt, ap);
+  std::vsnprintf(message + n, sizeof message - n, fmt, ap);
   va_end(ap);
-  std::fprintf(stderr, "\n");
+  std::fprintf(stderr, "\n%s\n", message);
   std::fflush(stderr);
+  if (const char* log = std::getenv("R2LM_EMULATOR_LOG")) {
+    if (FILE* f = std::fopen(log, "a")) {
+      std::fprintf(f, "%s\n", message);
+      std::fclose(f);
+    }
+  }
   std::abort();
 }
 
@@ -142,7 +153,9 @@ void yield_to_scheduler() {
   entered_fiber();
   (*g_body)();
   Fiber& f = fibers[current];
-  if (!f.open.empty() || !f.groups.empty()) fail("thread exited with cp.async copies in flight");
+  bool in_flight = !f.open.empty();
+  for (const auto& group : f.groups) in_flight |= !group.empty();
+  if (in_flight) fail("thread exited with cp.async copies in flight");
   f.state = State::kDone;
   void* dead;
   leaving_fiber();
@@ -151,7 +164,7 @@ void yield_to_scheduler() {
 }
 
 // A fresh stack that emu_switch "returns" into fiber_entry (with the ABI's 16-byte call alignment).
-void* initial_stack(void* stack) {
+void* initial_stack(void* stack, uint32_t mxcsr) {
 #if defined(__SANITIZE_ADDRESS__)
   ASAN_UNPOISON_MEMORY_REGION(stack, kStackBytes);  // redzones left by the last CTA's frames
 #endif
@@ -159,7 +172,7 @@ void* initial_stack(void* stack) {
   top[-1] = 0;                                            // fiber_entry's (unused) return address
   top[-2] = reinterpret_cast<uint64_t>(&fiber_entry);     // popped by ret
   for (int r = 3; r <= 8; ++r) top[-r] = 0;               // rbp rbx r12 r13 r14 r15
-  top[-9] = 0x1f80ull | (0x037full << 32);                // mxcsr, x87 control word
+  top[-9] = mxcsr | (0x037full << 32);                     // the launcher's mxcsr (FTZ / DAZ), x87 control word
   return top - 9;
 }
 
@@ -198,7 +211,9 @@ bool resolve_warp(int w) {
     if (fibers[i].state == State::kWarpOp) { first = i; break; }
   if (first < 0) return false;
   const Fiber& f0 = fibers[first];
-  unsigned need = f0.op == Op::kShfl ? f0.mask : 0xffffffffu;
+  const unsigned need = f0.op == Op::kShfl ? f0.mask : 0xffffffffu;
+  if (hi - lo < 32 && (need >> (hi - lo)) != 0)
+    fail("warp %d: a collective's mask names lanes past the block's last thread", w);
   for (int l = 0; l < hi - lo; ++l) {
     if (!(need >> l & 1)) continue;
     const Fiber& f = fibers[lo + l];
@@ -212,8 +227,8 @@ bool resolve_warp(int w) {
       if (!(need >> l & 1)) continue;
       Fiber& f = fibers[lo + l];
       const int seg = l / f.width * f.width;
-      int src = l ^ f.lane_mask;
-      if (src < seg || src >= seg + f.width) src = l;
+      int src = l ^ (f.lane_mask & 31);
+      if (src >= seg + f.width) src = l;  // a later group: the lane's own value (earlier groups are readable)
       if (src >= hi - lo || !(need >> src & 1)) fail("warp %d: shfl from lane %d outside the mask", w, src);
       f.out_bits = fibers[lo + src].bits;
     }
@@ -348,6 +363,8 @@ void launch(dim3 grid, dim3 block, size_t dyn_smem, const std::function<void()>&
   smem_size = dyn_smem;
   smem = static_cast<unsigned char*>(std::malloc(dyn_smem ? dyn_smem : 1));
   g_body = &body;
+  rng.seed(12345);
+  const uint32_t mxcsr = __builtin_ia32_stmxcsr();
   g_grid_dim = grid;
   g_block_dim = block;
   for (unsigned z = 0; z < grid.z; ++z)
@@ -363,7 +380,7 @@ void launch(dim3 grid, dim3 block, size_t dyn_smem, const std::function<void()>&
           f.state = State::kRunnable;
           f.groups.clear();
           f.open.clear();
-          f.sp = initial_stack(f.stack);
+          f.sp = initial_stack(f.stack, mxcsr);
         }
         run_cta();
       }
@@ -424,6 +441,8 @@ void cp_async(unsigned dst, const void* src, int src_bytes) {
   const int warp = current / 32;
   if (ch.read_epoch == epoch && (ch.read_warps & ~(1u << (warp % 32))))
     fail("cp.async into shared byte %u that another warp read since the last __syncthreads", dst);
+  if (ch.landed_epoch == epoch && ch.landed_by / 32 != warp)
+    fail("cp.async into shared byte %u that another warp copied since the last __syncthreads", dst);
   ch.in_flight_by = current;
   std::memset(smem + dst, 0xff, 16);  // in flight: racing reads see NaN
   f.open.push_back(c);
