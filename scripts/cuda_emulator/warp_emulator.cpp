@@ -197,10 +197,11 @@ float half_bits_to_float(uint16_t h, MmaType t) {
   return __half2float(__half(raw));
 }
 
-void check_smem(unsigned addr, unsigned bytes, const char* what) {
+// Both users move 16-byte rows.
+void check_smem(unsigned addr, const char* what) {
   if (addr % 16 != 0) fail("%s: shared address %u not 16-byte aligned", what, addr);
-  if (size_t(addr) + bytes > smem_size)
-    fail("%s: shared address %u + %u beyond the %zu bytes of dynamic shared memory", what, addr, bytes, smem_size);
+  if (size_t(addr) + 16 > smem_size)
+    fail("%s: shared address %u + 16 beyond the %zu bytes of dynamic shared memory", what, addr, smem_size);
 }
 
 // Resolves warp w's collective when every lane it needs has arrived; false if some lane is still away.
@@ -239,7 +240,7 @@ bool resolve_warp(int w) {
       for (int r = 0; r < 8; ++r) {
         const Fiber& f = fibers[lo + 8 * i + r];
         if (f.trans != f0.trans) fail("ldmatrix: .trans differs between lanes");
-        check_smem(f.addr, 16, "ldmatrix");
+        check_smem(f.addr, "ldmatrix");
         Chunk& c = chunks[f.addr / 16];
         if (c.in_flight_by >= 0)
           fail("warp %d: ldmatrix reads shared byte %u while a cp.async into it is in flight", w, f.addr);
@@ -427,7 +428,7 @@ uint64_t shfl_xor_bits(unsigned mask, uint64_t bits, int lane_mask, int width) {
 
 void cp_async(unsigned dst, const void* src, int src_bytes) {
   Fiber& f = self();
-  check_smem(dst, 16, "cp.async");
+  check_smem(dst, "cp.async");
   if (src_bytes < 0 || src_bytes > 16) fail("cp.async src-size %d", src_bytes);
   Copy c{};
   c.dst = dst;
