@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import r2lm_kernels
+from harness import built_on_first_call
 
 # (batch, cache_len, q_len, n_heads, n_kv_heads, head_dim)
 # CPU: the block shape in fp32 (the CPU target) and bf16 (what models run), and plain decode in bf16.
@@ -21,24 +22,19 @@ ALL_SHAPES = ([("cpu", s, d) for s, d in CPU_CASES] + [("cuda", s, None) for s i
 
 
 def _flex_peer(q, keys, vals, lens, q_len):
-    """FlexAttention (compiled) with a block mask: cache prefix plus the causal block."""
-    from harness import Skip
-    try:
+    """FlexAttention (compiled) with a block mask: cache prefix plus the causal block. The mask and the
+    compilation are built in the first call, which the harness counts as compilation."""
+    def build():
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    except ImportError as e:  # pragma: no cover - old torch
-        return Skip(f"flex_attention unavailable: {e}")
-    batch, n_keys = keys.shape[0], keys.shape[2]
+        batch, n_keys = keys.shape[0], keys.shape[2]
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        return kv_idx <= lens[b] + q_idx
+        def mask_mod(b, h, q_idx, kv_idx):
+            return kv_idx <= lens[b] + q_idx
 
-    try:
         block_mask = create_block_mask(mask_mod, batch, None, q_len, n_keys, device=q.device)
         flex = torch.compile(flex_attention, dynamic=False)
-        flex(q, keys, vals, block_mask=block_mask, enable_gqa=True)  # compile outside the timed calls
-    except Exception as e:  # noqa: BLE001  (reported as a skipped peer, with the reason)
-        return Skip(f"flex_attention failed: {type(e).__name__}: {e}"[:300])
-    return lambda: flex(q, keys, vals, block_mask=block_mask, enable_gqa=True)
+        return lambda: flex(q, keys, vals, block_mask=block_mask, enable_gqa=True)
+    return built_on_first_call(build)
 
 
 @pytest.mark.parametrize("where,shape,dtype", ALL_SHAPES,

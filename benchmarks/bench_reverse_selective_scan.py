@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import r2lm_kernels
 from r2lm_kernels import reference
-from harness import Skip, parametrize_cases
+from harness import Skip, built_on_first_call, parametrize_cases
 
 D_STATE = 16
 BLOCK = 32  # block-diffusion segment length
@@ -138,14 +138,12 @@ def test_backward(bench, device, case):
         the harness's first-call accounting), every call replays its backward."""
         if isinstance(fn, Skip):
             return fn
-        graph = {}
 
-        def replay():
-            if not graph:
-                graph["leaves"] = {k: args[k].detach().clone().requires_grad_() for k in names}
-                graph["out"] = fn(**{**args, **graph["leaves"]})
-            return torch.autograd.grad(graph["out"], list(graph["leaves"].values()), dout, retain_graph=True)
-        return replay
+        def build():
+            leaves = {k: args[k].detach().clone().requires_grad_() for k in names}
+            out = fn(**{**args, **leaves})
+            return lambda: torch.autograd.grad(out, list(leaves.values()), dout, retain_graph=True)
+        return built_on_first_call(build)
 
     def r2lm_backward():
         return torch.ops.r2lm.reverse_selective_scan_backward(dout, *args.values())

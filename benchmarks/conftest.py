@@ -4,8 +4,9 @@ Fixtures:
   device  "cuda" when available, else "cpu" (override: --bench-device / R2LM_BENCH_DEVICE)
   quick   True under --quick or R2LM_BENCH_QUICK=1: shrink shapes so the run fits CI
   bench   bench(op=, shape=, dtype=, bytes_moved=, impls={name: fn}, primary=, flops=None, notes="",
-                flush_l2=True) -> the results row (dict). Times every impl in this run, reports GB/s,
-                % of the copy bandwidth and each peer's ratio, and adds the row to results.json/.md.
+                flush_l2=True, setup=None) -> the results row (dict). Times every impl in this run (setup()
+                before each call, untimed), reports GB/s, % of the copy bandwidth and each peer's ratio, and
+                adds the row to results.json/.md.
   copy_bandwidth  the device copy bandwidth (measured once per session)
 
 Results go to --results-dir, else R2LM_BENCH_DIR, else benchmarks/results/latest-<device>.
@@ -70,7 +71,9 @@ def budget(quick) -> harness.Budget:
 
 @pytest.fixture(scope="session")
 def compile_budget(pytestconfig, quick) -> dict:
-    chosen = pytestconfig.getoption("--compile-budget-s") or os.environ.get("R2LM_BENCH_COMPILE_BUDGET_S")
+    chosen = pytestconfig.getoption("--compile-budget-s")
+    if chosen is None:
+        chosen = os.environ.get("R2LM_BENCH_COMPILE_BUDGET_S")
     limit = float(chosen) if chosen not in (None, "") else (0.0 if quick else float("inf"))
     return dict(limit_s=limit, spent_s=0.0)
 
@@ -91,27 +94,27 @@ def bench(request, benchmark, device, budget, copy_bandwidth, compile_budget):
     """Call once or more per test; the first call's primary is also timed through pytest-benchmark."""
     pedantic_used = False
 
-    def primary_timer(fn):
+    def primary_timer(fn, flush_l2, setup):
         # pytest-benchmark times the primary (its table and JSON then show it). On CUDA its host clock
         # needs a synchronize per call, so the reported figures there come from CUDA events instead.
         nonlocal pedantic_used
         if pedantic_used or benchmark.disabled:
-            return harness.time_fn(fn, device, budget)
+            return harness.time_fn(fn, device, budget, flush_l2, setup)
         pedantic_used = True
         if device == "cuda":
             def synced():
                 fn()
                 torch.cuda.synchronize()
-            benchmark.pedantic(synced, rounds=budget.min_reps, iterations=1, warmup_rounds=1)
-            return harness.time_fn(fn, device, budget)
-        per_call = harness.first_call(fn, device)
+            benchmark.pedantic(synced, setup=setup, rounds=budget.min_reps, iterations=1, warmup_rounds=1)
+            return harness.time_fn(fn, device, budget, flush_l2, setup)
+        per_call = harness.first_call(fn, device, setup)
         rounds = max(budget.min_reps, min(budget.max_reps, int(budget.measure_s / max(per_call, 1e-7))))
-        benchmark.pedantic(fn, rounds=rounds, iterations=1,
+        benchmark.pedantic(fn, setup=setup, rounds=rounds, iterations=1,
                            warmup_rounds=min(rounds, int(budget.warmup_s / max(per_call, 1e-7))))
         return harness.Timing.of(list(benchmark.stats.stats.data))
 
     def run(*, op: str, shape: dict, dtype: str, impls: dict, primary: str, bytes_moved: int | None = None,
-            flops: int | None = None, notes: str = "", flush_l2: bool = True) -> dict:
+            flops: int | None = None, notes: str = "", flush_l2: bool = True, setup=None) -> dict:
         if primary not in impls:
             raise ValueError(f"primary={primary!r} is not one of impls {sorted(impls)}")
         results = []
@@ -121,8 +124,8 @@ def bench(request, benchmark, device, budget, copy_bandwidth, compile_budget):
                 fn = harness.Skip("compiled peers are off (--quick or --compile-budget-s 0)"
                                   if compile_budget["limit_s"] == 0 else
                                   f"the session's compile budget ({compile_budget['limit_s']:.0f} s) is spent")
-            result = harness.run_impl(name, fn, device, budget, flush_l2,
-                                      timer=primary_timer if name == primary else None)
+            timer = (lambda f: primary_timer(f, flush_l2, setup)) if name == primary else None
+            result = harness.run_impl(name, fn, device, budget, flush_l2, timer=timer, setup=setup)
             if compiled:
                 compile_budget["spent_s"] += result.first_call_s
             results.append(result)

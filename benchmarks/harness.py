@@ -12,7 +12,9 @@ Bench modules do not import this file; they use the `bench` fixture from conftes
 
 An impl may be `Skip("why")` instead of a callable, or raise `Skip` / any exception on its first call:
 it is then reported as skipped with the reason. A peer whose first call takes longer than
-`slow_limit_s` is skipped as too slow.
+`slow_limit_s` is skipped as too slow. An impl that must be prepared (compiled, a mask or an autograd graph
+built) is wrapped in `built_on_first_call`, so that the preparation is counted as its first call. `setup`
+(optional) runs before every call, outside the timed region: it restores what an in-place op changed.
 
 GPU timing: CUDA events around each call, after a warm-up, median of many calls. Before each timed
 call a buffer twice the L2 size is overwritten, so every call starts from a cold L2 (as the bytes of a
@@ -39,6 +41,23 @@ REPO = Path(__file__).resolve().parent.parent
 
 class Skip(Exception):
     """Raised by (or given instead of) an impl that cannot run here; the reason is reported."""
+
+
+def built_on_first_call(build: Callable[[], Callable]) -> Callable:
+    """An impl whose preparation, build() returning the callable to time, runs inside its first call: the
+    harness counts that call as compilation (the compiled peers' budget), and a peer skipped before its
+    first call never prepares. An exception from build() reports the impl as skipped."""
+    prepared = []
+
+    def call():
+        if not prepared:
+            prepared.append(build())
+        return prepared[0]()
+    return call
+
+
+def _no_setup():
+    pass
 
 
 # --- the run's device and size, and cases that depend on them ---------------------------------------------
@@ -115,7 +134,7 @@ class _L2Flusher:
 _flushers: dict = {}
 
 
-def _time_cuda(fn: Callable, budget: Budget, flush_l2: bool) -> Timing:
+def _time_cuda(fn: Callable, budget: Budget, flush_l2: bool, setup: Callable) -> Timing:
     device = torch.device("cuda", torch.cuda.current_device())
     flush = _flushers.setdefault(device, _L2Flusher(device)) if flush_l2 else (lambda: None)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -123,16 +142,19 @@ def _time_cuda(fn: Callable, budget: Budget, flush_l2: bool) -> Timing:
     torch.cuda.synchronize()
     start.record()
     for _ in range(3):
+        setup()
         fn()
     end.record()
     torch.cuda.synchronize()
     per_call_s = max(start.elapsed_time(end) / 3e3, 1e-7)
     for _ in range(max(1, min(budget.max_reps, int(budget.warmup_s / per_call_s)))):
+        setup()
         fn()
     reps = max(budget.min_reps, min(budget.max_reps, int(budget.measure_s / per_call_s)))
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
     for begin, finish in events:
         flush()
+        setup()
         begin.record()
         fn()
         finish.record()
@@ -140,26 +162,30 @@ def _time_cuda(fn: Callable, budget: Budget, flush_l2: bool) -> Timing:
     return Timing.of([b.elapsed_time(f) / 1e3 for b, f in events])
 
 
-def _time_cpu(fn: Callable, budget: Budget) -> Timing:
+def _time_cpu(fn: Callable, budget: Budget, setup: Callable) -> Timing:
+    setup()
     started = time.perf_counter()
     fn()
     per_call_s = max(time.perf_counter() - started, 1e-7)
     for _ in range(min(int(budget.warmup_s / per_call_s), budget.max_reps)):
+        setup()
         fn()
     reps = max(budget.min_reps, min(budget.max_reps, int(budget.measure_s / per_call_s)))
     samples = []
     for _ in range(reps):
+        setup()
         started = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - started)
     return Timing.of(samples)
 
 
-def time_fn(fn: Callable, device: str, budget: Budget, flush_l2: bool = True) -> Timing:
-    """Median time of fn() on `device` ("cuda" or "cpu")."""
+def time_fn(fn: Callable, device: str, budget: Budget, flush_l2: bool = True, setup: Callable | None = None
+            ) -> Timing:
+    """Median time of fn() on `device` ("cuda" or "cpu"); setup() runs before each call, untimed."""
     if torch.device(device).type == "cuda":
-        return _time_cuda(fn, budget, flush_l2)
-    return _time_cpu(fn, budget)
+        return _time_cuda(fn, budget, flush_l2, setup or _no_setup)
+    return _time_cpu(fn, budget, setup or _no_setup)
 
 
 def _synchronize(device: str):
@@ -167,8 +193,9 @@ def _synchronize(device: str):
         torch.cuda.synchronize()
 
 
-def first_call(fn: Callable, device: str) -> float:
-    """Runs fn once (compiles, autotunes, loads modules) and returns how long it took."""
+def first_call(fn: Callable, device: str, setup: Callable | None = None) -> float:
+    """Runs fn once (compiles, autotunes, loads modules) and returns how long it took (setup() untimed)."""
+    (setup or _no_setup)()
     _synchronize(device)
     started = time.perf_counter()
     fn()
@@ -204,20 +231,21 @@ class ImplResult:
                     spread=t.spread, reps=t.reps)
 
 
-def run_impl(name: str, fn, device: str, budget: Budget, flush_l2: bool, timer=None) -> ImplResult:
+def run_impl(name: str, fn, device: str, budget: Budget, flush_l2: bool, timer=None,
+             setup: Callable | None = None) -> ImplResult:
     """Times one impl, turning Skip, errors and excessive slowness into a skipped result.
     `timer(fn) -> Timing` replaces the default timing (the CPU primary goes through pytest-benchmark)."""
     if isinstance(fn, Skip):
         return ImplResult(name, skipped=str(fn))
     first_s = 0.0
     try:
-        first_s = first_call(fn, device)
+        first_s = first_call(fn, device, setup)
         if first_s > budget.slow_limit_s:
             # A second call tells compilation (first call only) from a slow impl.
-            again_s = first_call(fn, device)
+            again_s = first_call(fn, device, setup)
             if again_s > budget.slow_limit_s:
                 return ImplResult(name, skipped=f"too slow ({again_s:.1f} s a call)", first_call_s=first_s)
-        return ImplResult(name, timing=(timer or (lambda f: time_fn(f, device, budget, flush_l2)))(fn),
+        return ImplResult(name, timing=(timer or (lambda f: time_fn(f, device, budget, flush_l2, setup)))(fn),
                           first_call_s=first_s)
     except Skip as why:
         return ImplResult(name, skipped=str(why), first_call_s=first_s)

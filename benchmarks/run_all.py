@@ -62,7 +62,7 @@ def _run(cmd: list[str], env: dict, timeout_s: float | None, log: Path) -> int:
         except subprocess.TimeoutExpired:
             child.kill()
 
-    watchdog = threading.Timer(timeout_s, stop) if timeout_s else None
+    watchdog = threading.Timer(timeout_s, stop) if timeout_s is not None else None
     if watchdog:
         watchdog.start()
     with open(log, "w") as sink:
@@ -157,6 +157,11 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     env = _child_env()
     env["R2LM_BENCH_DEVICE"] = device
+    # An interrupt (Ctrl-C, or a time limit such as scripts/gpu_run.sh's, both signalling the whole process
+    # group) stops the running child, which keeps what it measured; the later stages are skipped and the
+    # report is still written.
+    interrupted = threading.Event()
+    signal.signal(signal.SIGINT, lambda signum, frame: interrupted.set())
     if args.quick and device == "cpu" and "OMP_NUM_THREADS" not in env:
         # A quick run checks the plumbing; on a busy shared CPU, spinning OpenMP threads slow it tenfold.
         env["OMP_NUM_THREADS"] = "1"
@@ -173,8 +178,12 @@ def main() -> int:
         if args.compile_budget_s is not None:
             cmd += ["--compile-budget-s", str(args.compile_budget_s)]
         codes["micro"] = _run(cmd + args.pytest_args, env, args.micro_timeout_s, out / "micro.log")
+        if interrupted.is_set():
+            codes["micro"] = 130
 
-    if not args.skip_e2e:
+    if not args.skip_e2e and interrupted.is_set():
+        codes["e2e"] = 130
+    elif not args.skip_e2e:
         cmd = [sys.executable, str(HERE / "e2e_throughput.py"), "--out", str(out), "--device", device]
         if args.quick:
             cmd.append("--quick")
@@ -183,11 +192,14 @@ def main() -> int:
         # The e2e script plans to its budget; the hard timeout only guards against a hang.
         hard_timeout = None if args.e2e_budget_s is None else 1.5 * args.e2e_budget_s + 60
         codes["e2e"] = _run(cmd, env, hard_timeout, out / "e2e.log")
+        if interrupted.is_set():
+            codes["e2e"] = 130
 
     pictures = plot(out)
     parts = [(out / name).read_text() for name in ("results.md", "e2e.md") if (out / name).exists()]
     parts += [f"![{name}]({name})\n" for name in pictures]
-    status = ", ".join(f"{stage}: {'ok' if code == 0 else f'exit {code}'}" for stage, code in codes.items())
+    status = ", ".join(f"{stage}: {'ok' if code == 0 else 'interrupted' if code == 130 else f'exit {code}'}"
+                       for stage, code in codes.items())
     (out / "report.md").write_text("\n".join(parts + [f"Stages: {status}\n"]))
     print(f"== report: {out}/report.md ({status})")
     return max(codes.values(), default=0)

@@ -47,6 +47,51 @@ def test_failing_and_skipped_impls_are_reported_not_raised():
     assert results[2].skipped == "needs CUDA"
 
 
+def test_setup_runs_before_every_call_untimed():
+    calls = dict(setup=0, fn=0)
+
+    def setup():
+        calls["setup"] += 1
+        time.sleep(0.003)
+
+    def fn():
+        assert calls["setup"] == calls["fn"] + 1, "setup must run right before each call"
+        calls["fn"] += 1
+
+    assert harness.first_call(fn, "cpu", setup) < 0.003
+    timing = harness.time_fn(fn, "cpu", QUICK, setup=setup)
+    assert timing.median_s < 0.003 and calls["setup"] == calls["fn"]
+
+
+def test_preparation_runs_in_the_first_call_only():
+    builds = []
+
+    def build():
+        builds.append(1)
+        time.sleep(0.01)
+        return lambda: torch.randn(8).sum()
+
+    result = harness.run_impl("compiled", harness.built_on_first_call(build), "cpu", QUICK, True)
+    assert len(builds) == 1 and result.first_call_s >= 0.01 and result.timing.median_s < 0.01
+
+    def failing_build():
+        raise ImportError("no flex_attention")
+
+    result = harness.run_impl("flex", harness.built_on_first_call(failing_build), "cpu", QUICK, True)
+    assert result.skipped == "ImportError: no flex_attention"
+
+
+def test_e2e_targets_compare_like_with_like():
+    """A full run (with its CUDA-graph capture) is never divided by a step-model extrapolation."""
+    e2e = _load("e2e_throughput")
+    env = dict(device="cuda", dtype="bfloat16", batches=[16])
+    results = [dict(batch=16, method="r2lm", source="full", tokens_per_s=900.0, step_model_tokens_per_s=1000.0),
+               dict(batch=16, method="ar", source="extrapolated", tokens_per_s=200.0, step_model_tokens_per_s=200.0)]
+    assert e2e.target_checks(env, results, {}) == ["R2LM / AR tokens/s at batch 16 (step model): 5.00x (meets >= 3x)"]
+    results[1].update(source="full", tokens_per_s=400.0)
+    assert e2e.target_checks(env, results, {}) == ["R2LM / AR tokens/s at batch 16 (full runs): 2.25x (MISSES >= 3x)"]
+
+
 def test_row_figures_and_reports(tmp_path):
     primary = harness.ImplResult("r2lm", timing=harness.Timing(0.002, 0.0019, 0.0023, 10))
     peer = harness.ImplResult("reference", timing=harness.Timing(0.006, 0.0058, 0.0065, 10))

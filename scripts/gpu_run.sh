@@ -2,17 +2,23 @@
 # The one-call GPU run, for a bare GPU machine with no network (torch, triton, cmake, ninja, pybind11,
 # scikit-build-core, pytest, pytest-benchmark installed): builds the extension for the local GPU's
 # architecture, runs the whole test suite, the microbenchmarks and the end-to-end throughput, and writes
-# everything into OUT_DIR; ends with a short summary. Plans for less than 9 minutes in all.
-#   scripts/gpu_run.sh OUT_DIR
+# everything into OUT_DIR; ends with a short summary (also OUT_DIR/summary.txt). Plans for less than 9
+# minutes in all. BUNDLE, when given, is a .tar.gz that OUT_DIR is packed into at exit, also after a failed
+# stage: one file to bring back from a machine that returns only a few.
+#   scripts/gpu_run.sh OUT_DIR [BUNDLE]      e.g. scripts/gpu_run.sh /tmp/gpu_run "$OUT/gpu_run.tar.gz"
 # Stage budgets (seconds; environment): R2LM_BUILD_S=240 R2LM_TEST_S=170 R2LM_MICRO_S=200 (at most half of
 # what is left), the e2e gets the rest of R2LM_TOTAL_S=530. PYTHON=python3 picks the interpreter.
 # A dry run of the script's plumbing on a machine without a GPU: R2LM_DEVICE=cpu R2LM_LIBRARY=<dev build .so>
 # (skips the pip build and uses the source tree with that extension).
 set -uo pipefail
-out=$(realpath -m "${1:?usage: scripts/gpu_run.sh OUT_DIR}")
+out=$(realpath -m "${1:?usage: scripts/gpu_run.sh OUT_DIR [BUNDLE]}")
 repo=$(cd "$(dirname "$0")/.." && pwd)
 py=${PYTHON:-python3}
 mkdir -p "$out"
+if [ -n "${2:-}" ]; then
+  bundle=$(realpath -m "$2")
+  trap 'tar -czf "$bundle" -C "$(dirname "$out")" "$(basename "$out")" && echo "== packed $out into $bundle"' EXIT
+fi
 [ -n "${R2LM_LIBRARY:-}" ] && R2LM_LIBRARY=$(realpath "$R2LM_LIBRARY")
 # Everything runs outside the source tree, so Python imports the installed package, not the sources.
 cd /tmp
@@ -71,16 +77,18 @@ stage tests "${R2LM_TEST_S:-170}" "$py" -m pytest "$repo/python_tests" -q -rfE -
 unset OMP_NUM_THREADS
 
 # The benchmarks get what is left: the microbenchmarks up to R2LM_MICRO_S (less when time is short; a cut
-# run keeps the rows it finished; compiling peers may take 40% of it), the end-to-end script the rest,
-# which it plans its measurements to fit.
+# run keeps the rows it finished; compiling peers may take 40% of it), the end-to-end script the rest but
+# 45 s (startup, model build, report), which it plans its measurements to fit. At the stage's limit
+# run_all.py still writes its report.
 left=$(( ${R2LM_TOTAL_S:-530} - (SECONDS - t0) ))
-[ "$left" -lt 90 ] && left=90
+[ "$left" -lt 120 ] && left=120
 micro_s=${R2LM_MICRO_S:-200}
 [ "$micro_s" -gt $(( left / 2 )) ] && micro_s=$(( left / 2 ))
-e2e_s=$(( left - micro_s - 15 ))
+e2e_s=$(( left - micro_s - 45 ))
 TAIL_LINES=40 stage bench "$left" "$py" "$repo/benchmarks/run_all.py" --out "$out/bench" --device "$device" \
   --micro-timeout-s "$micro_s" --compile-budget-s $(( micro_s * 2 / 5 )) --e2e-budget-s "$e2e_s"
 
+{
 echo
 echo "================================ summary ($((SECONDS - t0)) s) ================================"
 grep -h -E '^backends:' "$out/build.log" || echo "build failed: see $out/build.log"
@@ -113,3 +121,4 @@ print(e2e.read_text() if e2e.exists() else "(no end-to-end results)")
 EOF
 for name in "${!status[@]}"; do echo "stage $name: ${status[$name]}"; done
 echo "all outputs: $out"
+} | tee "$out/summary.txt"
