@@ -277,8 +277,9 @@ def bad_call(device, **overrides):
     args = dict(zip(("q", "k", "v", "k_cache", "v_cache", "cache_seqlens", "block_table"),
                     make_case(device, torch.float32, batch=2, q_len=4, n_heads=4, n_kv=2, head_dim=64, max_len=32,
                               paged=overrides.pop("paged", False), page_size=8)))
+    op = overrides.pop("op", r2lm_kernels.cache_attention)
     args.update(overrides)
-    return lambda: r2lm_kernels.cache_attention(**args)
+    return lambda: op(**args)
 
 
 def test_bad_inputs_raise_naming_the_argument(device):
@@ -307,24 +308,38 @@ def test_bad_inputs_raise_naming_the_argument(device):
                                                     f32(2, 32, 2, 64), f32(2, 32, 2, 64)))})
 
 
+def test_inputs_that_require_grad_raise():
+    q = torch.randn(2, 4, 4, 64, requires_grad=True)
+    call = bad_call("cpu", q=q)
+    with pytest.raises(RuntimeError, match="cache_attention has no backward"):
+        call()
+    with torch.no_grad():
+        assert call().shape == q.shape
+
+
 @pytest.mark.parametrize("paged", [False, True])
-def test_bad_values_raise_on_cpu(paged, monkeypatch):
-    # Value checks need the data: always on CPU; on CUDA only with R2LM_VALIDATE=1 (they sync).
+@pytest.mark.parametrize("op", [r2lm_kernels.cache_attention, ref.cache_attention], ids=["op", "reference"])
+def test_bad_values_raise_on_cpu(paged, op, monkeypatch):
+    # Value checks need the data: always on CPU; on CUDA only with R2LM_VALIDATE=1 (they sync) or in the
+    # reference (which reads every length on the host anyway).
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     monkeypatch.setenv("R2LM_VALIDATE", "1")
     for device in devices:
         lens = lambda *x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
         with pytest.raises((RuntimeError, ValueError), match="cache too small"):
-            bad_call(device, paged=paged, cache_seqlens=lens(0, 29))()
+            bad_call(device, op=op, paged=paged, cache_seqlens=lens(0, 29))()
         with pytest.raises((RuntimeError, ValueError), match="cache_seqlens.* negative"):
-            bad_call(device, paged=paged, cache_seqlens=lens(-1, 3))()
+            bad_call(device, op=op, paged=paged, cache_seqlens=lens(-1, 3))()
         if paged:
             table = torch.tensor([[0, 1, 2, 3], [4, 5, 99, 7]], dtype=torch.int32, device=device)
             with pytest.raises((RuntimeError, ValueError), match=r"block_table\[1, 2\] = 99 is out of range"):
-                bad_call(device, paged=True, block_table=table, cache_seqlens=lens(3, 20))()
+                bad_call(device, op=op, paged=True, block_table=table, cache_seqlens=lens(3, 20))()
+            table[1, 2] = -2
+            with pytest.raises((RuntimeError, ValueError), match=r"block_table\[1, 2\] = -2 is out of range"):
+                bad_call(device, op=op, paged=True, block_table=table, cache_seqlens=lens(3, 20))()
             # Pages past the ones a sequence touches may hold anything (here -1: unused).
             table[1, 2:] = -1
-            bad_call(device, paged=True, block_table=table, cache_seqlens=lens(3, 10))()
+            bad_call(device, op=op, paged=True, block_table=table, cache_seqlens=lens(3, 10))()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -175,6 +175,23 @@ def test_autoregressive_baseline_matches_naive_loop(impl, tiny_model, random_pro
     assert out.stats.forward_passes == 7
 
 
+def test_autoregressive_step_info(tiny_model, random_prompts, run_or_skip):
+    """The callback sees the token the model ran on, at block_start, with that position's next-token logits."""
+    model = tiny_model("kernels")
+    prompts = random_prompts(model, [1, 9])
+    seen = []
+    out = run_or_skip(lambda: autoregressive_generate(model, prompts, max_new_tokens=5, step_callback=seen.append))
+    assert len(seen) == 5
+    with torch.no_grad():
+        for info in seen:
+            for b in range(len(prompts)):
+                start = int(info.block_start[b])
+                assert start == len(prompts[b]) - 1 + info.index
+                assert int(info.block[b, 0]) == int(out.sequences[b, start])
+                want = model(out.sequences[b:b + 1, :start + 1], sidecar=False)[0, -1]
+                torch.testing.assert_close(info.logits[b, 0], want, atol=1e-4, rtol=1e-4)
+
+
 def test_autoregressive_eos_and_sampling(tiny_model, random_prompts, run_or_skip):
     model = tiny_model("kernels")
     prompts = random_prompts(model, [4, 11])
@@ -233,6 +250,10 @@ def test_bad_arguments(tiny_model, random_prompts):
         bidirectional_generate(model, [[1, 2], [model.config.vocab_size]], max_new_tokens=4)
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, [[1, 2], []], max_new_tokens=4)
+    with pytest.raises(ValueError, match="integer token ids, got torch.float32"):
+        generate(model, [[1.7, 2.2]], max_new_tokens=4)
+    with pytest.raises(ValueError, match="input_ids must be an integer tensor"):
+        generate(model, torch.ones(1, 3, dtype=torch.bool), max_new_tokens=4)
     with pytest.raises(ValueError, match="eos_token_id"):
         generate(model, prompts, max_new_tokens=4, eos_token_id=10_000)
     with pytest.raises(ValueError, match="pad_token_id"):

@@ -73,6 +73,24 @@ def test_sidecar_is_block_local_and_sees_right_context(impl, tiny_model, random_
     torch.testing.assert_close(a_plain[:, :j], b_plain[:, :j], atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_right_padding_is_hidden_from_real_positions(impl, tiny_model, random_ids, run_or_skip, causal):
+    """lengths: padding that shares a block with real tokens reaches them neither as keys nor through the
+    right-to-left sidecar."""
+    model = tiny_model(impl)
+    bs = model.config.block_size
+    ids = random_ids(model, 2, 2 * bs + 5)
+    lengths = torch.tensor([bs + 2, 2 * bs + 5])          # sequence 0: 2 real tokens in block 1, then padding
+    changed = ids.clone()
+    changed[0, bs + 2:] = (changed[0, bs + 2:] + 1) % (model.config.vocab_size - 1)
+    with torch.no_grad():
+        a, b = run_or_skip(lambda: (model(ids, lengths=lengths, causal=causal),
+                                    model(changed, lengths=lengths, causal=causal)))
+    torch.testing.assert_close(a[0, :bs + 2], b[0, :bs + 2], atol=1e-12, rtol=0)
+    torch.testing.assert_close(a[1], b[1], atol=0, rtol=0)
+    assert (a[0, bs + 2:] - b[0, bs + 2:]).abs().amax() > 1e-6   # the padding itself did change
+
+
 def test_block_mode_equals_full_forward(impl, tiny_model, random_ids, run_or_skip):
     """Prefill + one block through the cache == the cache-free forward, per sequence, different lengths."""
     model = tiny_model(impl)
@@ -168,6 +186,18 @@ def test_save_load_roundtrip(tmp_path, tied, tiny_model, random_ids):
     bf16 = R2LMForCausalLM.load(path, impl="reference", dtype=torch.bfloat16)
     assert bf16.dtype == torch.bfloat16
 
+    # A mixed-precision checkpoint comes back as it was saved: bf16 weights, an fp32 sidecar A_log.
+    sidecar = model.model.layers[1].sidecar
+    model.to(torch.bfloat16)
+    sidecar.A_log.data = sidecar.A_log.data.float()
+    model.save(path)
+    mixed = R2LMForCausalLM.load(path, impl="reference")
+    assert mixed.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert mixed.model.layers[1].sidecar.A_log.dtype == torch.float32
+    assert (mixed.lm_head.weight is mixed.model.embed_tokens.weight) == tied
+    with torch.no_grad():
+        assert torch.equal(mixed(ids), model(ids))
+
 
 def test_load_rejects_foreign_file(tmp_path):
     safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -186,6 +216,12 @@ def test_bad_arguments(tiny_model, random_ids):
         R2LMConfig.tiny(mask_token_id=512)
     with pytest.raises(ValueError, match="sidecar_layers"):
         R2LMConfig.tiny(sidecar_layers=[5])
+    with pytest.raises(ValueError, match="mask_token_id must be an int"):
+        R2LMConfig.tiny(mask_token_id=3.5)
+    with pytest.raises(ValueError, match="rms_norm_eps must be a positive finite number"):
+        R2LMConfig.tiny(rms_norm_eps=-1e-6)
+    with pytest.raises(ValueError, match="rope_theta"):
+        R2LMConfig.tiny(rope_theta=float("nan"))
     model = tiny_model("reference", dtype=torch.float32)
     with pytest.raises(ValueError, match="input_ids"):
         model(torch.rand(2, 5))

@@ -64,7 +64,14 @@ class R2LMConfig:
         need(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
              f"a divisor of num_attention_heads={self.num_attention_heads}")
         need(self.head_dim % 2 == 0, "head_dim", "even (RoPE rotates pairs)")
-        need(0 <= self.mask_token_id < self.vocab_size, "mask_token_id", f"in [0, vocab_size={self.vocab_size})")
+        need(isinstance(self.mask_token_id, int) and 0 <= self.mask_token_id < self.vocab_size, "mask_token_id",
+             f"an int in [0, vocab_size={self.vocab_size})")
+        for field in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, field)
+            need(isinstance(value, (int, float)) and math.isfinite(value) and value > 0, field,
+                 "a positive finite number")
+        need(isinstance(self.max_position_embeddings, int) and self.max_position_embeddings >= 1,
+             "max_position_embeddings", "a positive int")
         if self.sidecar_layers is not None:
             need(all(0 <= i < self.num_hidden_layers for i in self.sidecar_layers), "sidecar_layers",
                  f"layer indices in [0, num_hidden_layers={self.num_hidden_layers})")

@@ -82,7 +82,9 @@ class StepInfo:
     (not yet updated by this step); block_start: (batch,) absolute position of block[:, 0]; logits: (batch,
     width, vocab) for those positions; active: (batch,) sequences this step may commit in; canvas: the
     generator's token buffer (batch, >= prompt + budget), final before block_start[b] (a live view: copy what
-    must outlive the callback). Reading these tensors' values synchronises with the device."""
+    must outlive the callback). Reading these tensors' values synchronises with the device. In
+    autoregressive_generate the block is the one token the model just ran on (the prompt's last at the first
+    step) and its logits are next-token logits: the step chooses the token at block_start + 1."""
 
     index: int
     block: torch.Tensor
@@ -94,16 +96,24 @@ class StepInfo:
 
 # -- shared helpers ---------------------------------------------------------------------------------------
 
+def _is_token_dtype(dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
 def _prompt_batch(input_ids: Prompts, device, mask_token_id: int, pad: int, vocab_size: int):
     """(padded prompts (batch, max_len) int64 on device, lengths (batch,) int64 on the host)."""
     if isinstance(input_ids, torch.Tensor):
-        if input_ids.dim() != 2 or input_ids.is_floating_point() or input_ids.shape[1] == 0:
+        if input_ids.dim() != 2 or not _is_token_dtype(input_ids.dtype) or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be an integer tensor (batch, prompt_len >= 1) or a list of "
                              f"sequences, got shape {tuple(input_ids.shape)} dtype {input_ids.dtype}")
         prompts = input_ids.to(device=device, dtype=torch.int64, copy=True)
         lengths = torch.full((prompts.shape[0],), prompts.shape[1], dtype=torch.int64)
     else:
-        rows = [torch.as_tensor(r, dtype=torch.int64, device="cpu").reshape(-1) for r in input_ids]
+        rows = [torch.as_tensor(r, device="cpu").reshape(-1) for r in input_ids]
+        bad = next((r.dtype for r in rows if not _is_token_dtype(r.dtype) and r.numel()), None)
+        if bad is not None:
+            raise ValueError(f"input_ids: every prompt must hold integer token ids, got {bad} values")
+        rows = [r.to(torch.int64) for r in rows]
         if not rows:
             raise ValueError("input_ids holds no sequence")
         lengths = torch.tensor([len(r) for r in rows], dtype=torch.int64)
@@ -347,7 +357,7 @@ def autoregressive_generate(model: R2LMForCausalLM, input_ids: Prompts, *, max_n
     hidden = model.hidden_states(prompts, cache=cache, prefill=True, sidecar=False)
     last = hidden.gather(1, (prompt_len - 1)[:, None, None].expand(-1, 1, hidden.shape[-1]))
     cache.seqlens.copy_(prompt_len.to(torch.int32))   # the cache holds the prompt; `token` sits at seqlens
-    token = torch.full((batch, 1), mask, dtype=torch.int64, device=device)
+    token = prompts.gather(1, (prompt_len - 1)[:, None])  # the last token the model ran on
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     steps = torch.zeros(batch, dtype=torch.int64, device=device)
     step_counter = torch.zeros(1, dtype=torch.int64, device=device)
@@ -357,8 +367,8 @@ def autoregressive_generate(model: R2LMForCausalLM, input_ids: Prompts, *, max_n
     def choose(logits, active):
         """Picks the next token into `token` for active rows; records it on the canvas."""
         if step_callback is not None:
-            step_callback(StepInfo(callback_index[0], token.clone(), cache.seqlens.long(), logits, active.clone(),
-                                   canvas))
+            step_callback(StepInfo(callback_index[0], token.clone(), cache.seqlens.long() - 1, logits,
+                                   active.clone(), canvas))
             callback_index[0] += 1
         proposal = torch.full_like(token, mask)
         ops.parallel_commit(logits, proposal, mask_token_id=mask, threshold=float("-inf"), min_per_step=1,

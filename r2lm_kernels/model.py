@@ -325,8 +325,9 @@ class R2LMForCausalLM(nn.Module):
         position's K/V at cache positions [0, seqlen). With a cache and prefill=False: `input_ids` is a block
         whose first token sits at position cache.seqlens[b]; its K/V are written there (seqlens unchanged).
         causal=False attends bidirectionally (inside the block in block mode). sidecar=False skips the
-        sidecar. lengths (batch,), full mode only: keys at positions >= lengths[b] are hidden (right padding
-        under bidirectional attention; causal attention needs no such mask).
+        sidecar. lengths (batch,), full mode only: positions >= lengths[b] are right padding, hidden from the
+        others: masked as keys (under bidirectional attention; causal attention needs no mask) and a segment
+        of their own for the right-to-left sidecar.
         """
         if not (isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and not input_ids.is_floating_point()):
             raise ValueError(f"input_ids must be an integer tensor (batch, seqlen), got "
@@ -348,12 +349,16 @@ class R2LMForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = self._rope(positions, x.dtype)
         run_sidecar = sidecar and any(layer.sidecar is not None for layer in self.model.layers)
+        valid = None if lengths is None else offsets[None, :] < torch.as_tensor(lengths, device=device)[:, None]
         seq_idx = None
         if run_sidecar:
-            seq_idx = (positions // self.config.block_size).to(torch.int32).expand(batch, seqlen).contiguous()
+            seq_idx = (positions // self.config.block_size).expand(batch, seqlen)
+            if valid is not None:  # padding: a segment index past every block's, so no real position sees it
+                seq_idx = torch.where(valid, seq_idx, (seqlen - 1) // self.config.block_size + 1)
+            seq_idx = seq_idx.to(torch.int32).contiguous()
         key_mask = None
-        if lengths is not None:
-            key_mask = (offsets[None, :] < torch.as_tensor(lengths, device=device)[:, None])[:, None, None, :]
+        if valid is not None:
+            key_mask = valid[:, None, None, :]
             if causal:
                 key_mask = key_mask & torch.ones(seqlen, seqlen, dtype=torch.bool, device=device).tril()
         p = _Pass(cos=cos, sin=sin, seq_idx=seq_idx, causal=causal, key_mask=key_mask, cache=cache,
@@ -432,11 +437,15 @@ class R2LMForCausalLM(nn.Module):
         if "r2lm_config" not in metadata:
             raise ValueError(f"{path}: not an R2LM checkpoint (no r2lm_config metadata)")
         config = R2LMConfig.from_dict(json.loads(metadata["r2lm_config"]))
-        state = load_file(str(path))
-        model = cls(config, impl=impl).to(dtype=next(iter(state.values())).dtype)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        state = load_file(str(path), device=str(torch.device(device if device is not None else "cpu")))
+        # Built without storage, then given the file's tensors: each keeps its own dtype (a bf16 model with
+        # fp32 A_log / D stays so), and no random init is paid for.
+        model = cls(config, impl=impl, device="meta")
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
         if missing or unexpected:
             raise ValueError(f"{path}: checkpoint does not match its config; missing {missing}, "
                              f"unexpected {unexpected}")
-        return model.to(device=device, dtype=dtype)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model if dtype is None else model.to(dtype=dtype)

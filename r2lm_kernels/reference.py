@@ -118,8 +118,22 @@ def cache_attention(q, k, v, k_cache, v_cache, cache_seqlens, *, block_table=Non
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     out = torch.empty(batch, q_len, n_heads, head_dim, dtype=ct, device=q.device)
     lse = torch.empty(batch, n_heads, q_len, dtype=ct, device=q.device)
+    page_size = k_cache.shape[1]
+    capacity = page_size * (block_table.shape[1] if block_table is not None else 1)
     for b in range(batch):
         length = int(cache_seqlens[b])
+        if length < 0:
+            raise ValueError(f"cache_attention: cache_seqlens[{b}] = {length} is negative")
+        if length + q_len > capacity:
+            raise ValueError(f"cache_attention: cache too small: cache_seqlens[{b}] + q_len = {length + q_len} "
+                             f"exceeds the cache capacity {capacity}")
+        if block_table is not None:
+            pages = block_table[b, : (length + q_len + page_size - 1) // page_size]
+            bad = ((pages < 0) | (pages >= k_cache.shape[0])).nonzero()
+            if len(bad):
+                j = int(bad[0, 0])
+                raise ValueError(f"cache_attention: block_table[{b}, {j}] = {int(pages[j])} is out of range "
+                                 f"[0, {k_cache.shape[0]})")
         keys = torch.cat([_gather_cache(k_cache, b, length, block_table), k[b]], 0).to(ct)   # (L+q, H_kv, D)
         vals = torch.cat([_gather_cache(v_cache, b, length, block_table), v[b]], 0).to(ct)
         keys = keys.repeat_interleave(group, dim=1)

@@ -16,6 +16,8 @@ def cache_attention(q, k, v, k_cache, v_cache, cache_seqlens, *, block_table=Non
     Returns out, or (out, lse) with return_lse; lse is (batch, n_heads, q_len) fp32.
 
     head_dim must be 64 or 128; q, k, v and the caches share one dtype (fp16, bf16, fp32; fp64 on CPU).
+    There is no backward: an input that requires grad, with grad mode on, raises instead of leaving its
+    gradient silently missing.
 
     Value checks (cache_seqlens >= 0, cache_seqlens + q_len <= cache capacity, block_table entries in
     [0, num_pages) for every page a sequence touches) need the data. On CPU they always run and raise
@@ -24,6 +26,9 @@ def cache_attention(q, k, v, k_cache, v_cache, cache_seqlens, *, block_table=Non
     bad input is meaningless); set R2LM_VALIDATE=1 to run the checks on CUDA too (they sync, and are
     skipped while a CUDA graph is being captured).
     """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, k_cache, v_cache)):
+        raise RuntimeError("cache_attention has no backward (it serves generation with a KV cache): call it under "
+                           "torch.no_grad() or torch.inference_mode(), or differentiate the cache-free forward")
     if cache_seqlens.is_cuda and os.environ.get("R2LM_VALIDATE") == "1" and \
             not torch.cuda.is_current_stream_capturing():
         _validate_values(q, k_cache, cache_seqlens, block_table)

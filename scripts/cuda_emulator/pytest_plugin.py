@@ -23,7 +23,8 @@ CPU_ONLY.update(dict.fromkeys([
     "test_kernels_and_reference_generate_the_same", "test_batch_independence",
     "test_fixed_tokens_per_step_statistics", "test_autoregressive_baseline_matches_naive_loop",
     "test_autoregressive_eos_and_sampling", "test_sidecar_is_block_local_and_sees_right_context",
-    "test_block_mode_equals_full_forward"], "runs a float64 model"))
+    "test_block_mode_equals_full_forward", "test_right_padding_is_hidden_from_real_positions",
+    "test_autoregressive_step_info"], "runs a float64 model"))
 
 
 def _float32_on_cpu(original):
