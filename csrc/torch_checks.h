@@ -2,6 +2,7 @@
 #pragma once
 
 #include <torch/library.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -37,7 +38,10 @@ inline void check_dtype(const at::Tensor& t, const char* op, const char* name,
   for (auto s : allowed)
     if (t.scalar_type() == s) return;
   std::string want;
-  for (auto s : allowed) want += std::string(want.empty() ? "" : " or ") + c10::toString(s);
+  for (auto s : allowed) {
+    const std::string name_s = c10::toString(s);
+    if (want.find(name_s) == std::string::npos) want += (want.empty() ? "" : " or ") + name_s;
+  }
   TORCH_CHECK(false, op, ": ", name, " must have dtype ", want, ", got ", t.scalar_type());
 }
 
@@ -45,6 +49,21 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const 
                               const char* name) {
   TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on ", ref.device(), " like the first input, got ",
               t.device());
+}
+
+// A tensor written in place must not have elements sharing memory (an expanded view, say): the kernels
+// would write them from several threads and keep one write at random.
+inline void check_no_internal_overlap(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", name,
+              " is written in place and must not have elements sharing memory (an expanded view?), got strides ",
+              c10::str(t.strides()));
+}
+
+inline void check_no_overlap(const at::Tensor& a, const at::Tensor& b, const char* op, const char* name_a,
+                             const char* name_b) {
+  const at::MemOverlapStatus status = at::get_overlap_status(a, b);
+  TORCH_CHECK(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, op, ": ", name_a,
+              " and ", name_b, " are written in place and must not share memory");
 }
 
 inline void check_last_dim_contiguous(const at::Tensor& t, const char* op, const char* name) {

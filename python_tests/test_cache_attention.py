@@ -301,6 +301,11 @@ def test_bad_inputs_raise_naming_the_argument(device):
     raises("k_cache must have shape", k_cache=f32(3, 32, 2, 64))
     raises("q must have unit stride", q=f32(2, 4, 4, 128)[..., ::2])
     raises("block_table must have dtype", paged=True, block_table=torch.zeros(2, 4, dtype=torch.int64, device=device))
+    raises("q must have at least one head", q=f32(2, 4, 0, 64))
+    raises("k_cache is written in place", k_cache=f32(1, 32, 2, 64).expand(2, -1, -1, -1))
+    shared = f32(2, 32, 2, 64)
+    raises("k_cache and v_cache are written in place", k_cache=shared, v_cache=shared)
+    bad_call(device, k_cache=f32(1, 32, 2, 64).expand(2, -1, -1, -1), write_kv=False)()  # read only: fine
     if device == "cuda":
         raises("k_cache must be on", k_cache=torch.randn(2, 32, 2, 64))
         raises("float64 is supported on CPU only", **{n: t.double() for n, t in zip(

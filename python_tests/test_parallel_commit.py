@@ -398,6 +398,7 @@ def test_bad_inputs_raise_clear_errors(device):
         (dict(score="entropy"), "score must be"),
         (dict(temperature=-1.0), "temperature"),
         (dict(temperature=math.inf), "temperature"),
+        (dict(temperature=1e-7), "temperature must be 0 .greedy. or a finite number >= 1e-06"),
         (dict(min_per_step=-1), "min_per_step"),
         (dict(max_per_step=-2), "max_per_step"),
         (dict(threshold=math.nan), "threshold"),
@@ -409,6 +410,8 @@ def test_bad_inputs_raise_clear_errors(device):
     for kwargs, message in cases:
         with pytest.raises((RuntimeError, ValueError), match=message):
             call(**kwargs)
+    with pytest.raises(RuntimeError, match="tokens is written in place"):  # one row for both sequences
+        r2lm_kernels.parallel_commit(logits, torch.full((1, 4), 9, device=device).expand(2, 4), **ok)
 
 
 def test_empty_batch_and_block(device):

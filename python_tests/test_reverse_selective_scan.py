@@ -372,6 +372,15 @@ def test_empty_sequence(scan_inputs, device):
     assert grads[2].shape == (5, 3) and not grads[2].any() and not grads[5].any() and not grads[7].any()
 
 
+def test_no_channels_gives_zero_gradients(scan_inputs, device):
+    """dim 0 with tokens: B and C still hold elements, and nothing depends on them."""
+    args = scan_inputs(2, 7, 0, 3, torch.float32, device)
+    assert r2lm_kernels.reverse_selective_scan(**args).shape == (2, 7, 0)
+    grads = torch.ops.r2lm.reverse_selective_scan_backward(torch.empty(2, 7, 0, device=device), *args.values())
+    assert grads[3].shape == (2, 7, 3) and grads[4].shape == (2, 7, 3)
+    assert not grads[3].any() and not grads[4].any()
+
+
 def _bad_cases(scan_inputs, device):
     """(argument name, replacement value) pairs that the op must reject naming that argument."""
     a = scan_inputs(2, 9, 6, 4, torch.float32, device)

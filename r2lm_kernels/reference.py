@@ -57,7 +57,8 @@ def reverse_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
 
 def reverse_conv1d(x, weight, bias=None, seq_idx=None, silu=False):
     """Anti-causal depthwise conv: y[t] = bias + sum_k weight[:, k] * x[t + k], taps past the sequence
-    end or the end of t's segment are zero; optional SiLU. x: (batch, seqlen, dim), weight: (dim, width)."""
+    end or the end of t's segment (a run of equal seq_idx) are zero; optional SiLU. x: (batch, seqlen, dim),
+    weight: (dim, width)."""
     ct = _compute_dtype(x)
     batch, seqlen, dim = x.shape
     width = weight.shape[1]
@@ -65,14 +66,15 @@ def reverse_conv1d(x, weight, bias=None, seq_idx=None, silu=False):
     y = torch.zeros(batch, seqlen, dim, dtype=ct, device=x.device)
     if bias is not None:
         y = y + bias.to(ct)
+    same = torch.ones(batch, seqlen, dtype=torch.bool, device=x.device)  # positions t .. t + k in one run
     for k in range(width):
         if k >= seqlen:
             break
         tap = torch.zeros_like(x_)
         tap[:, : seqlen - k] = x_[:, k:]
         if seq_idx is not None:
-            same = torch.zeros(batch, seqlen, dtype=torch.bool, device=x.device)
-            same[:, : seqlen - k] = seq_idx[:, k:] == seq_idx[:, : seqlen - k]
+            same[:, seqlen - k:] = False
+            same[:, : seqlen - k] &= seq_idx[:, k:] == seq_idx[:, : seqlen - k]
             tap = tap * same[..., None].to(ct)
         y = y + w_[:, k] * tap
     if silu:
@@ -220,6 +222,8 @@ def _candidates_and_scores(logits, mask_token_id, temperature, seed, step, score
             u = u.clamp(max=1.0 - 2.0**-24)
         pick = pick / temperature - torch.log(-torch.log(u))
     cand = pick.argmax(-1)                                            # ties -> lowest token id
+    # Picks of -inf everywhere (x / T overflowing for huge logits): no candidate, as in the kernels.
+    valid = valid & (pick.amax(-1) > float("-inf"))
     if score == "prob":
         conf = p.gather(-1, cand[..., None])[..., 0]
     elif score == "margin":
@@ -242,6 +246,9 @@ def parallel_commit(logits, tokens, *, mask_token_id, threshold, min_per_step=1,
     confidence is the score at masked positions of active sequences, -inf elsewhere.
     """
     batch, block, vocab = logits.shape
+    if not (temperature == 0 or (math.isfinite(temperature) and temperature >= 1e-6)):
+        raise ValueError(f"parallel_commit: temperature must be 0 (greedy) or a finite number >= 1e-06, "
+                         f"got {temperature}")
     if isinstance(step, torch.Tensor):
         step = int(step.reshape(-1)[0])
     cand, conf, valid = _candidates_and_scores(logits, mask_token_id, temperature, seed, step, score)

@@ -30,6 +30,7 @@ CacheAttnParams check_and_fill(const at::Tensor& q, const at::Tensor& k, const a
   check_shape(k, kOp, "k", {batch, q_len, -1, head_dim});
   check_shape(v, kOp, "v", {batch, q_len, n_kv, head_dim});
   TORCH_CHECK(head_dim == 64 || head_dim == 128, kOp, ": head_dim (q.size(3)) must be 64 or 128, got ", head_dim);
+  TORCH_CHECK(n_heads > 0, kOp, ": q must have at least one head (q.size(2)), got ", shape_str(q));
   TORCH_CHECK(n_kv > 0 && n_heads % n_kv == 0, kOp, ": n_heads (q.size(2) = ", n_heads,
               ") must be a multiple of n_kv_heads (k.size(2) = ", n_kv, ")");
   check_dtype(q, kOp, "q", {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble});
@@ -87,6 +88,13 @@ CacheAttnParams check_and_fill(const at::Tensor& q, const at::Tensor& k, const a
   return p;
 }
 
+// write_kv stores into the caches: two slots sharing memory would be written by several threads.
+void check_writable_caches(const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  check_no_internal_overlap(k_cache, kOp, "k_cache");
+  check_no_internal_overlap(v_cache, kOp, "v_cache");
+  check_no_overlap(k_cache, v_cache, kOp, "k_cache", "v_cache");
+}
+
 // Value checks that need the data: done on CPU, where reading it is free.
 void check_values_cpu(const CacheAttnParams& p, const at::Tensor& cache_seqlens,
                       const std::optional<at::Tensor>& block_table) {
@@ -112,6 +120,7 @@ std::tuple<at::Tensor, at::Tensor> cache_attention_cpu_impl(
     const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
     std::optional<double> softmax_scale, bool causal, bool write_kv) {
   CacheAttnParams p = check_and_fill(q, k, v, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal);
+  if (write_kv) check_writable_caches(k_cache, v_cache);
   check_values_cpu(p, cache_seqlens, block_table);
   at::Tensor out = at::empty({p.batch, p.q_len, p.n_heads, p.head_dim}, q.options());
   at::Tensor lse = at::empty({p.batch, p.n_heads, p.q_len}, q.options().dtype(at::kFloat));
@@ -131,6 +140,7 @@ std::tuple<at::Tensor, at::Tensor> cache_attention_cuda_impl(
     const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
     std::optional<double> softmax_scale, bool causal, bool write_kv) {
   CacheAttnParams p = check_and_fill(q, k, v, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal);
+  if (write_kv) check_writable_caches(k_cache, v_cache);
   TORCH_CHECK(q.scalar_type() != at::kDouble, kOp, ": q dtype float64 is supported on CPU only; on CUDA use "
               "float16, bfloat16 or float32");
   for (auto [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}, {&k_cache, "k_cache"}, {&v_cache, "v_cache"}}) {

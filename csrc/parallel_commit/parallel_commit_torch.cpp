@@ -20,6 +20,7 @@ namespace {
 
 constexpr const char* kOp = "parallel_commit";
 constexpr int64_t kMaxBlock = 1024;  // the CUDA selection ranks a whole block in one CTA
+constexpr double kMinTemperature = 1e-6;
 
 CommitScore parse_score(const std::string& score) {
   if (score == "prob") return CommitScore::kProb;
@@ -45,15 +46,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> parallel_commit(
   check_same_device(tokens, logits, kOp, "tokens");
   check_dtype(tokens, kOp, "tokens", {at::kLong});
   check_shape(tokens, kOp, "tokens", {batch, block});
+  check_no_internal_overlap(tokens, kOp, "tokens");
   TORCH_CHECK(mask_token_id >= 0 && mask_token_id < vocab, kOp, ": mask_token_id must be in [0, vocab) = [0, ",
               vocab, "), got ", mask_token_id);
   TORCH_CHECK(min_per_step >= 0, kOp, ": min_per_step must be >= 0, got ", min_per_step);
   TORCH_CHECK(max_per_step >= 0, kOp, ": max_per_step must be >= 0 (0: no limit), got ", max_per_step);
   TORCH_CHECK(!std::isnan(threshold), kOp, ": threshold must not be NaN");
-  // The kernels divide by the temperature in fp32 for fp32/bf16/fp16 logits: it must be representable.
-  TORCH_CHECK(temperature == 0.0 || (std::isfinite(temperature) && temperature > 0.0 &&
-                                     std::isfinite(1.0f / static_cast<float>(temperature))),
-              kOp, ": temperature must be 0 (greedy) or a positive finite number above 1e-38, got ", temperature);
+  // The kernels divide the logits by the temperature in fp32: below kMinTemperature the quotient of any
+  // plausible logit (|x| > 3.4e38 * T) would overflow, and every pick turn into -inf or a tie at +inf.
+  TORCH_CHECK(temperature == 0.0 || (std::isfinite(temperature) && temperature >= kMinTemperature),
+              kOp, ": temperature must be 0 (greedy) or a finite number >= ", kMinTemperature, ", got ", temperature);
   if (step_tensor) {
     check_same_device(*step_tensor, logits, kOp, "step_tensor");
     check_dtype(*step_tensor, kOp, "step_tensor", {at::kLong});

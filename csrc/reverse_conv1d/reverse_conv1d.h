@@ -82,8 +82,10 @@ R2LM_HD T conv_pre_grad(T pre, T dy, bool silu) {
   return dy * s * (1 + pre * (1 - s));
 }
 
-// Whether x[t + k] feeds output t: inside the sequence and in t's segment. `seg_t` / `seg_tk` are
-// seq_idx at t and t + k (any equal values when there are no segments).
+// Whether x[t + k] feeds output t, given that x[t + k - 1] does (or k = 0): inside the sequence and in t's
+// segment. `seg_t` / `seg_tk` are seq_idx at t and t + k (any equal values when there are no segments).
+// A segment is a run of equal seq_idx (where the scan resets too), so the kernels walk the taps in
+// increasing k and stop at the first dead one: a later position with t's value lies in another segment.
 R2LM_HD bool conv_tap_live(int64_t t, int k, int64_t seqlen, int32_t seg_t, int32_t seg_tk) {
   return t >= 0 && t + k < seqlen && seg_t == seg_tk;
 }

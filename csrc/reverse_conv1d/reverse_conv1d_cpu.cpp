@@ -94,7 +94,7 @@ struct BlockContext {
     const int32_t seg_t = segment(t);
     const int slot = int(t % width);
     for (int k = 0; k < width; ++k) {
-      if (!conv_tap_live(t, k, p.seqlen, seg_t, segment(t + k))) continue;
+      if (!conv_tap_live(t, k, p.seqlen, seg_t, segment(t + k))) break;
       const C* row = xring[slot_after(slot, k)];
       for (int64_t c = 0; c < nd; ++c) pre[c] += w[k][c] * row[c];
     }
@@ -184,14 +184,14 @@ R2LM_INLINE void bwd_block(const ConvParams& p, int64_t b, int64_t d0, double* p
     const int32_t seg_s = ctx.segment(s);
     for (int64_t c = 0; c < nd; ++c) db_chunk[c] += g[c];
     for (int k = 0; k < width; ++k) {
-      if (!conv_tap_live(s, k, p.seqlen, seg_s, ctx.segment(s + k))) continue;
+      if (!conv_tap_live(s, k, p.seqlen, seg_s, ctx.segment(s + k))) break;
       const C* row = ctx.xring[ctx.slot_after(slot, k)];
       for (int64_t c = 0; c < nd; ++c) dw_chunk[k][c] += g[c] * row[c];
     }
     if (s % kGradChunkRows == kGradChunkRows - 1) flush_chunk();
     C acc[kChannelBlock] = {};
     for (int k = 0; k < width; ++k) {
-      if (!conv_tap_live(s - k, k, p.seqlen, ctx.segment(s - k), seg_s)) continue;
+      if (!conv_tap_live(s - k, k, p.seqlen, ctx.segment(s - k), seg_s)) break;
       const C* g_row = gring[slot >= k ? slot - k : slot - k + width];
       for (int64_t c = 0; c < nd; ++c) acc[c] += ctx.w[k][c] * g_row[c];
     }

@@ -82,9 +82,11 @@ __device__ __forceinline__ void preactivation(const ConvParams& p, int64_t t, co
                                               const float (&bias)[V], float (&pre)[V]) {
 #pragma unroll
   for (int i = 0; i < V; ++i) pre[i] = bias[i];
+  bool live = true;  // the taps up to k are all live (conv_tap_live)
 #pragma unroll
   for (int k = 0; k < W; ++k) {
-    if (k < p.width && conv_tap_live(t, k, p.seqlen, seg[0], seg[k])) {
+    live = live && k < p.width && conv_tap_live(t, k, p.seqlen, seg[0], seg[k]);
+    if (live) {
 #pragma unroll
       for (int i = 0; i < V; ++i) pre[i] += w[k][i] * to_f32(window[k].v[i]);
     }
@@ -227,9 +229,11 @@ __global__ void __launch_bounds__(kThreadsPerBlock, kMinBlocksPerSM<W>)
         if (r >= run.t0) {
 #pragma unroll
           for (int i = 0; i < V; ++i) db[i] += g[i];
+          bool live = true;
 #pragma unroll
           for (int k = 0; k < W; ++k) {
-            if (k < p.width && conv_tap_live(r, k, p.seqlen, seg[W - 1 + u], seg[W - 1 + u + k])) {
+            live = live && k < p.width && conv_tap_live(r, k, p.seqlen, seg[W - 1 + u], seg[W - 1 + u + k]);
+            if (live) {
 #pragma unroll
               for (int i = 0; i < V; ++i) dw[k][i] += g[i] * to_f32(xwin[u + k].v[i]);
             }
@@ -241,9 +245,11 @@ __global__ void __launch_bounds__(kThreadsPerBlock, kMinBlocksPerSM<W>)
         const int64_t r = s + u;
         if (r < run.t0 || r >= run.t_end) continue;
         float acc[V] = {};
+        bool live = true;
 #pragma unroll
         for (int k = 0; k < W; ++k) {
-          if (k < p.width && conv_tap_live(r - k, k, p.seqlen, seg[W - 1 + u - k], seg[W - 1 + u])) {
+          live = live && k < p.width && conv_tap_live(r - k, k, p.seqlen, seg[W - 1 + u - k], seg[W - 1 + u]);
+          if (live) {
 #pragma unroll
             for (int i = 0; i < V; ++i) acc[i] += w[k][i] * gwin[W - 1 + u - k][i];
           }

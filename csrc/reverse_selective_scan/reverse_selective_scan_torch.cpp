@@ -117,11 +117,14 @@ Grads alloc_grads(const at::Tensor& dout, const at::Tensor& u, const at::Tensor&
   return {du, ddelta, dA, dB, dC, dD, dz, ddelta_bias};
 }
 
-// With nothing to scan (no batch, tokens or channels) the kernels are not launched; the parameter
-// gradients are then zero. Returns whether that was the case.
+// With nothing to scan (no batch, tokens or channels) the kernels are not launched; the gradients of the
+// inputs that may still hold elements (A, B and C, D, delta_bias: B and C when there are no channels)
+// are then zero. Returns whether that was the case.
 bool zero_grads_if_empty(const at::Tensor& u, Grads& grads) {
   if (u.numel() > 0) return false;
   std::get<2>(grads).zero_();
+  std::get<3>(grads).zero_();
+  std::get<4>(grads).zero_();
   std::get<5>(grads).zero_();
   std::get<7>(grads).zero_();
   return true;
@@ -148,11 +151,17 @@ Grads scan_bwd_cpu(const at::Tensor& dout, const at::Tensor& u, const at::Tensor
 }
 
 #ifdef R2LM_WITH_CUDA
+// The CUDA kernels put the sequences of the batch on gridDim.y.
+void check_cuda_batch(const ScanParams& p) {
+  TORCH_CHECK(p.batch <= 65535, kOp, ": u has batch ", p.batch, "; the CUDA kernels take at most 65535 sequences");
+}
+
 at::Tensor scan_fwd_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                          const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
                          const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
                          const std::optional<at::Tensor>& seq_idx) {
   ScanParams p = check_and_fill(u, delta, A, B, C, D, z, delta_bias, delta_softplus, seq_idx);
+  check_cuda_batch(p);
   const c10::cuda::CUDAGuard guard(u.device());
   at::Tensor out = alloc_out(u, p);
   if (out.numel() > 0) reverse_selective_scan_fwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
@@ -164,6 +173,7 @@ Grads scan_bwd_cuda(const at::Tensor& dout, const at::Tensor& u, const at::Tenso
                     const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias,
                     bool delta_softplus, const std::optional<at::Tensor>& seq_idx) {
   ScanParams p = check_and_fill(u, delta, A, B, C, D, z, delta_bias, delta_softplus, seq_idx);
+  check_cuda_batch(p);
   const c10::cuda::CUDAGuard guard(u.device());
   Grads grads = alloc_grads(dout, u, A, B, D, z, delta_bias, p);
   if (zero_grads_if_empty(u, grads)) return grads;

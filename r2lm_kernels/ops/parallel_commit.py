@@ -10,7 +10,8 @@ def parallel_commit(logits, tokens, *, mask_token_id, threshold, min_per_step=1,
                     temperature=0.0, seed=0, step=0, active=None, score="prob"):
     """Commit confident masked positions of each sequence's block; `tokens` is updated in place.
     `step` is an int or a one-element int64 tensor on the logits' device (fresh random numbers per
-    replay of a captured CUDA graph). Returns (committed bool, confidence fp32, n_masked int32).
+    replay of a captured CUDA graph). temperature is 0 (greedy) or at least 1e-6 (the picks are
+    logits / temperature in fp32). Returns (committed bool, confidence fp32, n_masked int32).
 
     Non-finite logits: a position whose logits row holds a NaN or +inf (the mask token's logit
     included), or whose non-mask logits are all -inf, is never committed and gets confidence -inf;

@@ -8,8 +8,8 @@ from .. import _ext  # noqa: F401  (registers torch.ops.r2lm)
 
 def reverse_conv1d(x, weight, bias=None, seq_idx=None, silu=False):
     """Anti-causal depthwise conv1d, segment-local: y[t] = bias + sum_k weight[:, k] * x[t + k] over the
-    taps inside the sequence and inside t's segment (seq_idx[t + k] == seq_idx[t]), optionally fused
-    with SiLU.
+    taps inside the sequence and inside t's segment (seq_idx equal from t to t + k: a segment is a run of
+    equal values, as for the scan), optionally fused with SiLU.
 
     x: (batch, seqlen, dim) float32 / bfloat16 / float16 (float64 on CPU), unit stride in the last dim
     (other strides free); weight: (dim, width), 1 <= width <= 8; bias: (dim,); weight and bias each in
