@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Incremental developer build without pip: compiles _C into a build folder of its own.
-#   scripts/dev_build.sh [BUILD_DIR] [R2LM_CUDA=AUTO|ON|OFF]
+# Incremental developer build without pip: compiles the extension into a build folder of its own.
+#   scripts/dev_build.sh [BUILD_DIR] [R2LM_CUDA=AUTO|ON|OFF] [cmake configure options...]
 # then: R2LM_LIBRARY=$(ls BUILD_DIR/_C*.so) .venv/bin/pytest python_tests/...
+# The configure options apply when BUILD_DIR is new; R2LM_BUILD_TARGET builds one target (default: all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build_dir=${1:-build/dev}
@@ -11,7 +12,10 @@ export CCACHE_BASEDIR=$PWD CCACHE_NOHASHDIR=1
 gen=()
 command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)
 if [ ! -f "$build_dir/CMakeCache.txt" ]; then
-  cmake -S . -B "$build_dir" "${gen[@]}" -DR2LM_CUDA="$cuda" -DPython_EXECUTABLE="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")" >/dev/null
+  cmake -S . -B "$build_dir" "${gen[@]}" -DR2LM_CUDA="$cuda" -DPython_EXECUTABLE="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")" \
+    "${@:3}" >/dev/null
 fi
-cmake --build "$build_dir" -j "${JOBS:-2}"
+target=()
+[ -n "${R2LM_BUILD_TARGET:-}" ] && target=(--target "$R2LM_BUILD_TARGET")
+cmake --build "$build_dir" "${target[@]}" -j "${JOBS:-2}"
 ls "$build_dir"/_C*.so

@@ -12,24 +12,16 @@ py="$repo/${R2LM_VENV:-.venv}/bin/python"
 "$py" -c "import torch" 2>/dev/null || { echo "emulate_cuda.sh: no venv with torch; run scripts/test.sh first"; exit 1; }
 asan=${R2LM_EMULATOR_ASAN:-0}
 build_dir=build/emulator
+source scripts/asan_env.sh
 flags=()
 if [ "$asan" = 1 ]; then
   build_dir=build/emulator-asan
-  flags=(-DCMAKE_BUILD_TYPE=RelWithDebInfo "-DCMAKE_CXX_FLAGS=-fsanitize=address -fno-omit-frame-pointer"
-         -DCMAKE_SHARED_LINKER_FLAGS=-fsanitize=address)
+  flags=("${asan_cmake_options[@]}")
 fi
-gen=()
-command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)
-export CCACHE_BASEDIR=$repo CCACHE_NOHASHDIR=1
-[ -f "$build_dir/CMakeCache.txt" ] || cmake -S . -B "$build_dir" "${gen[@]}" -DR2LM_CUDA=OFF -DR2LM_CUDA_EMULATOR=ON \
-  -DPython_EXECUTABLE="$py" "${flags[@]}" >/dev/null
-cmake --build "$build_dir" --target _C_emu -j "${JOBS:-$(nproc)}"
+PYTHON="$py" R2LM_BUILD_TARGET=_C_emu JOBS=${JOBS:-$(nproc)} scripts/dev_build.sh "$build_dir" OFF \
+  -DR2LM_CUDA_EMULATOR=ON "${flags[@]}"
 export R2LM_LIBRARY=$(ls "$build_dir"/_C_emu*.so)
-if [ "$asan" = 1 ]; then
-  # libstdc++ preloaded too: the sanitizer's exception interceptor must find it before Python loads it.
-  export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"
-  export ASAN_OPTIONS=detect_leaks=0:detect_stack_use_after_return=0
-fi
+[ "$asan" = 1 ] && asan_preload
 # The GPU stress tests run too, on CPU tensors.
 export R2LM_CUDA_STRESS_DEVICE=cpu PYTHONPATH="$repo:$repo/scripts${PYTHONPATH:+:$PYTHONPATH}"
 # A kernel bug aborts the run; its description is kept in R2LM_EMULATOR_LOG (pytest captures stderr).
