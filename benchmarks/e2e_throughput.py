@@ -298,9 +298,10 @@ def markdown(env: dict, results: list, steps: dict, notes: list) -> str:
     by_key = {(r["batch"], r["method"]): r for r in results}
     for r in results:
         speedup = ""
-        if r["method"] != "r2lm" and (r["batch"], "r2lm") in by_key and r.get("tokens_per_s"):
-            base = by_key[(r["batch"], "r2lm")].get("tokens_per_s")
-            speedup = f"{base / r['tokens_per_s']:.2f}x" if base else ""
+        if r["method"] != "r2lm":
+            value, source = r2lm_ratio(by_key, r["batch"], r["method"])
+            if value is not None:
+                speedup = f"{value:.2f}x" + (" (step model)" if source == "step model" else "")
         tps = f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "-"
         secs = f"{r['seconds']:.2f}" if r.get("seconds") else "-"
         model_tps = f"{r['step_model_tokens_per_s']:.0f}" if r.get("step_model_tokens_per_s") else "-"
@@ -324,6 +325,17 @@ def markdown(env: dict, results: list, steps: dict, notes: list) -> str:
     return "\n".join(lines) + "\n"
 
 
+def r2lm_ratio(by_key: dict, batch: int, method: str):
+    """(R2LM's tokens/s over the method's, where both come from): full runs when both have one, else the
+    step model (a full run includes its CUDA-graph capture, the step model times replays: never mixed)."""
+    ours, theirs = by_key.get((batch, "r2lm"), {}), by_key.get((batch, method), {})
+    if ours.get("source") == theirs.get("source") == "full":
+        return ours["tokens_per_s"] / theirs["tokens_per_s"], "full runs"
+    if ours.get("step_model_tokens_per_s") and theirs.get("step_model_tokens_per_s"):
+        return ours["step_model_tokens_per_s"] / theirs["step_model_tokens_per_s"], "step model"
+    return None, None
+
+
 def target_checks(env, results, steps) -> list:
     if env["device"] != "cuda" or env["dtype"] != "bfloat16":
         return []
@@ -337,22 +349,12 @@ def target_checks(env, results, steps) -> list:
             ok = value <= goal if at_most else value >= goal
             checks.append(f"{label}: {value:.2f}x ({'meets' if ok else 'MISSES'} {'<=' if at_most else '>='} {goal}x)")
 
-    def ratio(batch, method):
-        """R2LM's tokens/s over the method's, both from full runs, else both from the step model (a full
-        run includes its CUDA-graph capture, the step model times replays: the two are not mixed)."""
-        ours, theirs = by_key.get((batch, "r2lm"), {}), by_key.get((batch, method), {})
-        if ours.get("source") == theirs.get("source") == "full":
-            return ours["tokens_per_s"] / theirs["tokens_per_s"], "full runs"
-        if ours.get("step_model_tokens_per_s") and theirs.get("step_model_tokens_per_s"):
-            return ours["step_model_tokens_per_s"] / theirs["step_model_tokens_per_s"], "step model"
-        return None, None
-
     for b in (1, 16, 64):
         if b in env["batches"]:
-            value, source = ratio(b, "ar")
+            value, source = r2lm_ratio(by_key, b, "ar")
             check(f"R2LM / AR tokens/s at batch {b}" + (f" ({source})" if source else ""), value, 3)
     if 64 in env["batches"]:
-        value, source = ratio(64, "bidirectional")
+        value, source = r2lm_ratio(by_key, 64, "bidirectional")
         check("R2LM / bidirectional dLLM tokens/s at batch 64" + (f" ({source})" if source else ""), value, 13)
     for b in (1, 16):
         if b in steps:

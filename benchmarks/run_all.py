@@ -62,7 +62,7 @@ def _run(cmd: list[str], env: dict, timeout_s: float | None, log: Path) -> int:
         except subprocess.TimeoutExpired:
             child.kill()
 
-    watchdog = threading.Timer(timeout_s, stop) if timeout_s is not None else None
+    watchdog = threading.Timer(timeout_s, stop) if timeout_s else None  # None or 0: no limit
     if watchdog:
         watchdog.start()
     with open(log, "w") as sink:

@@ -38,9 +38,12 @@ inline void check_dtype(const at::Tensor& t, const char* op, const char* name,
   for (auto s : allowed)
     if (t.scalar_type() == s) return;
   std::string want;
+  int index = 0;
   for (auto s : allowed) {
-    const std::string name_s = c10::toString(s);
-    if (want.find(name_s) == std::string::npos) want += (want.empty() ? "" : " or ") + name_s;
+    bool repeat = false;  // a list such as {x's dtype, kFloat} may name one twice
+    for (int j = 0; j < index; ++j) repeat = repeat || allowed.begin()[j] == s;
+    if (!repeat) want += std::string(want.empty() ? "" : " or ") + c10::toString(s);
+    ++index;
   }
   TORCH_CHECK(false, op, ": ", name, " must have dtype ", want, ", got ", t.scalar_type());
 }

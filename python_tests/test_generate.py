@@ -176,18 +176,24 @@ def test_autoregressive_baseline_matches_naive_loop(impl, tiny_model, random_pro
 
 
 def test_autoregressive_step_info(tiny_model, random_prompts, run_or_skip):
-    """The callback sees the token the model ran on, at block_start, with that position's next-token logits."""
+    """The callback sees the token the model ran on, at block_start, with that position's next-token logits;
+    a finished row's token stays where it was written."""
     model = tiny_model("kernels")
     prompts = random_prompts(model, [1, 9])
+    first = run_or_skip(lambda: autoregressive_generate(model, prompts, max_new_tokens=5))
+    eos = int(first.sequences[1, 9 + 1])                  # sequence 1 stops after its second token
     seen = []
-    out = run_or_skip(lambda: autoregressive_generate(model, prompts, max_new_tokens=5, step_callback=seen.append))
-    assert len(seen) == 5
+    out = autoregressive_generate(model, prompts, max_new_tokens=5, eos_token_id=eos, pad_token_id=0,
+                                  step_callback=seen.append)
+    assert len(seen) == 5 and not bool(seen[-1].active[1])
     with torch.no_grad():
         for info in seen:
             for b in range(len(prompts)):
                 start = int(info.block_start[b])
+                assert int(info.block[b, 0]) == int(info.canvas[b, start])
+                if not info.active[b]:
+                    continue
                 assert start == len(prompts[b]) - 1 + info.index
-                assert int(info.block[b, 0]) == int(out.sequences[b, start])
                 want = model(out.sequences[b:b + 1, :start + 1], sidecar=False)[0, -1]
                 torch.testing.assert_close(info.logits[b, 0], want, atol=1e-4, rtol=1e-4)
 

@@ -367,7 +367,8 @@ def autoregressive_generate(model: R2LMForCausalLM, input_ids: Prompts, *, max_n
     def choose(logits, active):
         """Picks the next token into `token` for active rows; records it on the canvas."""
         if step_callback is not None:
-            step_callback(StepInfo(callback_index[0], token.clone(), cache.seqlens.long() - 1, logits,
+            # A running row's token sits one before seqlens (just advanced), a finished row's at seqlens.
+            step_callback(StepInfo(callback_index[0], token.clone(), cache.seqlens.long() - active.long(), logits,
                                    active.clone(), canvas))
             callback_index[0] += 1
         proposal = torch.full_like(token, mask)

@@ -52,8 +52,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> parallel_commit(
   TORCH_CHECK(min_per_step >= 0, kOp, ": min_per_step must be >= 0, got ", min_per_step);
   TORCH_CHECK(max_per_step >= 0, kOp, ": max_per_step must be >= 0 (0: no limit), got ", max_per_step);
   TORCH_CHECK(!std::isnan(threshold), kOp, ": threshold must not be NaN");
-  // The kernels divide the logits by the temperature in fp32: below kMinTemperature the quotient of any
-  // plausible logit (|x| > 3.4e38 * T) would overflow, and every pick turn into -inf or a tie at +inf.
+  // The kernels divide the logits by the temperature in fp32, which overflows for |x| > 3.4e38 * T (every
+  // pick -inf: nothing committed; or ties at +inf: the lowest id wins). The floor keeps that far from any
+  // logit (3.4e32 at 1e-6); the smaller temperatures it turns away sample as greedy decoding anyway.
   TORCH_CHECK(temperature == 0.0 || (std::isfinite(temperature) && temperature >= kMinTemperature),
               kOp, ": temperature must be 0 (greedy) or a finite number >= ", kMinTemperature, ", got ", temperature);
   if (step_tensor) {

@@ -3,7 +3,7 @@
 //
 //   pre[b, t, d] = bias[d] + sum_{k < width, tap_live(t, k)} weight[d, k] * x[b, t + k, d]
 //   y = silu(pre) if silu else pre
-// where tap (t, k) is live iff t + k < seqlen and seq_idx[b, t + k] == seq_idx[b, t].
+// where tap (t, k) is live iff t + k < seqlen and seq_idx[b, t .. t + k] are all equal (one segment).
 // Backward, with g = dy * silu'(pre) (or dy):
 //   dx[s] = sum_{k, tap_live(s - k, k)} weight[k] * g[s - k]
 //   dweight[d, k] = sum_{b, t, tap_live(t, k)} g[t] * x[t + k],   dbias[d] = sum_{b, t} g[t]
