@@ -345,6 +345,12 @@ def test_bad_values_raise_on_cpu(paged, op, monkeypatch):
             # Pages past the ones a sequence touches may hold anything (here -1: unused).
             table[1, 2:] = -1
             bad_call(device, op=op, paged=True, block_table=table, cache_seqlens=lens(3, 10))()
+            # Sequences may share the pages they read, not a slot that write_kv fills.
+            table = torch.tensor([[0, 1, 2, 3], [0, 1, 5, 6]], dtype=torch.int32, device=device)
+            bad_call(device, op=op, paged=True, block_table=table, cache_seqlens=lens(8, 12))()
+            with pytest.raises((RuntimeError, ValueError), match="page 1, slot 2, which write_kv would fill twice"):
+                bad_call(device, op=op, paged=True, block_table=table, cache_seqlens=lens(8, 10))()
+            bad_call(device, op=op, paged=True, block_table=table, cache_seqlens=lens(8, 10), write_kv=False)()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -122,6 +122,7 @@ def cache_attention(q, k, v, k_cache, v_cache, cache_seqlens, *, block_table=Non
     lse = torch.empty(batch, n_heads, q_len, dtype=ct, device=q.device)
     page_size = k_cache.shape[1]
     capacity = page_size * (block_table.shape[1] if block_table is not None else 1)
+    written = set()  # (page, slot) filled by write_kv: two sequences may share pages, not a draft slot
     for b in range(batch):
         length = int(cache_seqlens[b])
         if length < 0:
@@ -136,6 +137,13 @@ def cache_attention(q, k, v, k_cache, v_cache, cache_seqlens, *, block_table=Non
                 j = int(bad[0, 0])
                 raise ValueError(f"cache_attention: block_table[{b}, {j}] = {int(pages[j])} is out of range "
                                  f"[0, {k_cache.shape[0]})")
+            if write_kv:
+                draft = range(length, length + q_len)
+                for pos, page in zip(draft, block_table[b, [p // page_size for p in draft]].tolist()):
+                    if (page, pos % page_size) in written:
+                        raise ValueError(f"cache_attention: block_table maps two draft positions to page {page}, "
+                                         f"slot {pos % page_size}, which write_kv would fill twice")
+                    written.add((page, pos % page_size))
         keys = torch.cat([_gather_cache(k_cache, b, length, block_table), k[b]], 0).to(ct)   # (L+q, H_kv, D)
         vals = torch.cat([_gather_cache(v_cache, b, length, block_table), v[b]], 0).to(ct)
         keys = keys.repeat_interleave(group, dim=1)

@@ -2,7 +2,9 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "cache_attention/cache_attention.h"
 #include "torch_checks.h"
@@ -97,7 +99,7 @@ void check_writable_caches(const at::Tensor& k_cache, const at::Tensor& v_cache)
 
 // Value checks that need the data: done on CPU, where reading it is free.
 void check_values_cpu(const CacheAttnParams& p, const at::Tensor& cache_seqlens,
-                      const std::optional<at::Tensor>& block_table) {
+                      const std::optional<at::Tensor>& block_table, bool write_kv) {
   const int32_t* lens = p.cache_seqlens;
   for (int64_t b = 0; b < p.batch; ++b) {
     TORCH_CHECK(lens[b] >= 0, kOp, ": cache_seqlens[", b, "] = ", lens[b], " is negative");
@@ -113,6 +115,20 @@ void check_values_cpu(const CacheAttnParams& p, const at::Tensor& cache_seqlens,
                   " is out of range [0, ", p.num_pages, ") (k_cache.size(0))");
     }
   }
+  // Sequences may share the pages they read (a common prefix), not a slot that write_kv fills.
+  if (!p.block_table || !write_kv) return;
+  std::vector<int64_t> slots;
+  slots.reserve(p.batch * p.q_len);
+  for (int64_t b = 0; b < p.batch; ++b) {
+    for (int64_t pos = lens[b]; pos < lens[b] + p.q_len; ++pos) {
+      const int64_t page = p.block_table[b * p.block_table_batch_stride + pos / p.page_size];
+      slots.push_back(page * p.page_size + pos % p.page_size);
+    }
+  }
+  std::sort(slots.begin(), slots.end());
+  const auto twice = std::adjacent_find(slots.begin(), slots.end());
+  TORCH_CHECK(twice == slots.end(), kOp, ": block_table maps two draft positions to page ", *twice / p.page_size,
+              ", slot ", *twice % p.page_size, ", which write_kv would fill twice");
 }
 
 std::tuple<at::Tensor, at::Tensor> cache_attention_cpu_impl(
@@ -121,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor> cache_attention_cpu_impl(
     std::optional<double> softmax_scale, bool causal, bool write_kv) {
   CacheAttnParams p = check_and_fill(q, k, v, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal);
   if (write_kv) check_writable_caches(k_cache, v_cache);
-  check_values_cpu(p, cache_seqlens, block_table);
+  check_values_cpu(p, cache_seqlens, block_table, write_kv);
   at::Tensor out = at::empty({p.batch, p.q_len, p.n_heads, p.head_dim}, q.options());
   at::Tensor lse = at::empty({p.batch, p.n_heads, p.q_len}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};

@@ -20,7 +20,8 @@ def cache_attention(q, k, v, k_cache, v_cache, cache_seqlens, *, block_table=Non
     gradient silently missing.
 
     Value checks (cache_seqlens >= 0, cache_seqlens + q_len <= cache capacity, block_table entries in
-    [0, num_pages) for every page a sequence touches) need the data. On CPU they always run and raise
+    [0, num_pages) for every page a sequence touches, and with write_kv no draft slot that two positions
+    share: sequences may share the pages they read) need the data. On CPU they always run and raise
     naming the argument. On CUDA they would need a host sync, so the kernels instead clamp lengths into
     the cache and skip slots whose page is out of range (no out-of-bounds access, but the result of a
     bad input is meaningless); set R2LM_VALIDATE=1 to run the checks on CUDA too (they sync, and are
@@ -31,13 +32,25 @@ def cache_attention(q, k, v, k_cache, v_cache, cache_seqlens, *, block_table=Non
                            "torch.no_grad() or torch.inference_mode(), or differentiate the cache-free forward")
     if cache_seqlens.is_cuda and os.environ.get("R2LM_VALIDATE") == "1" and \
             not torch.cuda.is_current_stream_capturing():
-        _validate_values(q, k_cache, cache_seqlens, block_table)
+        _validate_values(q, k_cache, cache_seqlens, block_table, write_kv)
     out, lse = torch.ops.r2lm.cache_attention(q, k, v, k_cache, v_cache, cache_seqlens, block_table=block_table,
                                               softmax_scale=softmax_scale, causal=causal, write_kv=write_kv)
     return (out, lse) if return_lse else out
 
 
-def _validate_values(q, k_cache, cache_seqlens, block_table):
+def _check_draft_slots(lens, q_len, table, page_size):
+    """Sequences may share the pages they read (a common prefix), not a slot that write_kv fills.
+    lens (batch,) int64 and table (batch, pages) int64, on the host."""
+    pos = lens[:, None] + torch.arange(q_len)[None, :]
+    slots = (table.gather(1, pos // page_size) * page_size + pos % page_size).flatten()
+    values, counts = slots.unique(return_counts=True)
+    if (counts > 1).any():
+        twice = int(values[counts > 1][0])
+        raise ValueError(f"cache_attention: block_table maps two draft positions to page {twice // page_size}, "
+                         f"slot {twice % page_size}, which write_kv would fill twice")
+
+
+def _validate_values(q, k_cache, cache_seqlens, block_table, write_kv):
     """The CPU kernel's value checks, done in PyTorch (one host sync) for CUDA inputs."""
     q_len = q.shape[1]
     lens = cache_seqlens.long().cpu()
@@ -57,6 +70,8 @@ def _validate_values(q, k_cache, cache_seqlens, block_table):
             b, j = bad.nonzero()[0].tolist()
             raise ValueError(f"cache_attention: block_table[{b}, {j}] = {int(table[b, j])} is out of range "
                              f"[0, {k_cache.shape[0]})")
+        if write_kv:
+            _check_draft_slots(lens, q_len, table, page_size)
 
 
 @torch.library.register_fake("r2lm::cache_attention")
