@@ -103,6 +103,37 @@ def _scatter_cache(cache, b, start, values, block_table):
         cache[block_table[b, pos // page_size].long(), pos % page_size] = values
 
 
+def check_cache_attention_values(q_len, k_cache, cache_seqlens, block_table, write_kv):
+    """The value checks of cache_attention (the CPU op's, in PyTorch, with one host sync): lengths inside the
+    cache, pages in range, and with write_kv no draft slot filled twice. Run by the reference, and by the
+    op on CUDA under R2LM_VALIDATE=1."""
+    lens = cache_seqlens.long().cpu()
+    page_size = k_cache.shape[1]
+    capacity = page_size * (block_table.shape[1] if block_table is not None else 1)
+    if (lens < 0).any():
+        raise ValueError(f"cache_attention: cache_seqlens has negative entries: {lens.tolist()}")
+    if (lens + q_len > capacity).any():
+        raise ValueError(f"cache_attention: cache too small: cache_seqlens + q_len exceeds the cache capacity "
+                         f"{capacity}: cache_seqlens = {lens.tolist()}, q_len = {q_len}")
+    if block_table is not None:
+        used = (lens + q_len + page_size - 1) // page_size
+        table = block_table.long().cpu()
+        touched = torch.arange(table.shape[1])[None, :] < used[:, None]
+        bad = touched & ((table < 0) | (table >= k_cache.shape[0]))
+        if bad.any():
+            b, j = bad.nonzero()[0].tolist()
+            raise ValueError(f"cache_attention: block_table[{b}, {j}] = {int(table[b, j])} is out of range "
+                             f"[0, {k_cache.shape[0]})")
+        if write_kv:  # sequences may share the pages they read (a common prefix), not a slot write_kv fills
+            pos = lens[:, None] + torch.arange(q_len)[None, :]
+            slots = (table.gather(1, pos // page_size) * page_size + pos % page_size).flatten()
+            values, counts = slots.unique(return_counts=True)
+            if (counts > 1).any():
+                twice = int(values[counts > 1][0])
+                raise ValueError(f"cache_attention: block_table maps two draft positions to page "
+                                 f"{twice // page_size}, slot {twice % page_size}, which write_kv would fill twice")
+
+
 def cache_attention(q, k, v, k_cache, v_cache, cache_seqlens, *, block_table=None, softmax_scale=None,
                     causal=True, write_kv=True, return_lse=False):
     """Attention of a block of q_len queries over the committed cache plus the block itself.
@@ -120,30 +151,9 @@ def cache_attention(q, k, v, k_cache, v_cache, cache_seqlens, *, block_table=Non
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     out = torch.empty(batch, q_len, n_heads, head_dim, dtype=ct, device=q.device)
     lse = torch.empty(batch, n_heads, q_len, dtype=ct, device=q.device)
-    page_size = k_cache.shape[1]
-    capacity = page_size * (block_table.shape[1] if block_table is not None else 1)
-    written = set()  # (page, slot) filled by write_kv: two sequences may share pages, not a draft slot
+    check_cache_attention_values(q_len, k_cache, cache_seqlens, block_table, write_kv)
     for b in range(batch):
         length = int(cache_seqlens[b])
-        if length < 0:
-            raise ValueError(f"cache_attention: cache_seqlens[{b}] = {length} is negative")
-        if length + q_len > capacity:
-            raise ValueError(f"cache_attention: cache too small: cache_seqlens[{b}] + q_len = {length + q_len} "
-                             f"exceeds the cache capacity {capacity}")
-        if block_table is not None:
-            pages = block_table[b, : (length + q_len + page_size - 1) // page_size]
-            bad = ((pages < 0) | (pages >= k_cache.shape[0])).nonzero()
-            if len(bad):
-                j = int(bad[0, 0])
-                raise ValueError(f"cache_attention: block_table[{b}, {j}] = {int(pages[j])} is out of range "
-                                 f"[0, {k_cache.shape[0]})")
-            if write_kv:
-                draft = range(length, length + q_len)
-                for pos, page in zip(draft, block_table[b, [p // page_size for p in draft]].tolist()):
-                    if (page, pos % page_size) in written:
-                        raise ValueError(f"cache_attention: block_table maps two draft positions to page {page}, "
-                                         f"slot {pos % page_size}, which write_kv would fill twice")
-                    written.add((page, pos % page_size))
         keys = torch.cat([_gather_cache(k_cache, b, length, block_table), k[b]], 0).to(ct)   # (L+q, H_kv, D)
         vals = torch.cat([_gather_cache(v_cache, b, length, block_table), v[b]], 0).to(ct)
         keys = keys.repeat_interleave(group, dim=1)
