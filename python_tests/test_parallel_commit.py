@@ -420,3 +420,14 @@ def test_empty_batch_and_block(device):
         tokens = torch.full((batch, block), 9, device=device)
         committed, confidence, n_masked = r2lm_kernels.parallel_commit(logits, tokens, mask_token_id=9, threshold=0.5)
         assert committed.shape == (batch, block) and n_masked.tolist() == [0] * batch
+
+
+def test_logits_that_require_grad_raise():
+    logits = torch.randn(2, 4, 10, requires_grad=True)
+    tokens = torch.full((2, 4), 9)
+    with pytest.raises(RuntimeError, match="parallel_commit has no backward: logits requires grad"):
+        r2lm_kernels.parallel_commit(logits, tokens, mask_token_id=9, threshold=0.5)
+    assert (tokens == 9).all()
+    with torch.no_grad():
+        committed, confidence, _ = r2lm_kernels.parallel_commit(logits, tokens, mask_token_id=9, threshold=-1.0)
+    assert committed.all() and not confidence.requires_grad and (tokens != 9).all()

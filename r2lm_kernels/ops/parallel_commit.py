@@ -15,7 +15,13 @@ def parallel_commit(logits, tokens, *, mask_token_id, threshold, min_per_step=1,
 
     Non-finite logits: a position whose logits row holds a NaN or +inf (the mask token's logit
     included), or whose non-mask logits are all -inf, is never committed and gets confidence -inf;
-    -inf logits elsewhere are ordinary (probability 0). The mask token is never a candidate."""
+    -inf logits elsewhere are ordinary (probability 0). The mask token is never a candidate.
+
+    There is no backward (commits are discrete choices): logits that require grad, with grad mode on,
+    raise instead of leaving confidence's gradient silently missing."""
+    if torch.is_grad_enabled() and logits.requires_grad:
+        raise RuntimeError("parallel_commit has no backward: logits requires grad; call it under torch.no_grad() "
+                           "or torch.inference_mode(), or pass logits.detach()")
     step_tensor = step if isinstance(step, torch.Tensor) else None
     step_int = 0 if step_tensor is not None else int(step)
     return torch.ops.r2lm.parallel_commit(logits, tokens, mask_token_id=mask_token_id, threshold=float(threshold),
