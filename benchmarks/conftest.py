@@ -94,41 +94,54 @@ def bench(request, benchmark, device, budget, copy_bandwidth, compile_budget):
     """Call once or more per test; the first call's primary is also timed through pytest-benchmark."""
     pedantic_used = False
 
-    def primary_timer(fn, flush_l2, setup):
-        # pytest-benchmark times the primary (its table and JSON then show it). On CUDA its host clock
-        # needs a synchronize per call, so the reported figures there come from CUDA events instead.
+    def cuda_primary_timer(fn, flush_l2, setup):
+        # CUDA: pytest-benchmark shows the primary (its host clock needs a synchronize per call, so the
+        # reported figures come from CUDA events instead).
         nonlocal pedantic_used
-        if pedantic_used or benchmark.disabled:
-            return harness.time_fn(fn, device, budget, flush_l2, setup)
-        pedantic_used = True
-        if device == "cuda":
+        if not pedantic_used and not benchmark.disabled:
+            pedantic_used = True
+
             def synced():
                 fn()
                 torch.cuda.synchronize()
             benchmark.pedantic(synced, setup=setup, rounds=budget.min_reps, iterations=1, warmup_rounds=1)
-            return harness.time_fn(fn, device, budget, flush_l2, setup)
-        per_call = harness.first_call(fn, device, setup)
-        rounds = max(budget.min_reps, min(budget.max_reps, int(budget.measure_s / max(per_call, 1e-7))))
-        benchmark.pedantic(fn, setup=setup, rounds=rounds, iterations=1,
-                           warmup_rounds=min(rounds, int(budget.warmup_s / max(per_call, 1e-7))))
-        return harness.Timing.of(list(benchmark.stats.stats.data))
+        return harness.time_fn(fn, device, budget, flush_l2, setup)
+
+    def run_primary_through_benchmark(fn, before_call, calls):
+        # CPU: pytest-benchmark times the primary's calls (its table and JSON then show them); the peers'
+        # chunks run in its untimed setup.
+        nonlocal pedantic_used
+        if pedantic_used or benchmark.disabled:
+            return harness.time_calls(fn, before_call, calls)
+        pedantic_used = True
+        benchmark.pedantic(fn, setup=before_call, rounds=calls, iterations=1, warmup_rounds=0)
+        return list(benchmark.stats.stats.data)
 
     def run(*, op: str, shape: dict, dtype: str, impls: dict, primary: str, bytes_moved: int | None = None,
             flops: int | None = None, notes: str = "", flush_l2: bool = True, setup=None) -> dict:
         if primary not in impls:
             raise ValueError(f"primary={primary!r} is not one of impls {sorted(impls)}")
-        results = []
+        on_cpu = device != "cuda"
+        results, ready = [], {}
         for name, fn in impls.items():
             compiled = _is_compiled(name) and name != primary
             if compiled and compile_budget["spent_s"] >= compile_budget["limit_s"]:
                 fn = harness.Skip("compiled peers are off (--quick or --compile-budget-s 0)"
                                   if compile_budget["limit_s"] == 0 else
                                   f"the session's compile budget ({compile_budget['limit_s']:.0f} s) is spent")
-            timer = (lambda f: primary_timer(f, flush_l2, setup)) if name == primary else None
-            result = harness.run_impl(name, fn, device, budget, flush_l2, timer=timer, setup=setup)
+            timer = (lambda f: cuda_primary_timer(f, flush_l2, setup)) if name == primary else None
+            result = harness.run_impl(name, fn, device, budget, flush_l2, timer=timer, setup=setup,
+                                      timed=not on_cpu)
             if compiled:
                 compile_budget["spent_s"] += result.first_call_s
+            if result.skipped is None:
+                ready[name] = fn
             results.append(result)
+        if on_cpu and ready:
+            timings = harness.time_in_rounds(ready, budget, setup, lead=primary,
+                                             run_lead=run_primary_through_benchmark if primary in ready else None)
+            for result in results:
+                result.timing = timings.get(result.name)
         if device == "cuda" and not flush_l2:
             notes = "; ".join(filter(None, [notes, "warm L2 (no flush between calls)"]))
         row = harness.make_row(op, shape, dtype, device, bytes_moved, flops, primary, results, copy_bandwidth,

@@ -19,7 +19,9 @@ built) is wrapped in `built_on_first_call`, so that the preparation is counted a
 GPU timing: CUDA events around each call, after a warm-up, median of many calls. Before each timed
 call a buffer twice the L2 size is overwritten, so every call starts from a cold L2 (as the bytes of a
 bandwidth-bound op "must move" from memory); pass `flush_l2=False` to time warm-cache behaviour.
-CPU timing: time.perf_counter around each call, median.
+CPU timing: time.perf_counter around each call, median; an op's impls are timed in rounds, a chunk of
+calls of each in turn (`time_in_rounds`), so that a slow spell of a shared machine falls on all of them
+and the ratios between them hold.
 """
 from __future__ import annotations
 
@@ -162,22 +164,56 @@ def _time_cuda(fn: Callable, budget: Budget, flush_l2: bool, setup: Callable) ->
     return Timing.of([b.elapsed_time(f) / 1e3 for b, f in events])
 
 
-def _time_cpu(fn: Callable, budget: Budget, setup: Callable) -> Timing:
+def _timed_call(fn: Callable, setup: Callable) -> float:
     setup()
     started = time.perf_counter()
     fn()
-    per_call_s = max(time.perf_counter() - started, 1e-7)
-    for _ in range(min(int(budget.warmup_s / per_call_s), budget.max_reps)):
-        setup()
-        fn()
-    reps = max(budget.min_reps, min(budget.max_reps, int(budget.measure_s / per_call_s)))
+    return time.perf_counter() - started
+
+
+def time_calls(fn: Callable, before_call: Callable, calls: int) -> list[float]:
+    """Seconds of each of `calls` calls of fn, before_call() running untimed before each."""
     samples = []
-    for _ in range(reps):
-        setup()
+    for _ in range(calls):
+        before_call()
         started = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - started)
-    return Timing.of(samples)
+    return samples
+
+
+def time_in_rounds(fns: dict[str, Callable], budget: Budget, setup: Callable | None = None, lead: str | None = None,
+                   run_lead: Callable | None = None) -> dict[str, Timing]:
+    """CPU: the median time of each fn, timed in budget.min_reps rounds; a round runs a chunk of calls of
+    every fn in turn (lead last), each chunk about budget.measure_s / rounds long (at least one call), with
+    setup() before every call, untimed. Within a chunk the calls run back to back (warm caches, as when an
+    impl is timed alone), and a slow spell of the machine falls on every fn rather than on one.
+    `run_lead(fn, before_call, calls) -> seconds per call` times the lead's calls (default: perf_counter);
+    the other fns' chunks run inside its before_call, untimed by it."""
+    setup = setup or _no_setup
+    per_call = {}
+    for name, fn in fns.items():  # warm-up; the last warm call sizes the chunks
+        per_call[name] = max(_timed_call(fn, setup), 1e-7)
+        for _ in range(min(int(budget.warmup_s / per_call[name]), budget.max_reps)):
+            per_call[name] = max(_timed_call(fn, setup), 1e-7)
+    rounds = budget.min_reps
+    chunk = {name: max(1, min(budget.max_reps // rounds, int(budget.measure_s / rounds / t)))
+             for name, t in per_call.items()}
+    lead = lead if lead in fns else next(iter(fns))
+    samples = {name: [] for name in fns}
+    lead_calls = 0
+
+    def before_lead_call():
+        nonlocal lead_calls
+        if lead_calls % chunk[lead] == 0:
+            for name, fn in fns.items():
+                if name != lead:
+                    samples[name] += [_timed_call(fn, setup) for _ in range(chunk[name])]
+        lead_calls += 1
+        setup()
+
+    samples[lead] = (run_lead or time_calls)(fns[lead], before_lead_call, rounds * chunk[lead])
+    return {name: Timing.of(s) for name, s in samples.items()}
 
 
 def time_fn(fn: Callable, device: str, budget: Budget, flush_l2: bool = True, setup: Callable | None = None
@@ -185,7 +221,7 @@ def time_fn(fn: Callable, device: str, budget: Budget, flush_l2: bool = True, se
     """Median time of fn() on `device` ("cuda" or "cpu"); setup() runs before each call, untimed."""
     if torch.device(device).type == "cuda":
         return _time_cuda(fn, budget, flush_l2, setup or _no_setup)
-    return _time_cpu(fn, budget, setup or _no_setup)
+    return time_in_rounds({"fn": fn}, budget, setup)["fn"]
 
 
 def _synchronize(device: str):
@@ -232,9 +268,10 @@ class ImplResult:
 
 
 def run_impl(name: str, fn, device: str, budget: Budget, flush_l2: bool, timer=None,
-             setup: Callable | None = None) -> ImplResult:
+             setup: Callable | None = None, timed: bool = True) -> ImplResult:
     """Times one impl, turning Skip, errors and excessive slowness into a skipped result.
-    `timer(fn) -> Timing` replaces the default timing (the CPU primary goes through pytest-benchmark)."""
+    `timer(fn) -> Timing` replaces the default timing (the CUDA primary goes through pytest-benchmark);
+    timed=False stops after the first calls (timing None, skipped None: ready for `time_in_rounds`)."""
     if isinstance(fn, Skip):
         return ImplResult(name, skipped=str(fn))
     first_s = 0.0
@@ -245,6 +282,8 @@ def run_impl(name: str, fn, device: str, budget: Budget, flush_l2: bool, timer=N
             again_s = first_call(fn, device, setup)
             if again_s > budget.slow_limit_s:
                 return ImplResult(name, skipped=f"too slow ({again_s:.1f} s a call)", first_call_s=first_s)
+        if not timed:
+            return ImplResult(name, first_call_s=first_s)
         return ImplResult(name, timing=(timer or (lambda f: time_fn(f, device, budget, flush_l2, setup)))(fn),
                           first_call_s=first_s)
     except Skip as why:

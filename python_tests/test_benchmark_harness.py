@@ -63,6 +63,34 @@ def test_setup_runs_before_every_call_untimed():
     assert timing.median_s < 0.003 and calls["setup"] == calls["fn"]
 
 
+def test_impls_are_timed_in_alternating_rounds():
+    log, setups = [], []
+
+    def fast():
+        log.append("fast")
+
+    def slow():
+        time.sleep(0.004)
+        log.append("slow")
+
+    timings = harness.time_in_rounds({"fast": fast, "slow": slow}, QUICK, setup=lambda: setups.append(1),
+                                     lead="fast")
+    # warm-up (fast, then slow), then per round a chunk of slow calls and a chunk of the lead's
+    runs = [name for i, name in enumerate(log) if i == 0 or log[i - 1] != name]
+    assert runs == ["fast"] + ["slow", "fast"] * QUICK.min_reps
+    assert len(setups) == len(log)
+    assert timings["slow"].median_s >= 0.004 > timings["fast"].median_s
+    assert timings["slow"].reps >= QUICK.min_reps and timings["fast"].reps > timings["slow"].reps
+
+    def run_lead(fn, before_call, calls):  # an outside timer (pytest-benchmark) drives the lead's calls
+        return [before_call() or fn() or 0.5 for _ in range(calls)]
+
+    log.clear()
+    timings = harness.time_in_rounds({"fast": fast, "slow": slow}, QUICK, lead="fast", run_lead=run_lead)
+    assert timings["fast"].median_s == 0.5 and timings["slow"].median_s >= 0.004
+    assert [name for i, name in enumerate(log) if i == 0 or log[i - 1] != name][-2:] == ["slow", "fast"]
+
+
 def test_preparation_runs_in_the_first_call_only():
     builds = []
 
