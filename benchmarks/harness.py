@@ -164,13 +164,6 @@ def _time_cuda(fn: Callable, budget: Budget, flush_l2: bool, setup: Callable) ->
     return Timing.of([b.elapsed_time(f) / 1e3 for b, f in events])
 
 
-def _timed_call(fn: Callable, setup: Callable) -> float:
-    setup()
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
-
-
 def time_calls(fn: Callable, before_call: Callable, calls: int) -> list[float]:
     """Seconds of each of `calls` calls of fn, before_call() running untimed before each."""
     samples = []
@@ -193,9 +186,9 @@ def time_in_rounds(fns: dict[str, Callable], budget: Budget, setup: Callable | N
     setup = setup or _no_setup
     per_call = {}
     for name, fn in fns.items():  # warm-up; the last warm call sizes the chunks
-        per_call[name] = max(_timed_call(fn, setup), 1e-7)
+        per_call[name] = max(time_calls(fn, setup, 1)[0], 1e-7)
         for _ in range(min(int(budget.warmup_s / per_call[name]), budget.max_reps)):
-            per_call[name] = max(_timed_call(fn, setup), 1e-7)
+            per_call[name] = max(time_calls(fn, setup, 1)[0], 1e-7)
     rounds = budget.min_reps
     chunk = {name: max(1, min(budget.max_reps // rounds, int(budget.measure_s / rounds / t)))
              for name, t in per_call.items()}
@@ -208,7 +201,7 @@ def time_in_rounds(fns: dict[str, Callable], budget: Budget, setup: Callable | N
         if lead_calls % chunk[lead] == 0:
             for name, fn in fns.items():
                 if name != lead:
-                    samples[name] += [_timed_call(fn, setup) for _ in range(chunk[name])]
+                    samples[name] += time_calls(fn, setup, chunk[name])
         lead_calls += 1
         setup()
 
