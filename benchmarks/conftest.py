@@ -129,7 +129,7 @@ def bench(request, benchmark, device, budget, copy_bandwidth, compile_budget):
                 fn = harness.Skip("compiled peers are off (--quick or --compile-budget-s 0)"
                                   if compile_budget["limit_s"] == 0 else
                                   f"the session's compile budget ({compile_budget['limit_s']:.0f} s) is spent")
-            timer = (lambda f: cuda_primary_timer(f, flush_l2, setup)) if name == primary else None
+            timer = (lambda f: cuda_primary_timer(f, flush_l2, setup)) if name == primary and not on_cpu else None
             result = harness.run_impl(name, fn, device, budget, flush_l2, timer=timer, setup=setup,
                                       timed=not on_cpu)
             if compiled:
