@@ -161,6 +161,27 @@ def test_long_cache_small_batch_split_kv(device, cpu_kernel, rel_err, tol):
                                     lens=[int(torch.randint(3000, 4080, ()))])
 
 
+def test_random_shapes(device, cpu_kernel, rel_err, tol):
+    # Shapes drawn afresh every run (the printed seed replays them) around the kernels' edges: query rows
+    # per kv head (q_len x group) on both sides of the 16-row tiles and 64-row CTAs, caches ending anywhere
+    # in a key tile and long enough to split the keys on CUDA, pages of 1 to 64 slots. Batch >= 2 with the
+    # second sequence's cache full (make_case), so the lse norm never rests on a few one-key rows alone
+    # (a single dot product's relative error is unbounded).
+    def pick(options):
+        return options[int(torch.randint(len(options), ()))]
+
+    for _ in range(4):
+        n_kv, group, q_len = pick([1, 2, 3, 8]), pick([1, 2, 3, 5, 8]), pick([1, 2, 15, 16, 17, 33, 64, 65, 129])
+        paged, page_size = pick([False, True]), pick([1, 3, 16, 64])
+        max_len = q_len + pick([31, 33, 100, 257, 700])
+        if paged:
+            max_len = -(-max_len // page_size) * page_size
+        check_against_reference(device, pick(dtypes_for(device)), pick([True, False]), paged,
+                                write_kv=pick([True, False]), rel_err=rel_err, tol=tol, batch=pick([2, 3]),
+                                q_len=q_len, n_heads=n_kv * group, n_kv=n_kv, head_dim=pick([64, 128]),
+                                max_len=max_len, page_size=page_size, contiguous=pick([False, True]))
+
+
 def test_growing_scores_rescale_the_output(device, cpu_kernel, rel_err, tol):
     # Keys grow along the cache, so each key tile's best score beats the last one by far more than the
     # kernels' rescale margin: the running output is rescaled mid-sequence, not only at the first tile.
