@@ -152,6 +152,9 @@ def bench(request, benchmark, device, budget, copy_bandwidth, compile_budget):
                               request.config.stash[_ROWS_KEY])
         benchmark.extra_info.update({k: v for k, v in row.items() if k != "notes" or v})
         benchmark.extra_info["copy_gbps"] = copy_bandwidth["gbps"]
+        primary_result = next(r for r in results if r.name == primary)
+        if primary_result.failed:  # a peer may fail (reported as such); the kernel under test may not
+            pytest.fail(f"{op} {dtype}: the primary {primary!r} failed: {primary_result.skipped}", pytrace=False)
         return row
 
     return run

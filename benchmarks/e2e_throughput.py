@@ -20,6 +20,8 @@ The per-step ratio is the R2LM block step (32 queries, sidecar, commit over 32 x
 step (1 query, no sidecar) at the prompt's context length.
 
     python benchmarks/e2e_throughput.py --out DIR [--device cuda] [--quick] [--budget-s 240]
+
+Exit code 1 when a step timing or a full run failed for any reason but the device running out of memory.
 """
 from __future__ import annotations
 
@@ -136,7 +138,7 @@ class StepTimer:
         tokens[:, masked_from:] = self.mask
         return tokens
 
-    def _time(self, step, graph: bool) -> float:
+    def _time(self, step, graph: bool) -> harness.Timing:
         if graph:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -154,17 +156,17 @@ class StepTimer:
         first_s = harness.first_call(run, self.device)
         reps = max(self.budget.min_reps, min(self.budget.max_reps, int(self.budget.measure_s / first_s)))
         if self.device != "cuda":
-            return harness.Timing.of([harness.first_call(run, self.device) for _ in range(reps)]).median_s
+            return harness.Timing.of([harness.first_call(run, self.device) for _ in range(reps)])
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
         for begin, end in events:
             begin.record()
             run()
             end.record()
         torch.cuda.synchronize()
-        return harness.Timing.of([b.elapsed_time(e) / 1e3 for b, e in events]).median_s
+        return harness.Timing.of([b.elapsed_time(e) / 1e3 for b, e in events])
 
     @torch.inference_mode()
-    def r2lm_block(self, context: int) -> float:
+    def r2lm_block(self, context: int) -> harness.Timing:
         """A denoising step of a 32-token block at `context` committed tokens: block forward through the
         cache (sidecar on) + parallel_commit. The block is restored before each commit, so every replay
         does the same work."""
@@ -181,7 +183,7 @@ class StepTimer:
         return self._time(step, graph=self.device == "cuda")
 
     @torch.inference_mode()
-    def ar_token(self, context: int) -> float:
+    def ar_token(self, context: int) -> harness.Timing:
         """An autoregressive step at `context`: one token through the cache (no sidecar) + the choice of the
         next token (parallel_commit on one position, as autoregressive_generate does)."""
         model = self.model
@@ -198,7 +200,7 @@ class StepTimer:
         return self._time(step, graph=self.device == "cuda")
 
     @torch.inference_mode()
-    def bidirectional(self) -> float:
+    def bidirectional(self) -> harness.Timing:
         """A bidirectional dLLM step: the whole canvas (prompt + new tokens) with bidirectional attention,
         logits of the current block, parallel_commit."""
         model, bs = self.model, self.model.config.block_size
@@ -216,7 +218,7 @@ class StepTimer:
         return self._time(step, graph=False)
 
     @torch.inference_mode()
-    def prefill(self, sidecar: bool) -> float:
+    def prefill(self, sidecar: bool) -> harness.Timing:
         """The prompt's prefill into the cache (R2LM with the sidecar, AR without)."""
         model = self.model
         prompt = random_prompts(model, self.batch, self.setup.prompt_len)
@@ -243,23 +245,29 @@ def step_model(timer: StepTimer, setup: Setup, block_size: int) -> dict:
     """Per-step times and the extrapolated generation time of each method (see the module docstring)."""
     p, n, k = setup.prompt_len, setup.new_tokens, setup.tokens_per_step
     first, last = p, p + n - block_size  # context of the first and the last R2LM block
-    r2lm = (timer.r2lm_block(first), timer.r2lm_block(last))
-    ar = (timer.ar_token(p), timer.ar_token(p + n - 2))
-    bidir = timer.bidirectional()
-    prefill_r2lm, prefill_ar = timer.prefill(True), timer.prefill(False)
+    timings = dict(r2lm_first=timer.r2lm_block(first), r2lm_last=timer.r2lm_block(last), ar_first=timer.ar_token(p),
+                   ar_last=timer.ar_token(p + n - 2), bidirectional=timer.bidirectional(),
+                   prefill_r2lm=timer.prefill(True), prefill_ar=timer.prefill(False))
+    step_s = {name: t.median_s for name, t in timings.items()}
+    r2lm, ar = (step_s["r2lm_first"], step_s["r2lm_last"]), (step_s["ar_first"], step_s["ar_last"])
+    bidir, prefill_r2lm, prefill_ar = step_s["bidirectional"], step_s["prefill_r2lm"], step_s["prefill_ar"]
     passes = {method: decode_passes(method, n, block_size, k) for method in METHODS}
     totals = {
         "r2lm": prefill_r2lm + passes["r2lm"] * sum(r2lm) / 2,
         "ar": prefill_ar + passes["ar"] * sum(ar) / 2,
         "bidirectional": passes["bidirectional"] * bidir,
     }
-    return dict(step_s=dict(r2lm_first=r2lm[0], r2lm_last=r2lm[1], ar_first=ar[0], ar_last=ar[1],
-                            bidirectional=bidir, prefill_r2lm=prefill_r2lm, prefill_ar=prefill_ar),
+    return dict(step_s=step_s, step_spread={name: t.spread for name, t in timings.items()},
                 total_s=totals, block_step_over_ar_step=r2lm[0] / ar[0])
 
 
 def _first_line(error: Exception) -> str:
     return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
+
+
+def _out_of_memory(error: Exception) -> bool:
+    """The largest batches may not fit the device: reported in the table, not a failure of the run."""
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
 def environment(device: str, setup: Setup, model, impl: str) -> dict:
@@ -290,7 +298,8 @@ def markdown(env: dict, results: list, steps: dict, notes: list) -> str:
         "- tokens/s = generated tokens / generation time (prefill included). 'full': one timed generate call; "
         "'extrapolated': prefill + sum of per-step times measured at the first and last context (linear in "
         "context), used where the full call did not fit the time budget. A CUDA-graphed generate call captures "
-        "its step graph inside the call, and that capture is in its time; the step model times replays only",
+        "its step graph inside the call, and that capture is in its time; the step model times replays only. "
+        "Step times are medians; their spread is (p90 - p10) / median (the table shows each batch's largest)",
         "",
         "| batch | method | tokens/s | time (s) | source | step-model tokens/s | R2LM speedup |",
         "|---|---|---|---|---|---|---|",
@@ -310,12 +319,13 @@ def markdown(env: dict, results: list, steps: dict, notes: list) -> str:
     lines += ["", "Per-step times (ms; R2LM block step = 32 queries + sidecar + commit; at the prompt's context "
               "unless noted):", "",
               "| batch | R2LM block step | AR token step | block / AR step | R2LM block (last ctx) | AR (last ctx) "
-              "| dLLM step | prefill |", "|---|---|---|---|---|---|---|---|"]
+              "| dLLM step | prefill | largest spread |", "|---|---|---|---|---|---|---|---|---|"]
     for batch, s in steps.items():
         t = s["step_s"]
+        spread = max(s["step_spread"].values())
         lines.append(f"| {batch} | {1e3 * t['r2lm_first']:.2f} | {1e3 * t['ar_first']:.2f} | "
                      f"{s['block_step_over_ar_step']:.2f}x | {1e3 * t['r2lm_last']:.2f} | {1e3 * t['ar_last']:.2f} | "
-                     f"{1e3 * t['bidirectional']:.2f} | {1e3 * t['prefill_r2lm']:.1f} |")
+                     f"{1e3 * t['bidirectional']:.2f} | {1e3 * t['prefill_r2lm']:.1f} | {100 * spread:.0f}% |")
     targets = target_checks(env, results, steps)
     if targets:
         lines += ["", f"Targets (set for an H100 in bf16; measured on {env['device_name']}):",
@@ -385,6 +395,7 @@ def main() -> int:
     env = environment(device, setup, model, args.impl)
     print(f"== model ready after {time.perf_counter() - started:.0f} s: {env['model']}", flush=True)
     results, steps, notes = [], {}, []
+    failures = []  # errors other than running out of memory: they make the exit code non-zero
 
     def left():
         return budget_s - (time.perf_counter() - started)
@@ -405,6 +416,8 @@ def main() -> int:
         except Exception as error:  # e.g. out of memory at the largest batch: report it, go on
             notes.append(f"batch {batch}: step timing failed: {_first_line(error)}")
             steps.pop(batch, None)
+            if not _out_of_memory(error):
+                failures.append(f"batch {batch} step timing")
         finally:
             timer = None
             gc.collect()
@@ -431,6 +444,8 @@ def main() -> int:
                     row.update(source="full", **run)
                 except Exception as error:
                     row.update(source="failed", why=f"full run failed: {_first_line(error)}")
+                    if not _out_of_memory(error):
+                        failures.append(f"batch {batch} {method} full run")
                     if predicted is not None:
                         row.update(source="extrapolated", seconds=predicted,
                                    tokens_per_s=row["step_model_tokens_per_s"])
@@ -446,6 +461,9 @@ def main() -> int:
     notes += [f"batch {r['batch']} {r['method']}: {r['why']}" for r in results if r.get("why")]
     save()
     print((out / "e2e.md").read_text())
+    if failures:
+        print(f"== failed: {', '.join(failures)}", flush=True)
+        return 1
     return 0
 
 

@@ -250,11 +250,12 @@ class ImplResult:
     name: str
     timing: Timing | None = None
     skipped: str | None = None
+    failed: bool = False  # skipped because it raised an error (not Skip): fatal for a primary
     first_call_s: float = 0.0  # compilation, autotuning and module loading land here
 
     def as_dict(self) -> dict:
         if self.timing is None:
-            return dict(status="skipped", reason=self.skipped)
+            return dict(status="failed" if self.failed else "skipped", reason=self.skipped)
         t = self.timing
         return dict(status="ok", median_ms=t.median_s * 1e3, p10_ms=t.p10_s * 1e3, p90_ms=t.p90_s * 1e3,
                     spread=t.spread, reps=t.reps)
@@ -283,7 +284,7 @@ def run_impl(name: str, fn, device: str, budget: Budget, flush_l2: bool, timer=N
         return ImplResult(name, skipped=str(why), first_call_s=first_s)
     except Exception as error:  # a peer that fails (e.g. torch.compile unavailable) must not end the run
         first_line = (str(error).strip().splitlines() or [""])[0][:200]
-        return ImplResult(name, skipped=f"{type(error).__name__}: {first_line}", first_call_s=first_s)
+        return ImplResult(name, skipped=f"{type(error).__name__}: {first_line}", failed=True, first_call_s=first_s)
 
 
 def make_row(op: str, shape: dict, dtype: str, device: str, bytes_moved: int | None, flops: int | None,
@@ -307,6 +308,18 @@ def make_row(op: str, shape: dict, dtype: str, device: str, bytes_moved: int | N
     return row
 
 
+def cpu_name() -> str:
+    """The CPU's model name (platform.processor() is often empty on Linux), with its logical CPU count."""
+    name = platform.processor() or platform.machine()
+    try:
+        models = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")]
+        name = models[0] if models else name
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} logical CPUs"
+
+
 def environment(device: str, copy_bw: dict | None) -> dict:
     """Header facts: device, date, commit, versions, copy bandwidth."""
     def git(*args):
@@ -326,7 +339,7 @@ def environment(device: str, copy_bw: dict | None) -> dict:
         commit += "+dirty"
     return dict(
         device=device,
-        device_name=torch.cuda.get_device_name() if is_cuda else (platform.processor() or platform.machine()),
+        device_name=torch.cuda.get_device_name() if is_cuda else cpu_name(),
         cpu_threads=torch.get_num_threads(),
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         commit=commit,
@@ -369,9 +382,10 @@ def markdown(env: dict, rows: list[dict]) -> str:
         peers = []
         for name, ratio in (row.get("speedup") or {}).items():
             impl = row["impls"][name]
-            peers.append(f"{name} {ratio:.2f}x" if ratio is not None else f"{name}: skipped ({impl['reason']})")
+            peers.append(f"{name} {ratio:.2f}x" if ratio is not None else f"{name}: {impl['status']} ({impl['reason']})")
         if "median_ms" not in row:
-            peers.insert(0, f"primary skipped: {row['impls'][row['primary']]['reason']}")
+            primary = row["impls"][row["primary"]]
+            peers.insert(0, f"primary {primary['status']}: {primary['reason']}")
         gbps = f"{row['gbps']:.1f}" if "gbps" in row else "-"
         pct = f"{row['pct_copy']:.1f}%" if "pct_copy" in row else "-"
         spread = f"{100 * row['spread']:.0f}%" if "spread" in row else "-"
@@ -398,10 +412,11 @@ def compact_table(environment: dict, rows: list[dict]) -> str:
              f"{'op':<22} {'dtype':<8} {'shape':<56} {'median':>10} {'GB/s':>7} {'%copy':>6}  speedup vs peers"]
     for row in rows:
         shape = ",".join(f"{k}={v}" for k, v in row["shape"].items())
-        peers = ", ".join(f"{name} {ratio:.2f}x" if ratio is not None else f"{name} skipped"
+        peers = ", ".join(f"{name} {ratio:.2f}x" if ratio is not None else f"{name} {row['impls'][name]['status']}"
                           for name, ratio in (row.get("speedup") or {}).items())
         gbps = f"{row['gbps']:.0f}" if "gbps" in row else "-"
         pct = f"{row['pct_copy']:.0f}%" if "pct_copy" in row else "-"
+        peers = peers or f"primary {row['impls'][row['primary']]['status']}"
         lines.append(f"{row['op'][:22]:<22} {row['dtype'][:8]:<8} {shape[:56]:<56} "
-                     f"{_fmt_time(row.get('median_ms')):>10} {gbps:>7} {pct:>6}  {peers or 'primary skipped'}")
+                     f"{_fmt_time(row.get('median_ms')):>10} {gbps:>7} {pct:>6}  {peers}")
     return "\n".join(lines)

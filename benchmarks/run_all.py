@@ -1,6 +1,7 @@
 """The one benchmark command: every microbenchmark on the current device, then end-to-end throughput,
 into one report folder (results.json/.md of the microbenchmarks, e2e.json/.md, report.md, PNG plots
-when matplotlib is installed).
+when matplotlib is installed). A full run into benchmarks/results/ also adds its results to
+benchmarks/results/history.jsonl (see plot_history.py).
 
     python benchmarks/run_all.py                 # full run; report in benchmarks/results/<date>-<device>/
     python benchmarks/run_all.py --quick         # CI: small shapes, short timing (a few minutes on 2 cores)
@@ -23,16 +24,17 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+import plot_history  # noqa: E402
 
 
 def _child_env() -> dict:
-    """Environment for the child processes: the source tree goes on the path only when no installed
-    r2lm_kernels is importable (a dev build loaded through R2LM_LIBRARY)."""
+    """Environment for the child processes (they run from another folder): with a dev build loaded through
+    R2LM_LIBRARY, the source tree goes first on the path, so the benchmarks time the sources' wrappers and
+    references with that extension, not an installed copy's."""
     env = dict(os.environ)
-    if env.get("R2LM_LIBRARY"):  # the children run from another folder
+    if env.get("R2LM_LIBRARY"):
         env["R2LM_LIBRARY"] = str(Path(env["R2LM_LIBRARY"]).resolve())
-    probe = subprocess.run([sys.executable, "-c", "import r2lm_kernels"], cwd="/", env=env, capture_output=True)
-    if probe.returncode != 0:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env
 
@@ -202,6 +204,9 @@ def main() -> int:
                        for stage, code in codes.items())
     (out / "report.md").write_text("\n".join(parts + [f"Stages: {status}\n"]))
     print(f"== report: {out}/report.md ({status})")
+    if not args.quick and out.parent == plot_history.HISTORY.parent:  # a kept report: into the history too
+        added = plot_history.add_report(out)
+        print(f"== history: {added} lines added to {plot_history.HISTORY.relative_to(REPO)}")
     return max(codes.values(), default=0)
 
 

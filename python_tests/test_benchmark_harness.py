@@ -4,6 +4,8 @@ model passes the generators run."""
 import importlib.util
 import json
 import math
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,7 +46,8 @@ def test_failing_and_skipped_impls_are_reported_not_raised():
                harness.run_impl("absent", harness.Skip("needs CUDA"), "cpu", QUICK, True)]
     assert results[0].timing is not None and results[0].skipped is None
     assert results[1].timing is None and results[1].skipped == "RuntimeError: no kernel for this dtype"
-    assert results[2].skipped == "needs CUDA"
+    assert results[1].failed and results[1].as_dict()["status"] == "failed"
+    assert results[2].skipped == "needs CUDA" and not results[2].failed
 
 
 def test_setup_runs_before_every_call_untimed():
@@ -144,13 +147,56 @@ def test_row_figures_and_reports(tmp_path):
     assert "reference 3.00x" in harness.compact_table(env, [row])
 
 
-def test_primary_skipped_is_reported():
-    failed = harness.ImplResult("r2lm", skipped="RuntimeError: boom")
+def test_history_adds_a_report_once_and_groups_series(tmp_path):
+    history_module = _load("plot_history")
+    history = tmp_path / "history.jsonl"
+    env = harness.environment("cpu", dict(gbps=400.0))
+    for run, median_s in (("20260101-0000-cpu", 0.004), ("20260102-0000-cpu", 0.002)):
+        rows = [harness.make_row(op, dict(n=17), "fp32", "cpu", 400_000_000, None, "r2lm",
+                                 [harness.ImplResult("r2lm", timing=harness.Timing(median_s, median_s, median_s, 5)),
+                                  harness.ImplResult("peer", timing=harness.Timing(0.006, 0.006, 0.006, 5))],
+                                 dict(gbps=400.0)) for op in ("op_a", "op_b")]
+        harness.write_results(tmp_path / run, dict(env, date=run), rows)
+        assert history_module.add_report(tmp_path / run, history) == 2
+        assert history_module.add_report(tmp_path / run, history) == 0, "a run is added once"
+    grouped = history_module.series(history_module.load(history), op="op_a")
+    (key, points), = grouped.items()
+    assert key[:4] == ("micro", "op_a", "n=17", "fp32")
+    assert [p["median_ms"] for p in points] == [4.0, 2.0] and math.isclose(points[1]["speedup"]["peer"], 3.0)
+    assert "2.000 ms, 50.0% copy; peer 3.00x" in history_module.table(grouped)
+
+
+def test_primary_failure_is_reported():
+    failed = harness.ImplResult("r2lm", skipped="RuntimeError: boom", failed=True)
     peer = harness.ImplResult("reference", timing=harness.Timing(0.006, 0.0058, 0.0065, 10))
     row = harness.make_row("op", dict(n=1), "fp32", "cpu", 10, None, "r2lm", [failed, peer], dict(gbps=1.0))
     assert "gbps" not in row
     env = harness.environment("cpu", dict(gbps=1.0))
-    assert "primary skipped: RuntimeError: boom" in harness.markdown(env, [row])
+    assert "primary failed: RuntimeError: boom" in harness.markdown(env, [row])
+    assert env["device_name"].endswith(f", {os.cpu_count()} logical CPUs") and len(env["device_name"]) > 20
+
+
+def test_a_failing_primary_fails_the_benchmark(tmp_path):
+    """A peer that raises is reported and the run goes on; the kernel under test raising fails the test
+    (else a broken kernel would leave the benchmark run green)."""
+    (tmp_path / "bench_failing.py").write_text(
+        "def _broken():\n"
+        "    raise RuntimeError('kernel crashed')\n\n"
+        "def test_peer_fails(bench):\n"
+        "    bench(op='demo', shape=dict(n=1), dtype='fp32', impls=dict(r2lm=lambda: None, peer=_broken),\n"
+        "          primary='r2lm')\n\n"
+        "def test_primary_fails(bench):\n"
+        "    bench(op='demo', shape=dict(n=1), dtype='fp32', impls=dict(r2lm=_broken, peer=lambda: None),\n"
+        "          primary='r2lm')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(BENCH), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "conftest", "-p", "no:cacheprovider", "-q",
+                           "--rootdir", str(tmp_path), "--quick", "--bench-device", "cpu",
+                           "--results-dir", str(tmp_path / "out"), str(tmp_path / "bench_failing.py")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "1 failed, 1 passed" in done.stdout, done.stdout
+    assert "the primary 'r2lm' failed: RuntimeError: kernel crashed" in done.stdout
+    assert "peer: failed (RuntimeError: kernel crashed)" in (tmp_path / "out" / "results.md").read_text()
 
 
 @pytest.mark.parametrize("new_tokens,tokens_per_step", [(64, 4), (64, 8)])
@@ -173,3 +219,20 @@ def test_extrapolation_counts_the_passes_generation_runs(new_tokens, tokens_per_
     }
     for method, passes in runs.items():
         assert e2e.decode_passes(method, new_tokens, 32, tokens_per_step) == passes, method
+
+
+@pytest.mark.parametrize("error,code", [(RuntimeError("kernel crashed"), 1),
+                                        (torch.OutOfMemoryError("CUDA out of memory"), 0)])
+def test_e2e_exit_code_says_whether_a_measurement_failed(tmp_path, monkeypatch, error, code):
+    """A failed step timing or full run is reported in the table and makes the exit code non-zero, unless
+    the device ran out of memory (expected at the largest batches)."""
+    e2e = _load("e2e_throughput")
+
+    def fail(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(e2e, "StepTimer", fail)
+    monkeypatch.setattr(e2e, "full_run", fail)
+    monkeypatch.setattr(sys, "argv", ["e2e_throughput.py", "--device", "cpu", "--quick", "--batches", "1",
+                                      "--out", str(tmp_path)])
+    assert e2e.main() == code
+    assert "full run failed" in (tmp_path / "e2e.md").read_text()

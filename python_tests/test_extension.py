@@ -2,6 +2,9 @@
 import os
 import platform
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,7 +54,22 @@ def test_cuda_kernels_built_where_nvcc_exists():
         pytest.skip("torch is a CPU build")
     if os.environ.get("R2LM_CUDA", "").upper() == "OFF":
         pytest.skip("built with R2LM_CUDA=OFF")
+    if os.environ.get("R2LM_LIBRARY"):
+        pytest.skip("a dev build loaded through R2LM_LIBRARY: its builder chose whether to compile CUDA")
     assert r2lm_kernels.compiled_backends()["cuda"]
+
+
+def test_source_tree_without_extension_says_how_to_fix_the_import(tmp_path):
+    """Python started in the repository root imports the source tree, which has no _C: the error says so."""
+    sources = Path(__file__).resolve().parent.parent
+    if list((sources / "r2lm_kernels").glob("_C*.so")):
+        pytest.skip("an extension was built into the source tree")
+    env = {k: v for k, v in os.environ.items() if k != "R2LM_LIBRARY"}
+    env["PYTHONPATH"] = str(sources)
+    done = subprocess.run([sys.executable, "-c", "import r2lm_kernels"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "holds no compiled extension (_C)" in done.stderr and "R2LM_LIBRARY" in done.stderr, done.stderr
 
 
 def test_public_api_matches_design_names():

@@ -15,7 +15,17 @@ import torch  # noqa: F401  (the extension links against torch's libraries)
 def _load():
     path = os.environ.get("R2LM_LIBRARY")
     if not path:
-        return importlib.import_module("r2lm_kernels._C")
+        try:
+            return importlib.import_module("r2lm_kernels._C")
+        except ModuleNotFoundError as error:
+            if error.name != "r2lm_kernels._C":
+                raise
+            # Typically Python started in the repository root, where the source tree hides the installed package.
+            raise ImportError(
+                f"r2lm_kernels was imported from {os.path.dirname(os.path.abspath(__file__))}, which holds no "
+                "compiled extension (_C): install the package (pip install --no-build-isolation .) and run "
+                "Python from another folder than the repository root, or set R2LM_LIBRARY to a dev build's "
+                "_C*.so") from error
     spec = importlib.util.spec_from_file_location("r2lm_kernels._C", path)
     if spec is None:
         raise ImportError(f"R2LM_LIBRARY={path!r} is not a loadable extension module")

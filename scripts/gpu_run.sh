@@ -4,7 +4,8 @@
 # architecture, runs the whole test suite, the microbenchmarks and the end-to-end throughput, and writes
 # everything into OUT_DIR; ends with a short summary (also OUT_DIR/summary.txt). Plans for less than 9
 # minutes in all. BUNDLE, when given, is a .tar.gz that OUT_DIR is packed into at exit, also after a failed
-# stage: one file to bring back from a machine that returns only a few.
+# stage: one file to bring back from a machine that returns only a few. Every stage runs even when an
+# earlier one failed; the exit code is then the last failed stage's.
 #   scripts/gpu_run.sh OUT_DIR [BUNDLE]      e.g. scripts/gpu_run.sh /tmp/gpu_run "$OUT/gpu_run.tar.gz"
 # Stage budgets (seconds; environment): R2LM_BUILD_S=240 R2LM_TEST_S=170 R2LM_MICRO_S=200 (at most half of
 # what is left), the e2e gets the rest of R2LM_TOTAL_S=530. PYTHON=python3 picks the interpreter.
@@ -24,6 +25,7 @@ fi
 cd /tmp
 t0=$SECONDS
 declare -A status
+failed_rc=0
 stage() {  # stage NAME LIMIT_S CMD...: runs CMD under a time limit, logs to OUT/NAME.log, shows its tail
   local name=$1 limit=$2
   shift 2
@@ -33,6 +35,7 @@ stage() {  # stage NAME LIMIT_S CMD...: runs CMD under a time limit, logs to OUT
   timeout -s INT --kill-after=15 "$limit" "$@" >"$out/$name.log" 2>&1
   local rc=$?
   status[$name]="exit $rc, $((SECONDS - begin)) s"
+  [ "$rc" -ne 0 ] && failed_rc=$rc
   tail -n "${TAIL_LINES:-15}" "$out/$name.log"
   echo "== $name: ${status[$name]}"
   return $rc
@@ -122,3 +125,4 @@ EOF
 for name in "${!status[@]}"; do echo "stage $name: ${status[$name]}"; done
 echo "all outputs: $out"
 } | tee "$out/summary.txt"
+exit "$failed_rc"
