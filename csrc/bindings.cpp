@@ -1,7 +1,12 @@
 // The op registry: every r2lm schema is defined here, once. Each backend registers its kernels
 // with TORCH_LIBRARY_IMPL beside the kernel (csrc/<op>/<op>_torch.cpp).
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/core/InferenceMode.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 #include <pybind11/pybind11.h>
+
+#include <vector>
 
 #include "cpu_vector.h"
 
@@ -27,6 +32,48 @@ TORCH_LIBRARY(r2lm, m) {
   m.def("parallel_commit(Tensor logits, Tensor(a!) tokens, *, int mask_token_id, float threshold, "
         "int min_per_step=1, int max_per_step=0, float temperature=0.0, int seed=0, int step=0, "
         "Tensor? step_tensor=None, Tensor? active=None, str score=\"prob\") -> (Tensor, Tensor, Tensor)");
+}
+
+namespace {
+
+// The ops that write arguments in place (schema `Tensor(a!)`) return fresh tensors, not the written ones, so
+// PyTorch's own ADInplaceOrView fallback (which bumps written *outputs*) does not apply. This kernel bumps
+// the written arguments' version counters, as built-in in-place ops do: autograd then notices a tensor it
+// saved being overwritten, and an inference tensor is refused outside inference mode.
+void bump_written_arguments(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const auto& arguments = op.schema().arguments();
+  const size_t first = stack->size() - arguments.size();
+  std::vector<at::Tensor> written;
+  for (size_t i = 0; i < arguments.size(); ++i) {
+    const c10::AliasInfo* alias = arguments[i].alias_info();
+    if (alias == nullptr || !alias->isWrite()) continue;
+    at::Tensor t = (*stack)[first + i].toTensor();
+    TORCH_CHECK(!t.is_inference() || c10::InferenceMode::is_enabled(), op.schema().name(), ": ",
+                arguments[i].name(), " is an inference tensor, which the op writes in place: call it inside "
+                "torch.inference_mode() or pass a normal tensor");
+    written.push_back(std::move(t));
+  }
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (const at::Tensor& t : written) t.unsafeGetTensorImpl()->bump_version();
+}
+
+}  // namespace
+
+// The backward ops have no derivative: a backward through them (double backward of the scan or the conv)
+// raises instead of silently dropping the second-order gradients. (The in-place ops keep the default
+// Autograd fallback, which passes through the ADInplaceOrView kernel below; their wrappers refuse inputs
+// that require grad.)
+TORCH_LIBRARY_IMPL(r2lm, Autograd, m) {
+  for (const char* op : {"reverse_selective_scan_backward", "reverse_conv1d_backward"})
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
+}
+
+TORCH_LIBRARY_IMPL(r2lm, ADInplaceOrView, m) {
+  for (const char* op : {"cache_attention", "parallel_commit"})
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&bump_written_arguments>());
 }
 
 namespace {

@@ -69,8 +69,9 @@ inline void check_no_overlap(const at::Tensor& a, const at::Tensor& b, const cha
               " and ", name_b, " are written in place and must not share memory");
 }
 
+// Tensors without elements have no layout to check (autograd may hand over all-zero strides for them).
 inline void check_last_dim_contiguous(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, op, ": ", name,
+  TORCH_CHECK(t.numel() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, op, ": ", name,
               " must have unit stride in its last dimension, got strides ", c10::str(t.strides()));
 }
 

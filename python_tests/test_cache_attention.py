@@ -327,11 +327,58 @@ def test_bad_inputs_raise_naming_the_argument(device):
     shared = f32(2, 32, 2, 64)
     raises("k_cache and v_cache are written in place", k_cache=shared, v_cache=shared)
     bad_call(device, k_cache=f32(1, 32, 2, 64).expand(2, -1, -1, -1), write_kv=False)()  # read only: fine
+    for scale in (math.nan, math.inf):
+        raises("softmax_scale must be finite", softmax_scale=scale)
     if device == "cuda":
         raises("k_cache must be on", k_cache=torch.randn(2, 32, 2, 64))
         raises("float64 is supported on CPU only", **{n: t.double() for n, t in zip(
             ("q", "k", "v", "k_cache", "v_cache"), (f32(2, 4, 4, 64), f32(2, 4, 2, 64), f32(2, 4, 2, 64),
                                                     f32(2, 32, 2, 64), f32(2, 32, 2, 64)))})
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_block_kv_inside_the_caches_is_read_before_the_write(device, paged):
+    """k / v given as views of the caches (overlapping the draft slots that write_kv fills) act as if copied on
+    entry: the same output and cache contents as with separate copies."""
+    q, k, v, k_cache, v_cache, seqlens, table = make_case(device, torch.float32, batch=2, q_len=4, n_heads=4, n_kv=2,
+                                                          head_dim=64, max_len=32, paged=paged, page_size=8)
+    seqlens.copy_(torch.tensor([1, 2]))
+    if paged:   # both sequences' block k/v: slots of sequence 0's first page, which its write fills from slot 1
+        page = int(table[0, 0])
+        k_alias = k_cache[page][None, :4].expand(2, -1, -1, -1)
+        v_alias = v_cache[page][None, 2:6].expand(2, -1, -1, -1)
+    else:       # each sequence's slots 0-3 / 2-5, overlapping the draft slots it fills from slot 1 / 2
+        k_alias, v_alias = k_cache[:, :4], v_cache[:, 2:6]
+    expected_caches = (k_cache.clone(), v_cache.clone())
+    expected = r2lm_kernels.cache_attention(q, k_alias.clone(), v_alias.clone(), *expected_caches, seqlens,
+                                            block_table=table)
+    out = r2lm_kernels.cache_attention(q, k_alias, v_alias, k_cache, v_cache, seqlens, block_table=table)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    torch.testing.assert_close((k_cache, v_cache), expected_caches, atol=0, rtol=0)
+
+
+def test_cache_writes_are_visible_to_autograd():
+    """The caches' version counters move like a built-in in-place op's: a backward that saved the old cache
+    contents raises instead of using the new ones."""
+    k_cache = torch.randn(2, 32, 2, 64)
+    weight = torch.ones((), requires_grad=True)
+    product = k_cache * weight                         # saves k_cache for its backward
+    versions = (k_cache._version, )
+    bad_call("cpu", k_cache=k_cache)()
+    assert (k_cache._version, ) > versions
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        product.sum().backward()
+
+
+def test_fake_implementation_checks_the_rank():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        args = dict(zip(("q", "k", "v", "k_cache", "v_cache", "cache_seqlens"),
+                        make_case("cpu", torch.float32, batch=2, q_len=4, n_heads=4, n_kv=2, head_dim=64,
+                                  max_len=32, paged=False, page_size=8)))
+        args["q"] = args["q"][0]
+        with pytest.raises(RuntimeError, match=r"q must have shape \(batch, q_len, n_heads, head_dim\), got \[4, 4,"):
+            torch.ops.r2lm.cache_attention(**args)
 
 
 def test_inputs_that_require_grad_raise():

@@ -270,6 +270,58 @@ def test_bad_arguments(tiny_model, random_prompts):
         generate(model, prompts, max_new_tokens=4, cuda_graph=True)
     with pytest.raises(TypeError, match="R2LMForCausalLM"):
         generate(torch.nn.Linear(2, 2), prompts, max_new_tokens=4)
+    flat = prompts[0].tolist()                      # one tokenized prompt, not wrapped in a list
+    for generator in (generate, autoregressive_generate, bidirectional_generate):
+        with pytest.raises(ValueError, match="flat list of token ids"):
+            generator(model, flat, max_new_tokens=4)
+        with pytest.raises(TypeError, match="eos_token_id must be one token id"):
+            generator(model, prompts, max_new_tokens=4, eos_token_id=[1, 2])   # e.g. a generation_config's list
+        with pytest.raises(ValueError, match="eos_token_id must differ from mask_token_id"):
+            generator(model, prompts, max_new_tokens=4, eos_token_id=model.config.mask_token_id, pad_token_id=0)
+
+
+def test_non_finite_logits_raise_in_every_generator(tiny_model, random_prompts):
+    """A NaN logit row leaves nothing to commit: every generator raises rather than emitting mask tokens."""
+    model = tiny_model("kernels")
+    prompts = random_prompts(model, [3, 4])
+    with torch.no_grad():
+        model.lm_head.weight[5] = float("nan")
+    for generator, message in ((generate, "no progress"), (bidirectional_generate, "no progress"),
+                               (autoregressive_generate, r"no token could be chosen for sequence\(s\) \[0, 1\]")):
+        with pytest.raises(RuntimeError, match=message):
+            generator(model, prompts, max_new_tokens=4)
+
+
+def test_eos_in_the_prompt_does_not_stop_generation(tiny_model, random_prompts):
+    """Chat prompts hold the EOS id (end of a turn): only a generated EOS stops a sequence."""
+    model = tiny_model("reference")
+    prompt = random_prompts(model, [11])[0]
+    eos = int(prompt[9])                                 # inside the prompt's last, partial block
+    kwargs = dict(max_new_tokens=12, pad_token_id=0)
+    for generator, commit in ((generate, dict(threshold=0.5)), (autoregressive_generate, {}),
+                              (bidirectional_generate, dict(threshold=0.5))):
+        free = generator(model, [prompt], **commit, **kwargs)
+        stopped = generator(model, [prompt], eos_token_id=eos, **commit, **kwargs)
+        gen = free.sequences[0, 11:].tolist()
+        expected = 11 + (gen.index(eos) + 1 if eos in gen else 12)
+        assert int(stopped.lengths[0]) == expected, generator.__name__
+        assert torch.equal(stopped.sequences[0, :expected], free.sequences[0, :expected])
+
+
+def test_bidirectional_eos_stops_early(tiny_model, random_prompts):
+    model = tiny_model("reference")
+    prompts = random_prompts(model, LENGTHS)
+    kwargs = dict(max_new_tokens=30, threshold=0.5, min_per_step=1, pad_token_id=0, block_size=8)
+    free = bidirectional_generate(model, prompts, **kwargs)
+    eos = int(free.sequences[0, LENGTHS[0] + 4])         # generated in the first sequence's first block
+    stopped = bidirectional_generate(model, prompts, eos_token_id=eos, **kwargs)
+    for b, n in enumerate(LENGTHS):
+        gen = free.sequences[b, n: n + 30].tolist()
+        length = n + (gen.index(eos) + 1 if eos in gen else 30)
+        assert int(stopped.lengths[b]) == length
+        assert torch.equal(stopped.sequences[b, :length], free.sequences[b, :length])
+        assert int(stopped.stats.steps[b]) <= int(free.stats.steps[b])
+    assert int(stopped.stats.steps[0]) < int(free.stats.steps[0]), "the first sequence stops after its first block"
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -89,6 +89,9 @@ def test_right_padding_is_hidden_from_real_positions(impl, tiny_model, random_id
     torch.testing.assert_close(a[0, :bs + 2], b[0, :bs + 2], atol=1e-12, rtol=0)
     torch.testing.assert_close(a[1], b[1], atol=0, rtol=0)
     assert (a[0, bs + 2:] - b[0, bs + 2:]).abs().amax() > 1e-6   # the padding itself did change
+    with torch.no_grad():   # and the padded sequence is the one run alone (same causality, same segments)
+        alone = model(ids[:1, :bs + 2], causal=causal)
+    torch.testing.assert_close(a[0, :bs + 2], alone[0], atol=1e-12, rtol=0)
 
 
 def test_block_mode_equals_full_forward(impl, tiny_model, random_ids, run_or_skip):
@@ -231,6 +234,11 @@ def test_bad_arguments(tiny_model, random_ids):
         model.hidden_states(random_ids(model, 3, 4), cache=model.allocate_cache(2, 16))
     with pytest.raises(ValueError, match="max_len"):
         model.hidden_states(random_ids(model, 2, 20), cache=model.allocate_cache(2, 16), prefill=True)
+    bs = model.config.block_size
+    with pytest.raises(ValueError, match="must cover whole blocks"):
+        model.hidden_states(random_ids(model, 2, bs + 1), cache=model.allocate_cache(2, 4 * bs), prefill=True)
+    model.hidden_states(random_ids(model, 2, bs + 1), cache=model.allocate_cache(2, 4 * bs), prefill=True,
+                        sidecar=False)   # no sidecar, no block rule (the AR baseline's prefill)
 
 
 def test_config_defaults_and_dict_roundtrip():

@@ -393,8 +393,12 @@ def test_bad_inputs_raise_clear_errors(device):
         (dict(tok=tokens[:, :3]), "tokens must have shape"),
         (dict(active=torch.ones(3, dtype=torch.bool, device=device)), "active must have shape"),
         (dict(active=torch.ones(2, dtype=torch.int32, device=device)), "active must have dtype"),
-        (dict(step=torch.zeros(2, dtype=torch.long, device=device)), "step_tensor must hold one element"),
-        (dict(step=torch.zeros(1, dtype=torch.int32, device=device)), "step_tensor must have dtype"),
+        (dict(step=torch.zeros(2, dtype=torch.long, device=device)), "step must be an int or a one-element int64"),
+        (dict(step=torch.zeros(1, dtype=torch.int32, device=device)), "step must be an int or a one-element int64"),
+        (dict(step=2.7), "step must be an int, got 2.7"),
+        (dict(seed=2**64), r"seed must be in \[-2\*\*63, 2\*\*64\)"),
+        (dict(threshold=None), "threshold must be a number"),
+        (dict(temperature=None), "temperature must be a number"),
         (dict(score="entropy"), "score must be"),
         (dict(temperature=-1.0), "temperature"),
         (dict(temperature=math.inf), "temperature"),
@@ -408,10 +412,61 @@ def test_bad_inputs_raise_clear_errors(device):
     if device == "cuda":
         cases.append((dict(tok=tokens.cpu()), "tokens must be on"))
     for kwargs, message in cases:
-        with pytest.raises((RuntimeError, ValueError), match=message):
+        with pytest.raises((RuntimeError, ValueError, TypeError), match=message):
             call(**kwargs)
     with pytest.raises(RuntimeError, match="tokens is written in place"):  # one row for both sequences
         r2lm_kernels.parallel_commit(logits, torch.full((1, 4), 9, device=device).expand(2, 4), **ok)
+    with pytest.raises(RuntimeError, match="step_tensor must have dtype"):  # the op itself names its argument
+        torch.ops.r2lm.parallel_commit(logits, tokens.clone(), step_tensor=torch.zeros(1, dtype=torch.int32,
+                                                                                        device=device), **ok)
+
+
+def test_seeds_take_all_64_bits(device):
+    """A seed is 64 bits: one of 2**63 or more draws what the reference draws, and what the int64 with the
+    same bits draws."""
+    logits = _logits(2, 16, 300, torch.float32, device)
+
+    def draw(commit, seed):
+        tokens = torch.zeros(2, 16, dtype=torch.int64, device=device)
+        commit(logits, tokens, mask_token_id=0, threshold=-math.inf, temperature=1.0, seed=seed, step=3)
+        return tokens.cpu()
+
+    seed = 2**64 - 12345
+    ours = draw(r2lm_kernels.parallel_commit, seed)
+    assert torch.equal(ours, draw(ref.parallel_commit, seed))
+    assert torch.equal(ours, draw(r2lm_kernels.parallel_commit, seed - 2**64))
+    assert not torch.equal(ours, draw(r2lm_kernels.parallel_commit, seed - 2**63))
+
+
+def test_writes_are_visible_to_autograd(device):
+    """tokens' version counter moves like a built-in in-place op's: autograd refuses a backward that saved
+    the old tokens, and an inference tensor is written only inside inference mode."""
+    embedding = torch.nn.Embedding(10, 4).to(device)
+    tokens = torch.full((1, 4), 9, device=device)
+    tokens[0, 0] = 1
+    embedded = embedding(tokens)                       # saves tokens for its backward
+    version = tokens._version
+    r2lm_kernels.parallel_commit(_logits(1, 4, 10, torch.float32, device), tokens, mask_token_id=9, threshold=-1.0)
+    assert tokens._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        embedded.sum().backward()
+    with torch.inference_mode():
+        frozen = torch.full((1, 4), 9, device=device)
+    with pytest.raises(RuntimeError, match="tokens is an inference tensor"):
+        r2lm_kernels.parallel_commit(_logits(1, 4, 10, torch.float32, device), frozen, mask_token_id=9, threshold=0.5)
+    assert (frozen == 9).all()
+    with torch.inference_mode():
+        r2lm_kernels.parallel_commit(_logits(1, 4, 10, torch.float32, device), frozen, mask_token_id=9,
+                                     threshold=-1.0)
+    assert (frozen != 9).all()
+
+
+def test_fake_implementation_checks_the_rank():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        with pytest.raises(RuntimeError, match=r"logits must have shape \(batch, block, vocab\), got \[5, 11\]"):
+            torch.ops.r2lm.parallel_commit(torch.empty(5, 11), torch.empty(5, 1, dtype=torch.int64), mask_token_id=0,
+                                           threshold=0.5)
 
 
 def test_empty_batch_and_block(device):

@@ -321,6 +321,23 @@ def test_bad_grad_output(device):
             torch.ops.r2lm.reverse_conv1d_backward(torch.randn(2, 7, 6), x, w, None, None, False)
 
 
+@pytest.mark.parametrize("shape", [(0, 5, 6), (2, 0, 6)])
+def test_autograd_through_an_empty_conv(device, shape):
+    """Autograd hands an empty output's gradient over with all-zero strides: the backward takes it."""
+    x = torch.randn(*shape, device=device, requires_grad=True)
+    w = torch.randn(6, 3, device=device, requires_grad=True)
+    r2lm_kernels.reverse_conv1d(x, w).sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_double_backward_raises():
+    x = torch.randn(1, 7, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    (dx,) = torch.autograd.grad(r2lm_kernels.reverse_conv1d(x, w, silu=True).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="derivative for r2lm::reverse_conv1d_backward is not implemented"):
+        (dx ** 2).sum().backward()
+
+
 def test_empty(device):
     """No tokens: empty output, zero parameter gradients."""
     x = torch.randn(2, 0, 6, device=device)

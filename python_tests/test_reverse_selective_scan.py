@@ -372,6 +372,27 @@ def test_empty_sequence(scan_inputs, device):
     assert grads[2].shape == (5, 3) and not grads[2].any() and not grads[5].any() and not grads[7].any()
 
 
+@pytest.mark.parametrize("batch,seqlen", [(0, 5), (2, 0)])
+def test_autograd_through_an_empty_scan(scan_inputs, device, batch, seqlen):
+    """Autograd hands an empty output's gradient over with all-zero strides: the backward takes it."""
+    args = scan_inputs(batch, seqlen, 5, 3, torch.float32, device)
+    args["B"].requires_grad_(True)
+    args["A"].requires_grad_(True)
+    r2lm_kernels.reverse_selective_scan(**args).sum().backward()
+    assert args["B"].grad.shape == args["B"].shape and not args["A"].grad.any()
+    assert reference.reverse_selective_scan(**args).shape == (batch, seqlen, 5)
+
+
+def test_double_backward_raises(scan_inputs):
+    """The backward has no derivative of its own: a second-order gradient raises, not silently missing."""
+    args = scan_inputs(1, 6, 4, 3, torch.float64, "cpu")
+    args["u"].requires_grad_(True)
+    args["B"].requires_grad_(True)
+    (du,) = torch.autograd.grad(r2lm_kernels.reverse_selective_scan(**args).sum(), args["u"], create_graph=True)
+    with pytest.raises(RuntimeError, match="derivative for r2lm::reverse_selective_scan_backward is not implemented"):
+        (du ** 2).sum().backward()
+
+
 def test_no_channels_gives_zero_gradients(scan_inputs, device):
     """dim 0 with tokens: B and C still hold elements, and nothing depends on them."""
     args = scan_inputs(2, 7, 0, 3, torch.float32, device)

@@ -15,6 +15,7 @@ stop check. With `cuda_graph=True` (CUDA, impl="kernels") the step is captured o
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
@@ -109,7 +110,11 @@ def _prompt_batch(input_ids: Prompts, device, mask_token_id: int, pad: int, voca
         prompts = input_ids.to(device=device, dtype=torch.int64, copy=True)
         lengths = torch.full((prompts.shape[0],), prompts.shape[1], dtype=torch.int64)
     else:
-        rows = [torch.as_tensor(r, device="cpu").reshape(-1) for r in input_ids]
+        rows = [torch.as_tensor(r, device="cpu") for r in input_ids]
+        if any(r.dim() == 0 for r in rows):
+            raise ValueError("input_ids must be a 2-D tensor or a list of sequences, got a flat list of token ids: "
+                             "wrap a single prompt as [ids]")
+        rows = [r.reshape(-1) for r in rows]
         bad = next((r.dtype for r in rows if not _is_token_dtype(r.dtype) and r.numel()), None)
         if bad is not None:
             raise ValueError(f"input_ids: every prompt must hold integer token ids, got {bad} values")
@@ -141,8 +146,12 @@ def _check_common(model, max_new_tokens, min_per_step, pad_token_id, eos_token_i
         raise ValueError(f"min_per_step must be an int >= 1 (every step must make progress), got {min_per_step!r}")
     vocab = model.config.vocab_size
     for name, value in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise TypeError(f"{name} must be one token id (an int), got {value!r}")
         if value is not None and not 0 <= value < vocab:
             raise ValueError(f"{name} must be in [0, vocab_size={vocab}), got {value}")
+    if eos_token_id is not None and eos_token_id == model.config.mask_token_id:
+        raise ValueError("eos_token_id must differ from mask_token_id (the mask token is never generated)")
     if pad_token_id is not None and pad_token_id == model.config.mask_token_id:
         raise ValueError("pad_token_id must differ from mask_token_id")
     pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
@@ -359,6 +368,7 @@ def autoregressive_generate(model: R2LMForCausalLM, input_ids: Prompts, *, max_n
     cache.seqlens.copy_(prompt_len.to(torch.int32))   # the cache holds the prompt; `token` sits at seqlens
     token = prompts.gather(1, (prompt_len - 1)[:, None])  # the last token the model ran on
     done = torch.zeros(batch, dtype=torch.bool, device=device)
+    failed = torch.zeros(batch, dtype=torch.bool, device=device)
     steps = torch.zeros(batch, dtype=torch.int64, device=device)
     step_counter = torch.zeros(1, dtype=torch.int64, device=device)
     all_active = torch.ones(batch, dtype=torch.bool, device=device)
@@ -372,8 +382,10 @@ def autoregressive_generate(model: R2LMForCausalLM, input_ids: Prompts, *, max_n
                                    active.clone(), canvas))
             callback_index[0] += 1
         proposal = torch.full_like(token, mask)
-        ops.parallel_commit(logits, proposal, mask_token_id=mask, threshold=float("-inf"), min_per_step=1,
-                            max_per_step=1, temperature=temperature, seed=seed, step=step_counter, active=active)
+        committed, _, _ = ops.parallel_commit(logits, proposal, mask_token_id=mask, threshold=float("-inf"),
+                                              min_per_step=1, max_per_step=1, temperature=temperature, seed=seed,
+                                              step=step_counter, active=active)
+        failed.copy_(failed | (active & ~committed[:, 0]))  # non-finite logits: no token could be chosen
         token.copy_(torch.where(active[:, None], proposal, token))
         steps.add_(active.long())
         step_counter.add_(1)
@@ -381,7 +393,7 @@ def autoregressive_generate(model: R2LMForCausalLM, input_ids: Prompts, *, max_n
         stop = steps + prompt_len >= gen_end
         if eos_token_id is not None:
             stop |= token[:, 0] == eos_token_id
-        done.copy_(done | stop)
+        done.copy_(done | stop | failed)
 
     choose(model.logits(last), all_active)
     _sync(device)
@@ -395,6 +407,9 @@ def autoregressive_generate(model: R2LMForCausalLM, input_ids: Prompts, *, max_n
 
     forward_passes = _run_loop(step, lambda: bool(done.all()), max_new_tokens, device, cuda_graph,
                                "autoregressive_generate")
+    if bool(failed.any()):
+        raise RuntimeError(f"autoregressive_generate: no token could be chosen for sequence(s) "
+                           f"{failed.nonzero().flatten().tolist()} (non-finite logits?)")
     sequences, lengths, num_generated = _finish(canvas, prompt_len, gen_end, eos_token_id, pad, width)
     _sync(device)
     stats = GenerationStats(prompt_lengths=prompt_len_host, num_generated=num_generated.cpu(), steps=steps.cpu(),

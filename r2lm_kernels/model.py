@@ -324,6 +324,9 @@ class R2LMForCausalLM(nn.Module):
         cache=None: the sequence from position 0. With a cache and prefill=True: the same, also writing each
         position's K/V at cache positions [0, seqlen). With a cache and prefill=False: `input_ids` is a block
         whose first token sits at position cache.seqlens[b]; its K/V are written there (seqlens unchanged).
+        With the sidecar, a prefill covers whole blocks (seqlen a multiple of block_size) and a block starts at
+        a block boundary: the sidecar of a block reads the block's right end, so the K/V of a partial block
+        would not be the ones the finished block has.
         causal=False attends bidirectionally (inside the block in block mode). sidecar=False skips the
         sidecar. lengths (batch,), full mode only: positions >= lengths[b] are right padding, hidden from the
         others: masked as keys (under bidirectional attention; causal attention needs no mask) and a segment
@@ -349,6 +352,10 @@ class R2LMForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = self._rope(positions, x.dtype)
         run_sidecar = sidecar and any(layer.sidecar is not None for layer in self.model.layers)
+        if run_sidecar and cache is not None and prefill and seqlen % self.config.block_size:
+            raise ValueError(f"a prefill with the sidecar must cover whole blocks: seqlen {seqlen} is not a multiple "
+                             f"of block_size {self.config.block_size} (prefill the whole blocks, then run the rest "
+                             f"as a block; or pass sidecar=False)")
         valid = None if lengths is None else offsets[None, :] < torch.as_tensor(lengths, device=device)[:, None]
         seq_idx = None
         if run_sidecar:

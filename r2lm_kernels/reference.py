@@ -47,7 +47,7 @@ def reverse_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
         dBu = dt[:, t, :, None] * B_[:, t, None, :] * u_[:, t, :, None]
         h = dA * h + dBu
         ys.append(torch.einsum("bdn,bn->bd", h, C_[:, t]))
-    y = torch.stack(ys[::-1], dim=1)
+    y = torch.stack(ys[::-1], dim=1) if ys else u_.new_zeros(batch, 0, dim)
     if D is not None:
         y = y + D.to(ct) * u_
     if z is not None:

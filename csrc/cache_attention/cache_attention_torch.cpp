@@ -59,6 +59,8 @@ CacheAttnParams check_and_fill(const at::Tensor& q, const at::Tensor& k, const a
   p.batch = batch; p.q_len = q_len; p.n_heads = n_heads; p.n_kv_heads = n_kv; p.head_dim = head_dim;
   p.group = n_heads / n_kv;
   p.dtype = to_dtype(q.scalar_type());
+  TORCH_CHECK(!softmax_scale.has_value() || std::isfinite(*softmax_scale), kOp,
+              ": softmax_scale must be finite (or None for 1/sqrt(head_dim)), got ", softmax_scale.value_or(0.0));
   p.scale = softmax_scale.has_value() ? *softmax_scale : 1.0 / std::sqrt(double(head_dim));
   p.causal = causal;
   p.q = q.data_ptr(); p.q_batch_stride = q.stride(0); p.q_seq_stride = q.stride(1); p.q_head_stride = q.stride(2);
@@ -97,6 +99,14 @@ void check_writable_caches(const at::Tensor& k_cache, const at::Tensor& v_cache)
   check_no_overlap(k_cache, v_cache, kOp, "k_cache", "v_cache");
 }
 
+// With write_kv, a k or v that lives in a cache's memory (e.g. already in the draft slots) could be
+// overwritten by the write before it is read: such an input is copied first, so the op stores the block's
+// k/v as they were on entry.
+at::Tensor apart_from_caches(const at::Tensor& t, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                             bool write_kv) {
+  return write_kv && (t.is_alias_of(k_cache) || t.is_alias_of(v_cache)) ? t.clone() : t;
+}
+
 // Value checks that need the data: done on CPU, where reading it is free.
 void check_values_cpu(const CacheAttnParams& p, const at::Tensor& cache_seqlens,
                       const std::optional<at::Tensor>& block_table, bool write_kv) {
@@ -132,9 +142,11 @@ void check_values_cpu(const CacheAttnParams& p, const at::Tensor& cache_seqlens,
 }
 
 std::tuple<at::Tensor, at::Tensor> cache_attention_cpu_impl(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache, const at::Tensor& v_cache,
-    const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
+    const at::Tensor& q, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& k_cache,
+    const at::Tensor& v_cache, const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
     std::optional<double> softmax_scale, bool causal, bool write_kv) {
+  const at::Tensor k = apart_from_caches(k_in, k_cache, v_cache, write_kv);
+  const at::Tensor v = apart_from_caches(v_in, k_cache, v_cache, write_kv);
   CacheAttnParams p = check_and_fill(q, k, v, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal);
   if (write_kv) check_writable_caches(k_cache, v_cache);
   check_values_cpu(p, cache_seqlens, block_table, write_kv);
@@ -152,9 +164,11 @@ std::tuple<at::Tensor, at::Tensor> cache_attention_cpu_impl(
 // On CUDA the value checks would need a host sync; the kernels clamp lengths into the cache and skip
 // slots without a valid page instead (the Python wrapper validates on request, see its docstring).
 std::tuple<at::Tensor, at::Tensor> cache_attention_cuda_impl(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache, const at::Tensor& v_cache,
-    const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
+    const at::Tensor& q, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& k_cache,
+    const at::Tensor& v_cache, const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
     std::optional<double> softmax_scale, bool causal, bool write_kv) {
+  const at::Tensor k = apart_from_caches(k_in, k_cache, v_cache, write_kv);
+  const at::Tensor v = apart_from_caches(v_in, k_cache, v_cache, write_kv);
   CacheAttnParams p = check_and_fill(q, k, v, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal);
   if (write_kv) check_writable_caches(k_cache, v_cache);
   TORCH_CHECK(q.scalar_type() != at::kDouble, kOp, ": q dtype float64 is supported on CPU only; on CUDA use "

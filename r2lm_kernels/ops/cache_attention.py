@@ -14,7 +14,9 @@ def cache_attention(q, k, v, k_cache, v_cache, cache_seqlens, *, block_table=Non
     """Attention of a block of queries over the committed KV cache plus the block itself (causal or
     bidirectional inside the block), GQA, contiguous or paged cache. With write_kv the block's k/v are
     stored at [cache_seqlens, cache_seqlens + q_len) without advancing cache_seqlens.
-    Returns out, or (out, lse) with return_lse; lse is (batch, n_heads, q_len) fp32.
+    Returns out, or (out, lse) with return_lse; lse is (batch, n_heads, q_len) fp32. k and v may be views of
+    the caches, even of the draft slots: with write_kv they are then copied first, so the values stored and
+    attended to are the ones they held on entry.
 
     head_dim must be 64 or 128; q, k, v and the caches share one dtype (fp16, bf16, fp32; fp64 on CPU).
     There is no backward: an input that requires grad, with grad mode on, raises instead of leaving its
@@ -42,6 +44,9 @@ def cache_attention(q, k, v, k_cache, v_cache, cache_seqlens, *, block_table=Non
 @torch.library.register_fake("r2lm::cache_attention")
 def _(q, k, v, k_cache, v_cache, cache_seqlens, *, block_table=None, softmax_scale=None, causal=True,
       write_kv=True):
+    # The rank is the one thing the shapes below need; the real kernel checks the rest (same message).
+    torch._check(q.dim() == 4, lambda: f"cache_attention: q must have shape (batch, q_len, n_heads, head_dim), "
+                                       f"got {list(q.shape)}")
     batch, q_len, n_heads, _ = q.shape
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             q.new_empty((batch, n_heads, q_len), dtype=torch.float32))

@@ -1,6 +1,8 @@
 """parallel_commit (DESIGN.md 3.4): wrapper and fake implementation."""
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from .. import _ext  # noqa: F401  (registers torch.ops.r2lm)
@@ -10,8 +12,10 @@ def parallel_commit(logits, tokens, *, mask_token_id, threshold, min_per_step=1,
                     temperature=0.0, seed=0, step=0, active=None, score="prob"):
     """Commit confident masked positions of each sequence's block; `tokens` is updated in place.
     `step` is an int or a one-element int64 tensor on the logits' device (fresh random numbers per
-    replay of a captured CUDA graph). temperature is 0 (greedy) or at least 1e-6 (the picks are
-    logits / temperature in fp32). Returns (committed bool, confidence fp32, n_masked int32).
+    replay of a captured CUDA graph); seed and step key the random numbers with all their 64 bits (any
+    integer in [-2**63, 2**64): a negative one means the same bits as its value + 2**64). temperature is 0
+    (greedy) or at least 1e-6 (the picks are logits / temperature in fp32). Returns (committed bool,
+    confidence fp32, n_masked int32).
 
     Non-finite logits: a position whose logits row holds a NaN or +inf (the mask token's logit
     included), or whose non-mask logits are all -inf, is never committed and gets confidence -inf;
@@ -23,16 +27,40 @@ def parallel_commit(logits, tokens, *, mask_token_id, threshold, min_per_step=1,
         raise RuntimeError("parallel_commit has no backward: logits requires grad; call it under torch.no_grad() "
                            "or torch.inference_mode(), or pass logits.detach()")
     step_tensor = step if isinstance(step, torch.Tensor) else None
-    step_int = 0 if step_tensor is not None else int(step)
-    return torch.ops.r2lm.parallel_commit(logits, tokens, mask_token_id=mask_token_id, threshold=float(threshold),
-                                          min_per_step=min_per_step, max_per_step=max_per_step,
-                                          temperature=float(temperature), seed=seed, step=step_int,
-                                          step_tensor=step_tensor, active=active, score=score)
+    if step_tensor is not None and (step_tensor.dtype != torch.int64 or step_tensor.numel() != 1):
+        raise ValueError(f"parallel_commit: step must be an int or a one-element int64 tensor, got a tensor of "
+                         f"shape {list(step_tensor.shape)} and dtype {step_tensor.dtype}")
+    return torch.ops.r2lm.parallel_commit(
+        logits, tokens, mask_token_id=mask_token_id, threshold=_number(threshold, "threshold"),
+        min_per_step=min_per_step, max_per_step=max_per_step, temperature=_number(temperature, "temperature"),
+        seed=_uint64_bits(seed, "seed"), step=0 if step_tensor is not None else _uint64_bits(step, "step"),
+        step_tensor=step_tensor, active=active, score=score)
+
+
+def _number(value, name) -> float:
+    if isinstance(value, (bool, str)) or value is None:
+        raise TypeError(f"parallel_commit: {name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _uint64_bits(value, name) -> int:
+    """seed / step: any integer in [-2**63, 2**64), passed on as the int64 with the same 64 bits (the kernels
+    and the reference read them as uint64)."""
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"parallel_commit: {name} must be an int, got {value!r}") from None
+    if not -2**63 <= value < 2**64:
+        raise ValueError(f"parallel_commit: {name} must be in [-2**63, 2**64), got {value}")
+    return value - 2**64 if value >= 2**63 else value
 
 
 @torch.library.register_fake("r2lm::parallel_commit")
 def _(logits, tokens, *, mask_token_id, threshold, min_per_step=1, max_per_step=0, temperature=0.0, seed=0,
       step=0, step_tensor=None, active=None, score="prob"):
+    # The rank is the one thing the shapes below need; the real kernel checks the rest (same message).
+    torch._check(logits.dim() == 3,
+                 lambda: f"parallel_commit: logits must have shape (batch, block, vocab), got {list(logits.shape)}")
     batch, block, _ = logits.shape
     return (logits.new_empty((batch, block), dtype=torch.bool),
             logits.new_empty((batch, block), dtype=torch.float32),
