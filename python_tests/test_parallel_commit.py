@@ -32,9 +32,18 @@ def _tokens(batch, block, vocab, mask_id, device, masked_fraction=0.7):
     return tokens
 
 
+def _poison_outputs(batch, block, device):
+    """Fill and free blocks of the sizes the op allocates (bool, fp32 and int32 outputs), so that reused
+    memory starts as all-ones bytes (True, NaN, -1) rather than zeros."""
+    junk = [torch.full((n,), 255, dtype=torch.uint8, device=device) for n in (batch * block, 4 * batch * block,
+                                                                               4 * batch)]
+    del junk
+
+
 def _run(logits, tokens, **kwargs):
     """(kernel, reference) results, each (committed, confidence, n_masked, tokens after)."""
     got_tokens, want_tokens = tokens.clone(), tokens.clone()
+    _poison_outputs(*tokens.shape, logits.device)
     got = r2lm_kernels.parallel_commit(logits, got_tokens, **kwargs)
     want = ref.parallel_commit(logits, want_tokens, **kwargs)
     return (*got, got_tokens), (*want, want_tokens)
@@ -176,6 +185,21 @@ def test_selection_matches_reference(device, rule, block):
     kwargs = dict(mask_token_id=mask_id, threshold=threshold, min_per_step=min_k, max_per_step=max_k, active=active)
     got, want = _run(logits, tokens, **kwargs)
     _assert_same_outcome(got, want)
+
+
+@pytest.mark.parametrize("score", SCORES)
+def test_confidence_equal_to_the_threshold_commits(device, score):
+    """The rule is confidence >= threshold: a position exactly at the threshold commits."""
+    logits = torch.full((1, 3, 5), -1e4, device=device)
+    logits[0, :, 2] = 0.0                      # one token takes all the probability: prob exactly 1
+    tokens = torch.full((1, 3), 4, device=device)
+    _, confidence, _ = r2lm_kernels.parallel_commit(logits, tokens.clone(), mask_token_id=4, threshold=-math.inf,
+                                                    score=score)
+    threshold = float(confidence[0, 0])
+    assert math.isfinite(threshold) and torch.equal(confidence, torch.full_like(confidence, threshold))
+    got, want = _run(logits, tokens, mask_token_id=4, threshold=threshold, min_per_step=0, score=score)
+    _assert_same_outcome(got, want)
+    assert got[0].all()
 
 
 def test_strided_tokens_are_updated_in_place(device):

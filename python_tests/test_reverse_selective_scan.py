@@ -393,6 +393,25 @@ def test_double_backward_raises(scan_inputs):
         (du ** 2).sum().backward()
 
 
+def test_segments_are_runs_of_equal_seq_idx(scan_inputs, device, cpu_kernel):
+    """A seq_idx value that comes back after another one starts a new segment (DESIGN 3.1: h = 0 wherever
+    seq_idx[t] != seq_idx[t + 1], in either direction): labels drawn from two values give exactly the result
+    of their run numbers, forward and backward."""
+    args = scan_inputs(3, 45, 6, 4, torch.float32, device)
+    labels = torch.randint(0, 2, (3, 45), dtype=torch.int32, device=device)
+    changes = torch.cat([torch.zeros(3, 1, dtype=torch.int32, device=device),
+                         (labels[:, 1:] != labels[:, :-1]).int()], 1)
+    runs = changes.cumsum(1, dtype=torch.int32)
+    dout = torch.randn(3, 45, 6, device=device)
+    for scan in (r2lm_kernels.reverse_selective_scan, reference.reverse_selective_scan):
+        assert torch.equal(scan(**{**args, "seq_idx": labels}), scan(**{**args, "seq_idx": runs})), scan
+    values = [v for k, v in args.items() if k != "seq_idx"]
+    got = torch.ops.r2lm.reverse_selective_scan_backward(dout, *values, labels)
+    want = torch.ops.r2lm.reverse_selective_scan_backward(dout, *values, runs)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
 def test_no_channels_gives_zero_gradients(scan_inputs, device):
     """dim 0 with tokens: B and C still hold elements, and nothing depends on them."""
     args = scan_inputs(2, 7, 0, 3, torch.float32, device)

@@ -38,7 +38,7 @@ _C = _load()
 
 
 def compiled_backends() -> dict:
-    """Which kernel backends this build contains, e.g. {'cpu': True, 'cuda': True, 'cuda_archs': '80;90a'}."""
+    """Which kernel backends this build contains, e.g. {'cpu': True, 'cuda': True, 'cuda_archs': '80,90a'}."""
     return dict(_C.compiled_backends())
 
 

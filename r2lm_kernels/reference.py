@@ -105,18 +105,23 @@ def _scatter_cache(cache, b, start, values, block_table):
 
 def check_cache_attention_values(q_len, k_cache, cache_seqlens, block_table, write_kv):
     """The value checks of cache_attention (the CPU op's, in PyTorch, with one host sync): lengths inside the
-    cache, pages in range, and with write_kv no draft slot filled twice. Run by the reference, and by the
+    cache (with write_kv, the draft slots too), the pages used in range, and with write_kv no draft slot
+    filled twice. Run by the reference, and by the
     op on CUDA under R2LM_VALIDATE=1."""
     lens = cache_seqlens.long().cpu()
     page_size = k_cache.shape[1]
     capacity = page_size * (block_table.shape[1] if block_table is not None else 1)
     if (lens < 0).any():
         raise ValueError(f"cache_attention: cache_seqlens has negative entries: {lens.tolist()}")
-    if (lens + q_len > capacity).any():
+    used = lens + q_len if write_kv else lens   # without write_kv the draft slots are never touched
+    if write_kv and (used > capacity).any():
         raise ValueError(f"cache_attention: cache too small: cache_seqlens + q_len exceeds the cache capacity "
                          f"{capacity}: cache_seqlens = {lens.tolist()}, q_len = {q_len}")
+    if (used > capacity).any():
+        raise ValueError(f"cache_attention: cache_seqlens exceeds the cache capacity {capacity}: "
+                         f"cache_seqlens = {lens.tolist()}")
     if block_table is not None:
-        used = (lens + q_len + page_size - 1) // page_size
+        used = (used + page_size - 1) // page_size
         table = block_table.long().cpu()
         touched = torch.arange(table.shape[1])[None, :] < used[:, None]
         bad = touched & ((table < 0) | (table >= k_cache.shape[0]))

@@ -107,18 +107,25 @@ at::Tensor apart_from_caches(const at::Tensor& t, const at::Tensor& k_cache, con
   return write_kv && (t.is_alias_of(k_cache) || t.is_alias_of(v_cache)) ? t.clone() : t;
 }
 
-// Value checks that need the data: done on CPU, where reading it is free.
+// Value checks that need the data: done on CPU, where reading it is free. Without write_kv the draft
+// slots are never touched, so only the committed positions must fit (a full cache is fine).
 void check_values_cpu(const CacheAttnParams& p, const at::Tensor& cache_seqlens,
                       const std::optional<at::Tensor>& block_table, bool write_kv) {
   const int32_t* lens = p.cache_seqlens;
+  const char* capacity_is = block_table ? " (page_size * block_table.size(1))" : " (k_cache.size(1))";
   for (int64_t b = 0; b < p.batch; ++b) {
     TORCH_CHECK(lens[b] >= 0, kOp, ": cache_seqlens[", b, "] = ", lens[b], " is negative");
-    TORCH_CHECK(lens[b] + p.q_len <= p.capacity, kOp, ": cache too small: cache_seqlens[", b, "] + q_len = ",
-                lens[b] + p.q_len, " exceeds the cache capacity ", p.capacity,
-                block_table ? " (page_size * block_table.size(1))" : " (k_cache.size(1))");
+    const int64_t used = lens[b] + (write_kv ? p.q_len : 0);
+    if (write_kv) {
+      TORCH_CHECK(used <= p.capacity, kOp, ": cache too small: cache_seqlens[", b, "] + q_len = ", used,
+                  " exceeds the cache capacity ", p.capacity, capacity_is, " (write_kv fills the draft slots)");
+    } else {
+      TORCH_CHECK(used <= p.capacity, kOp, ": cache_seqlens[", b, "] = ", used, " exceeds the cache capacity ",
+                  p.capacity, capacity_is);
+    }
     if (!p.block_table) continue;
-    // Every page the sequence touches (committed and draft slots) must exist.
-    const int64_t pages_used = (lens[b] + p.q_len + p.page_size - 1) / p.page_size;
+    // Every page the sequence touches (committed slots, and draft slots with write_kv) must exist.
+    const int64_t pages_used = (used + p.page_size - 1) / p.page_size;
     for (int64_t j = 0; j < pages_used; ++j) {
       const int32_t page = p.block_table[b * p.block_table_batch_stride + j];
       TORCH_CHECK(page >= 0 && page < p.num_pages, kOp, ": block_table[", b, ", ", j, "] = ", page,
