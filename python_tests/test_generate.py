@@ -282,7 +282,7 @@ def test_bad_arguments(tiny_model, random_prompts):
 
 def test_non_finite_logits_raise_in_every_generator(tiny_model, random_prompts):
     """A NaN logit row leaves nothing to commit: every generator raises rather than emitting mask tokens."""
-    model = tiny_model("kernels")
+    model = tiny_model("kernels", dtype=torch.float32)
     prompts = random_prompts(model, [3, 4])
     with torch.no_grad():
         model.lm_head.weight[5] = float("nan")

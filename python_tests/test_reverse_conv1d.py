@@ -331,8 +331,8 @@ def test_autograd_through_an_empty_conv(device, shape):
 
 
 def test_double_backward_raises():
-    x = torch.randn(1, 7, 4, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(1, 7, 4, requires_grad=True)
+    w = torch.randn(4, 3, requires_grad=True)
     (dx,) = torch.autograd.grad(r2lm_kernels.reverse_conv1d(x, w, silu=True).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="derivative for r2lm::reverse_conv1d_backward is not implemented"):
         (dx ** 2).sum().backward()
