@@ -382,7 +382,8 @@ def markdown(env: dict, rows: list[dict]) -> str:
         peers = []
         for name, ratio in (row.get("speedup") or {}).items():
             impl = row["impls"][name]
-            peers.append(f"{name} {ratio:.2f}x" if ratio is not None else f"{name}: {impl['status']} ({impl['reason']})")
+            peers.append(f"{name} {ratio:.2f}x" if ratio is not None else
+                         f"{name}: {impl['status']} ({impl['reason']})")
         if "median_ms" not in row:
             primary = row["impls"][row["primary"]]
             peers.insert(0, f"primary {primary['status']}: {primary['reason']}")

@@ -25,11 +25,10 @@ def cache_attention(q, k, v, k_cache, v_cache, cache_seqlens, *, block_table=Non
     Value checks (cache_seqlens >= 0, cache_seqlens + q_len <= cache capacity with write_kv, else
     cache_seqlens <= capacity, block_table entries in [0, num_pages) for every page a sequence touches, and
     with write_kv no draft slot that two positions share: sequences may share the pages they read) need the
-    data. On CPU they always run and raise
-    naming the argument. On CUDA they would need a host sync, so the kernels instead clamp lengths into
-    the cache and skip slots whose page is out of range (no out-of-bounds access, but the result of a
-    bad input is meaningless); set R2LM_VALIDATE=1 to run the checks on CUDA too (they sync, and are
-    skipped while a CUDA graph is being captured).
+    data. On CPU they always run and raise naming the argument. On CUDA they would need a host sync, so the
+    kernels instead clamp lengths into the cache and skip slots whose page is out of range (no out-of-bounds
+    access, but the result of a bad input is meaningless); set R2LM_VALIDATE=1 to run the checks on CUDA too
+    (they sync, and are skipped while a CUDA graph is being captured).
     """
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, k_cache, v_cache)):
         raise RuntimeError("cache_attention has no backward (it serves generation with a KV cache): call it under "
