@@ -99,6 +99,23 @@ def test_conv_equals_flipped_causal_conv(seqlen, silu):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("seqlen", [0, 2, 9])
+def test_conv_gradients_equal_flipped_causal_conv_gradients(seqlen):
+    """Without a bias too, and at seqlen 0, where the gradients are zeros of the inputs' shapes."""
+    x = torch.randn(2, seqlen, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(2, seqlen, 6, dtype=torch.float64)
+    got = torch.autograd.grad(ref.reverse_conv1d(x, w), (x, w), dy)
+    if seqlen == 0:  # conv1d refuses an input shorter than its kernel
+        want = (torch.zeros_like(x), torch.zeros_like(w))
+    else:
+        xf = F.pad(x.flip(1).transpose(1, 2), (3, 0))
+        want = torch.autograd.grad(F.conv1d(xf, w.flip(1)[:, None, :], groups=6).transpose(1, 2).flip(1),
+                                   (x, w), dy)
+    for g, h in zip(got, want):
+        torch.testing.assert_close(g, h, rtol=1e-12, atol=1e-12)
+
+
 def test_conv_segments_are_independent_sequences():
     x = torch.randn(1, 29, 5, dtype=torch.float64)
     w = torch.randn(5, 4, dtype=torch.float64)

@@ -206,3 +206,19 @@ def test_large_d_state_rejected():
     args = _inputs(1, 8, 4, 65, torch.float32)
     with pytest.raises(RuntimeError, match="d_state"):
         r2lm_kernels.reverse_selective_scan(**args)
+
+
+@pytest.mark.skipif(ON_GPU, reason="the emulated build stands in for a GPU with less shared memory")
+def test_backward_where_the_gpu_has_too_little_shared_memory(monkeypatch):
+    """On a GPU with 99 KB of shared memory per block (compute capability 8.6 / 8.9) the backward's buffers
+    do not fit: the error gives both sizes, and the failed opt-in does not make the next launch fail."""
+    args = _inputs(2, 40, 24, 16, torch.float32, _boundary_segments(2, 40))
+    dout = torch.randn(2, 40, 24, device=DEVICE)
+    monkeypatch.setenv("R2LM_EMULATOR_SMEM_OPTIN", "101376")
+    with pytest.raises(RuntimeError, match=r"backward at d_state 16 needs \d+ bytes of shared memory per "
+                                           r"block; this GPU allows 101376"):
+        _kernel_grads(args, dout)
+    out = r2lm_kernels.reverse_selective_scan(**args)  # its launch check must not see the opt-in's error
+    assert _rel(out, reference.reverse_selective_scan(**_f64(args))) < 1e-5
+    monkeypatch.delenv("R2LM_EMULATOR_SMEM_OPTIN")
+    _check(args, dout)

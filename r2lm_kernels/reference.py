@@ -67,9 +67,8 @@ def reverse_conv1d(x, weight, bias=None, seq_idx=None, silu=False):
     if bias is not None:
         y = y + bias.to(ct)
     same = torch.ones(batch, seqlen, dtype=torch.bool, device=x.device)  # positions t .. t + k in one run
-    for k in range(width):
-        if k >= seqlen:
-            break
+    # Taps at k >= seqlen read nothing; at seqlen 0 tap 0 still runs so that the result keeps its graph.
+    for k in range(max(min(width, seqlen), 1)):
         tap = torch.zeros_like(x_)
         tap[:, : seqlen - k] = x_[:, k:]
         if seq_idx is not None:

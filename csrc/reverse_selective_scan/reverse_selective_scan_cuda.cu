@@ -701,9 +701,22 @@ void reverse_selective_scan_bwd_cuda(const ScanParams& p, void* stream_ptr) {
     // With no tokens the main kernel only writes the zero partials of dA, dD, ddelta_bias.
     const cudaError_t attr = cudaFuncSetAttribute(scan_bwd_kernel<T, N>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                   int(Cfg::kSmemBytes));
-    if (attr != cudaSuccess)
-      throw std::runtime_error(std::string("reverse_selective_scan: cannot reserve shared memory: ") +
-                               cudaGetErrorString(attr));
+    if (attr != cudaSuccess) {
+      // The failed call's error is cleared, or the next op's launch check would report it again.
+      (void)cudaGetLastError();
+      int device = 0, limit = 0;
+      if (cudaGetDevice(&device) != cudaSuccess ||
+          cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+        (void)cudaGetLastError();
+        limit = -1;
+      }
+      throw std::runtime_error(
+          "reverse_selective_scan: the CUDA backward at d_state " + std::to_string(p.d_state) + " needs " +
+          std::to_string(Cfg::kSmemBytes) + " bytes of shared memory per block; this GPU allows " +
+          (limit >= 0 ? std::to_string(limit) : std::string("less")) +
+          " (A100, H100 and H200 have room for every d_state; GPUs of compute capability 8.6 / 8.9 have 99 KB): " +
+          cudaGetErrorString(attr));
+    }
     const dim3 grid(unsigned(ceil_div(p.dim, Cfg::kThreads)), unsigned(p.batch));
     scan_bwd_kernel<T, N><<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
     check_launch("scan_bwd_kernel");

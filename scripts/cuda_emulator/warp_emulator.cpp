@@ -498,6 +498,12 @@ void mma_m16n8k16(MmaType t, float& c0, float& c1, float& c2, float& c3, unsigne
 }
 
 void record_opt_in(const void* func, int bytes) { smem_opt_in[func] = bytes; }
+// The largest dynamic shared memory a block may opt in to: an H100's 227 KB, or the value of
+// R2LM_EMULATOR_SMEM_OPTIN (e.g. 101376 for a GPU of compute capability 8.6 / 8.9).
+int smem_opt_in_limit() {
+  const char* value = std::getenv("R2LM_EMULATOR_SMEM_OPTIN");
+  return value != nullptr ? std::atoi(value) : 227 * 1024;
+}
 }  // namespace emu
 
 extern "C" {
@@ -516,14 +522,16 @@ cudaError_t cudaGetDevice(int* device) {
 }
 cudaError_t cudaFuncSetAttribute(const void* func, enum cudaFuncAttribute attr, int value) {
   if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
-    if (value > 227 * 1024) return cudaErrorInvalidValue;
+    if (value > emu::smem_opt_in_limit()) return emu::pending_error = cudaErrorInvalidValue;  // as CUDA, kept
     emu::record_opt_in(func, value);
   }
   return cudaSuccess;
 }
 cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int device) {
   (void)device;
-  *value = attr == cudaDevAttrMultiProcessorCount ? 132 : 0;
+  *value = attr == cudaDevAttrMultiProcessorCount               ? 132
+           : attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? emu::smem_opt_in_limit()
+                                                             : 0;
   return cudaSuccess;
 }
 }
