@@ -4,6 +4,7 @@
 #include <c10/core/InferenceMode.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
+#include <torch/version.h>
 #include <pybind11/pybind11.h>
 
 #include <vector>
@@ -91,11 +92,21 @@ pybind11::dict compiled_backends() {
   return d;
 }
 
+// What the extension was compiled against and asked for: the Python side refuses a torch of another
+// release (C++ ABI), and the tests read the build's R2LM_CUDA.
+pybind11::dict build_info() {
+  pybind11::dict d;
+  d["torch"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR);
+  d["cuda_option"] = R2LM_CUDA_OPTION;
+  return d;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "r2lm_kernels compiled extension: registers torch.ops.r2lm.*";
   m.def("compiled_backends", &compiled_backends, "Which kernel backends this build contains.");
+  m.def("build_info", &build_info, "The torch release (major.minor) and R2LM_CUDA option of this build.");
   m.def("cpu_vector_bytes", &r2lm::cpu_vector_bytes,
         "Vector width in bytes (64, 32 or 16) of the portable CPU kernels on this CPU, after the "
         "R2LM_CPU_VECTOR_BYTES cap.");

@@ -52,11 +52,20 @@ def test_cuda_kernels_built_where_nvcc_exists():
     # CI compiles the CUDA sources whenever nvcc is present, so a CUDA compile error fails CI.
     if torch.version.cuda is None:
         pytest.skip("torch is a CPU build")
-    if os.environ.get("R2LM_CUDA", "").upper() == "OFF":
+    if r2lm_kernels._ext._C.build_info()["cuda_option"] == "OFF":
         pytest.skip("built with R2LM_CUDA=OFF")
-    if os.environ.get("R2LM_LIBRARY"):
-        pytest.skip("a dev build loaded through R2LM_LIBRARY: its builder chose whether to compile CUDA")
     assert r2lm_kernels.compiled_backends()["cuda"]
+
+
+def test_extension_refuses_another_torch_release(monkeypatch):
+    """Built against one torch release and run with another, the import fails saying what to do."""
+    from r2lm_kernels import _ext
+    built = _ext._C.build_info()["torch"]
+    assert torch.__version__.startswith(built + ".") or torch.__version__ == built
+    _ext._check_torch_release(_ext._C)
+    monkeypatch.setattr(torch, "__version__", "1.13.1")
+    with pytest.raises(ImportError, match=rf"built against torch {built}, but torch 1.13.1 is installed: rebuild"):
+        _ext._check_torch_release(_ext._C)
 
 
 def test_source_tree_without_extension_says_how_to_fix_the_import(tmp_path):

@@ -9,11 +9,24 @@ import importlib
 import importlib.util
 import os
 
-import torch  # noqa: F401  (the extension links against torch's libraries)
+import torch  # imported before the extension, which links against its libraries
+
+
+_REBUILD = "rebuild it against the installed torch (pip install --no-build-isolation .)"
 
 
 def _load():
     path = os.environ.get("R2LM_LIBRARY")
+    try:
+        return _import(path)
+    except ImportError as error:
+        if "undefined symbol" not in str(error):
+            raise
+        raise ImportError(f"r2lm_kernels' compiled extension does not link with torch {torch.__version__}: it "
+                          f"was built against another torch release; {_REBUILD}") from error
+
+
+def _import(path):
     if not path:
         try:
             return importlib.import_module("r2lm_kernels._C")
@@ -34,7 +47,18 @@ def _load():
     return module
 
 
+def _check_torch_release(module):
+    """torch's C++ ABI changes between releases: an extension built against another one may crash or
+    compute garbage even where it loads."""
+    built = module.build_info()["torch"]
+    running = ".".join(torch.__version__.split(".")[:2])
+    if built != running:
+        raise ImportError(f"r2lm_kernels' compiled extension ({module.__file__}) was built against torch {built}, "
+                          f"but torch {torch.__version__} is installed: {_REBUILD}")
+
+
 _C = _load()
+_check_torch_release(_C)
 
 
 def compiled_backends() -> dict:

@@ -6,7 +6,9 @@
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
-py="$repo/${R2LM_VENV:-.venv}/bin/python"
+venv=${R2LM_VENV:-.venv}
+[[ $venv = /* ]] || venv=$repo/$venv
+py="$venv/bin/python"
 "$py" -c "import torch" 2>/dev/null || { echo "asan_cpu.sh: no venv with torch; run scripts/test.sh first"; exit 1; }
 build_dir=build/cpu-asan
 source scripts/asan_env.sh

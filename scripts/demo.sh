@@ -4,4 +4,4 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 source "$repo/scripts/setup_env.sh" >&2
 cd /
-"$repo/${R2LM_VENV:-.venv}/bin/python" -m r2lm_kernels.demo "$@"
+"$venv/bin/python" -m r2lm_kernels.demo "$@"

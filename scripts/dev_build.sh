@@ -8,10 +8,12 @@ cd "$(dirname "$0")/.."
 build_dir=${1:-build/dev}
 cuda=${2:-${R2LM_CUDA:-OFF}}
 py=${PYTHON:-.venv/bin/python}
+[ -x "$py" ] || { echo "dev_build.sh: no Python at $py: run scripts/test.sh (creates .venv) or set PYTHON"; exit 1; }
 export CCACHE_BASEDIR=$PWD CCACHE_NOHASHDIR=1
 gen=()
 command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)
-if [ ! -f "$build_dir/CMakeCache.txt" ]; then
+# A configure that failed leaves a cache but no build files: configure again then.
+if [ ! -f "$build_dir/build.ninja" ] && [ ! -f "$build_dir/Makefile" ]; then
   cmake -S . -B "$build_dir" "${gen[@]}" -DR2LM_CUDA="$cuda" -DPython_EXECUTABLE="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")" \
     "${@:3}" >/dev/null
 fi

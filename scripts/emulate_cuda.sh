@@ -8,7 +8,9 @@
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
-py="$repo/${R2LM_VENV:-.venv}/bin/python"
+venv=${R2LM_VENV:-.venv}
+[[ $venv = /* ]] || venv=$repo/$venv
+py="$venv/bin/python"
 "$py" -c "import torch" 2>/dev/null || { echo "emulate_cuda.sh: no venv with torch; run scripts/test.sh first"; exit 1; }
 asan=${R2LM_EMULATOR_ASAN:-0}
 build_dir=build/emulator

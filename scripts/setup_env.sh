@@ -6,12 +6,13 @@
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
-venv=${R2LM_VENV:-.venv}
+venv=${R2LM_VENV:-.venv}  # relative to the repository, or absolute
 if [ ! -x "$venv/bin/python" ]; then
   echo "== creating $venv"
   python3 -m venv "$venv"
 fi
-py="$repo/$venv/bin/python"
+[[ $venv = /* ]] || venv=$repo/$venv
+py="$venv/bin/python"
 if ! "$py" -c "import torch" 2>/dev/null; then
   # 2.14.1 is the CUDA 13 build kept on this machine kind's local disk (about a minute to install).
   echo "== installing torch"

@@ -6,4 +6,4 @@ source "$repo/scripts/setup_env.sh"
 cd "$repo"
 # The pytest entry point (not `python -m pytest`) keeps the source tree off sys.path, so the tests import
 # the installed package with its compiled extension.
-"$repo/${R2LM_VENV:-.venv}/bin/pytest" python_tests "$@"
+"$venv/bin/pytest" python_tests "$@"
