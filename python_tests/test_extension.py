@@ -68,6 +68,12 @@ def test_extension_refuses_another_torch_release(monkeypatch):
         _ext._check_torch_release(_ext._C)
 
 
+def test_version_matches_the_package_metadata():
+    import tomllib
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    assert tomllib.loads(pyproject.read_text())["project"]["version"] == r2lm_kernels.__version__
+
+
 def test_source_tree_without_extension_says_how_to_fix_the_import(tmp_path):
     """Python started in the repository root imports the source tree, which has no _C: the error says so."""
     sources = Path(__file__).resolve().parent.parent
