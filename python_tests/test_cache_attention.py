@@ -329,6 +329,10 @@ def test_bad_inputs_raise_naming_the_argument(device):
     raises("k_cache must have shape", k_cache=f32(3, 32, 2, 64))
     raises("q must have unit stride", q=f32(2, 4, 4, 128)[..., ::2])
     raises("block_table must have dtype", paged=True, block_table=torch.zeros(2, 4, dtype=torch.int64, device=device))
+    raises(r"block_table must have shape \(2, \*\)", paged=True,
+           block_table=torch.zeros(1, 4, dtype=torch.int32, device=device))
+    raises("v must have q's dtype", v=f32(2, 4, 2, 64).half())
+    raises("v_cache must have q's dtype", v_cache=f32(2, 32, 2, 64).half())
     raises("q must have at least one head", q=f32(2, 4, 0, 64))
     raises("k_cache is written in place", k_cache=f32(1, 32, 2, 64).expand(2, -1, -1, -1))
     shared = f32(2, 32, 2, 64)

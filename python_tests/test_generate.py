@@ -21,7 +21,9 @@ def device_dtype(device):
     return torch.float64 if device == "cpu" else torch.float32
 
 
-LENGTHS = [1, 17, 33]   # with block_size 8: tails of 1 and 1 token, 0, 2 and 4 whole prompt blocks
+# With block_size 8: 0, 2 and 3 whole prompt blocks and tails of 1, 1 and 0 tokens; the longest prompt, which
+# sets how much of the batch is prefilled, ends on a block boundary.
+LENGTHS = [1, 17, 24]
 
 
 def poison_caches(monkeypatch):
@@ -77,6 +79,50 @@ def test_cache_free_recompute_generates_the_same(impl, temperature, tiny_model, 
     # the sidecar matters: without it the model generates something else
     plain = generate(model, prompts, sidecar=False, **kwargs)
     assert not torch.equal(plain.sequences, cached.sequences)
+
+
+@pytest.mark.parametrize("score", ["margin", "neg_entropy"])
+def test_each_step_commits_as_the_reference_op(device, score, tiny_model, random_prompts, run_or_skip):
+    """Replaying every step's commit with the reference op on the logits the generator saw gives the block
+    the generator ran on next (the same block, or the next one once no mask is left)."""
+    model = tiny_model("kernels", device_dtype(device), device)
+    prompts = random_prompts(model, LENGTHS, device)
+    mask = model.config.mask_token_id
+    commit = dict(threshold=0.3 if score == "margin" else -1.0, min_per_step=1, max_per_step=3, score=score)
+    seen = []
+    out = run_or_skip(lambda: generate(model, prompts, max_new_tokens=19, step_callback=lambda info: seen.append(
+        (info.block, info.block_start, info.logits.clone(), info.active)), **commit))
+    for b in range(len(prompts)):
+        steps = [(block[b], int(start[b]), logits[b]) for block, start, logits, active in seen if active[b]]
+        for i, (block, start, logits) in enumerate(steps):
+            after = block[None].clone()
+            reference.parallel_commit(logits[None], after, mask_token_id=mask, **commit)
+            if i + 1 < len(steps) and steps[i + 1][1] == start:
+                assert torch.equal(after[0], steps[i + 1][0]), (b, i)
+            else:  # the block is complete: what the sequence holds
+                n = min(len(block), int(out.lengths[b]) - start)
+                assert not (after[0, :n] == mask).any() and torch.equal(after[0, :n],
+                                                                         out.sequences[b, start:start + n])
+
+
+def test_decoding_runs_only_the_new_positions(tiny_model, random_prompts):
+    """With the cache, a step runs the block (generate) or one token (autoregressive), never the prefix."""
+    model = tiny_model("kernels")
+    prompts = random_prompts(model, LENGTHS)
+    widths = []
+    run = model.hidden_states
+
+    def spy(input_ids, **kwargs):
+        if not kwargs.get("prefill"):
+            widths.append(input_ids.shape[1])
+        return run(input_ids, **kwargs)
+
+    model.hidden_states = spy
+    generate(model, prompts, max_new_tokens=19, threshold=0.6)
+    assert widths and set(widths) == {model.config.block_size}
+    widths.clear()
+    autoregressive_generate(model, prompts, max_new_tokens=6)
+    assert widths and set(widths) == {1}
 
 
 def test_kernels_and_reference_generate_the_same(monkeypatch, tiny_model, random_prompts, run_or_skip):
@@ -181,21 +227,25 @@ def test_autoregressive_step_info(tiny_model, random_prompts, run_or_skip):
     model = tiny_model("kernels")
     prompts = random_prompts(model, [1, 9])
     first = run_or_skip(lambda: autoregressive_generate(model, prompts, max_new_tokens=5))
-    eos = int(first.sequences[1, 9 + 1])                  # sequence 1 stops after its second token
+    gen = [first.sequences[b, len(p):len(p) + 5].tolist() for b, p in enumerate(prompts)]
+    # An EOS that sequence 1 generates early and, where one exists, sequence 0 never does.
+    eos = next((t for t in gen[1][1:4] if t not in gen[0]), gen[1][1])
+    stop = [g.index(eos) + 1 if eos in g else 5 for g in gen]   # steps each sequence runs
     seen = []
     out = autoregressive_generate(model, prompts, max_new_tokens=5, eos_token_id=eos, pad_token_id=0,
                                   step_callback=seen.append)
-    assert len(seen) == 5 and not bool(seen[-1].active[1])
+    assert len(seen) == max(stop)
     with torch.no_grad():
         for info in seen:
             for b in range(len(prompts)):
                 start = int(info.block_start[b])
                 assert int(info.block[b, 0]) == int(info.canvas[b, start])
+                assert bool(info.active[b]) == (info.index < stop[b])
                 if not info.active[b]:
                     continue
                 assert start == len(prompts[b]) - 1 + info.index
                 want = model(out.sequences[b:b + 1, :start + 1], sidecar=False)[0, -1]
-                torch.testing.assert_close(info.logits[b, 0], want, atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(info.logits[b, 0], want, atol=1e-9, rtol=1e-9)
 
 
 def test_autoregressive_eos_and_sampling(tiny_model, random_prompts, run_or_skip):
@@ -229,10 +279,11 @@ def naive_bidirectional(model, prompt, max_new, bs, **commit):
     return canvas[0].tolist(), step
 
 
-def test_bidirectional_baseline_matches_naive_loop(impl, tiny_model, random_prompts, run_or_skip):
+@pytest.mark.parametrize("score", ["prob", "margin"])
+def test_bidirectional_baseline_matches_naive_loop(impl, score, tiny_model, random_prompts, run_or_skip):
     model = tiny_model(impl)
     prompts = random_prompts(model, [3, 12, 7])
-    commit = dict(threshold=0.5, min_per_step=1, max_per_step=3)
+    commit = dict(threshold=0.5 if score == "prob" else 0.2, min_per_step=1, max_per_step=3, score=score)
     out = run_or_skip(lambda: bidirectional_generate(model, prompts, max_new_tokens=13, block_size=5, **commit))
     with torch.no_grad():
         for b, prompt in enumerate(prompts):

@@ -73,13 +73,14 @@ def _assert_confidence_close(got, want, got_tokens, logits, tokens, kwargs, rel_
         assert err <= 3 * err_ref + 1e-6, f"confidence error {err:.3g} vs the fp32 reference's {err_ref:.3g}"
 
 
-def _assert_same_outcome(got, want):
-    """Same committed positions, tokens and n_masked; confidences equal up to fp32 rounding."""
+def _assert_same_outcome(got, want, atol=1e-7):
+    """Same committed positions, tokens and n_masked; confidences equal up to fp32 rounding (absolutely
+    ~1e-6 for neg_entropy near 0: pass atol=1e-5)."""
     for name, g, w in zip(["committed", "confidence", "n_masked", "tokens"], got, want):
         if name == "confidence":
             assert torch.equal(torch.isfinite(g), torch.isfinite(w)) and torch.equal(g[~torch.isfinite(g)],
                                                                                      w[~torch.isfinite(w)])
-            assert torch.allclose(g, w, rtol=1e-5, atol=1e-7), name
+            assert torch.allclose(g, w, rtol=1e-5, atol=atol), name
         else:
             assert torch.equal(g, w), name
 
@@ -143,19 +144,45 @@ def test_large_vocab(device, dtype, temperature, vocab, rel_err, vector_width):
     _assert_confidence_close(confidence, want[1], got_tokens, logits, tokens, kwargs, rel_err)
 
 
-def _separated_logits(batch, block, vocab, device):
-    """Each position has one planted peak whose height differs from every other position's of its
-    sequence by >= 0.05 over low noise, so the probability scores are at least ~1e-4 apart: far more
-    than rounding, so kernel and reference must select exactly the same positions."""
-    logits = torch.randn(batch, block, vocab, device=device) * 0.1
-    heights = torch.stack([torch.randperm(block, device=device) for _ in range(batch)]).float() * 0.05 + 4.0
-    peaks = torch.randint(0, vocab, (batch, block, 1), device=device)
-    return logits.scatter_(2, peaks, heights[..., None])
+# The largest rounding differences between kernel and reference scores seen in fp32 (CPU and emulated CUDA
+# kernels, vocab 101 and 301) are ~5e-7 relative for prob, ~5e-7 absolute for margin and ~2e-6 absolute for
+# neg_entropy (xsum / sum - log(sum) cancels near 0); scores 10x that apart rank the same in both.
+SEPARATION = {"prob": 0.0, "margin": 5e-6, "neg_entropy": 2e-5}
+
+
+def _separated_draw(batch, block, vocab, mask_id, device, score, temperature):
+    """Random logits with a per-position spread (so that prob, margin and neg_entropy rank positions
+    differently), tokens, active sequences, seed and step. A masked position whose score is within 10x
+    rounding (SEPARATION, plus 5e-6 relative) of a lower one of its sequence, or whose sampled candidate is a
+    near-tie that kernel and reference decide differently, is unmasked: kernel and reference must then select
+    exactly the same positions. Returns the op's arguments and the reference's scores (-inf where not
+    eligible)."""
+    logits = _logits(batch, block, vocab, torch.float32, device)
+    tokens = _tokens(batch, block, vocab, mask_id, device)
+    active = torch.rand(batch, device=device) < 0.8
+    seed, step = int(torch.randint(-2**62, 2**62, ())), int(torch.randint(0, 2**40, ()))
+    kwargs = dict(mask_token_id=mask_id, active=active, score=score, temperature=temperature, seed=seed, step=step)
+    want_tokens = tokens.clone()
+    scores = ref.parallel_commit(logits, want_tokens, threshold=-math.inf, **kwargs)[1]
+    s, order = scores.double().sort(-1)
+    too_close = torch.zeros_like(tokens, dtype=torch.bool).scatter_(
+        1, order[:, 1:], ~(s[:, 1:] - s[:, :-1] >= 5e-6 * s[:, 1:].abs() + SEPARATION[score]))
+    if temperature > 0:
+        got_tokens = tokens.clone()
+        r2lm_kernels.parallel_commit(logits, got_tokens, threshold=-math.inf, **kwargs)
+        _assert_candidates_equal(got_tokens, want_tokens, logits, temperature, seed, step)  # near-ties only
+        too_close |= got_tokens != want_tokens
+    too_close &= torch.isfinite(scores)
+    tokens[too_close] = (mask_id + 1) % vocab
+    return logits, tokens, kwargs, scores.masked_fill(too_close, -math.inf)
 
 
 def _threshold_in_a_gap(scores):
-    """A threshold near the median score, in the widest gap between neighbouring scores there."""
-    s = scores.flatten().double().sort().values
+    """A threshold near the median score, in the widest gap between neighbouring scores there (-inf scores,
+    of positions that are not eligible, left out)."""
+    s = scores[torch.isfinite(scores)].double().sort().values
+    if len(s) == 0:
+        return 0.0
     lo, hi = len(s) // 4, max(len(s) // 4 + 1, 3 * len(s) // 4)
     gaps = s[lo + 1:hi + 1] - s[lo:hi]
     k = lo + int(gaps.argmax()) if len(gaps) else 0
@@ -167,24 +194,25 @@ RULES = {  # (threshold, min_per_step, max_per_step)
     "topk": lambda q: (math.inf, 3, 3),
     "quota": lambda q: (q, 4, 0),
     "threshold_capped": lambda q: (q, 1, 2),
-    "nothing_passes": lambda q: (1.5, 1, 0),
+    "nothing_passes": lambda q: (1.5, 1, 0),       # above every score (prob, margin <= 1, neg_entropy <= 0)
     "nothing_passes_min0": lambda q: (1.5, 0, 0),
-    "all_pass": lambda q: (-1.0, 1, 0),
+    "all_pass": lambda q: (-10.0, 1, 0),           # below every score (neg_entropy >= -log(vocab))
 }
 
 
+# Sampling changes only prob's score (that of the sampled candidate); margin and neg_entropy do not depend on
+# the candidate, and every score at temperature > 0 is checked by test_candidates_and_scores_match_reference.
+@pytest.mark.parametrize("score,temperature", [(score, 0.0) for score in SCORES] + [("prob", 0.8)])
 @pytest.mark.parametrize("rule", list(RULES))
 @pytest.mark.parametrize("block", [1, 17, 32, 128])
-def test_selection_matches_reference(device, rule, block):
-    batch, vocab = 5, 301
+def test_selection_matches_reference(device, rule, block, score, temperature):
+    """Threshold, min-fill and max-cap all go by the chosen score."""
+    batch, vocab = 5, 101
     mask_id = 7
-    logits = _separated_logits(batch, block, vocab, device)
-    tokens = _tokens(batch, block, vocab, mask_id, device)
-    threshold, min_k, max_k = RULES[rule](_threshold_in_a_gap(logits.softmax(-1).amax(-1)))
-    active = torch.rand(batch, device=device) < 0.8
-    kwargs = dict(mask_token_id=mask_id, threshold=threshold, min_per_step=min_k, max_per_step=max_k, active=active)
-    got, want = _run(logits, tokens, **kwargs)
-    _assert_same_outcome(got, want)
+    logits, tokens, kwargs, scores = _separated_draw(batch, block, vocab, mask_id, device, score, temperature)
+    threshold, min_k, max_k = RULES[rule](_threshold_in_a_gap(scores))
+    got, want = _run(logits, tokens, threshold=threshold, min_per_step=min_k, max_per_step=max_k, **kwargs)
+    _assert_same_outcome(got, want, atol=1e-5 if score == "neg_entropy" else 1e-7)
 
 
 @pytest.mark.parametrize("score", SCORES)

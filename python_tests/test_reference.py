@@ -237,6 +237,41 @@ def test_commit_never_picks_mask_and_skips_non_finite_rows():
     assert n_masked.tolist() == [2]
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_commit_scores_equal_their_formulas(temperature):
+    """The three scores written out in float64, one position at a time. p is the softmax of the logits (not
+    of logits / temperature) over the whole vocabulary, the mask token included; the mask token is never
+    the candidate nor the margin's runner-up. prob = p[candidate] (the sampled one at temperature > 0),
+    margin = largest minus second largest p of the non-mask tokens (whatever the candidate),
+    neg_entropy = sum of p log p over the whole vocabulary."""
+    batch, block, vocab = 3, 12, 40
+    mask_id = int(torch.randint(0, vocab, ()))
+    logits = torch.randn(batch, block, vocab, dtype=torch.float64) * torch.empty(batch, block, 1).uniform_(0.5, 4)
+    non_mask = logits.clone()
+    non_mask[..., mask_id] = -math.inf
+    top2 = non_mask.topk(2, -1).values
+    logits[0, :, mask_id] = top2[0, :, 0] + 1.0                        # the mask token the most likely
+    logits[1, :, mask_id] = (top2[1, :, 0] + top2[1, :, 1]) / 2        # the mask token the runner-up
+    seed, step = int(torch.randint(0, 2**62, ())), int(torch.randint(0, 2**40, ()))
+    for score in ("prob", "margin", "neg_entropy"):
+        tokens = torch.full((batch, block), mask_id)
+        committed, confidence, _ = ref.parallel_commit(logits, tokens, mask_token_id=mask_id, threshold=-math.inf,
+                                                       temperature=temperature, seed=seed, step=step, score=score)
+        assert committed.all() and (tokens != mask_id).all()
+        for b in range(batch):
+            for i in range(block):
+                x = logits[b, i].tolist()
+                z = sum(math.exp(v) for v in x)
+                p = [math.exp(v) / z for v in x]
+                candidate = int(tokens[b, i])
+                if temperature == 0:
+                    assert x[candidate] == max(x[v] for v in range(vocab) if v != mask_id)
+                ranked = sorted((p[v] for v in range(vocab) if v != mask_id), reverse=True)
+                want = {"prob": p[candidate], "margin": ranked[0] - ranked[1],
+                        "neg_entropy": sum(q * math.log(q) for q in p if q > 0)}[score]
+                assert math.isclose(float(confidence[b, i]), want, rel_tol=1e-6, abs_tol=1e-7), (score, b, i)
+
+
 def _lowbias32(x):
     x ^= x >> 16
     x = (x * 0x7FEB352D) & 0xFFFFFFFF

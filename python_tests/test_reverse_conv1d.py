@@ -59,24 +59,30 @@ def _assert_close(name, out, ref64, ref_low, dtype, tol, rel_err):
         assert err <= 2 * ref_err + 1e-6, f"{name}: error {err:.3e} > 2x the reference's own {ref_err:.3e}"
 
 
+# (segments, mode): mode "plain" (no bias, no SiLU) and "bias+silu" (the model's use) with each segments kind;
+# "bias" and "silu", each without the other, with random segments only (they change the per-token epilogue,
+# not which taps a window reads).
+SEGMENTS_MODES = [(s, m) for s in ("none", "random", "blocks") for m in ("plain", "bias+silu")] + \
+    [("random", "bias"), ("random", "silu")]
+
+
 def _grid(test):
-    """The forward / backward grid: dtype x weight dtype x shape x segments x mode."""
+    """The forward / backward grid: dtype x weight dtype x shape x (segments, mode)."""
     test = pytest.mark.parametrize("dtype", DTYPES, ids=str)(test)
     test = pytest.mark.parametrize("weight_dtype", ["same", "fp32"])(test)
     test = pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))(test)
-    test = pytest.mark.parametrize("segments", ["none", "random", "blocks"])(test)
-    return pytest.mark.parametrize("mode", ["plain", "bias+silu"])(test)
+    return pytest.mark.parametrize("segments,mode", SEGMENTS_MODES)(test)
 
 
 def _grid_case(device, dtype, weight_dtype, shape, segments, mode, check_device, make_segments):
-    """Skips what the device lacks; returns the case's weight dtype, inputs (bias and SiLU only in mode
-    "bias+silu") and seq_idx."""
+    """Skips what the device lacks; returns the case's weight dtype, inputs (a bias only in modes "bias" and
+    "bias+silu"), seq_idx and whether SiLU is on (modes "silu" and "bias+silu")."""
     check_device(device, dtype)
     batch, seqlen, dim, width = shape
     wdt = dtype if weight_dtype == "same" else torch.float32
-    x, weight, bias = _inputs(batch, seqlen, dim, width, dtype, wdt, device, bias=mode == "bias+silu")
+    x, weight, bias = _inputs(batch, seqlen, dim, width, dtype, wdt, device, bias="bias" in mode.split("+"))
     seq_idx = make_segments(batch, seqlen, device, segments)
-    return wdt, x, weight, bias, seq_idx, mode == "bias+silu"
+    return wdt, x, weight, bias, seq_idx, "silu" in mode.split("+")
 
 
 @_grid

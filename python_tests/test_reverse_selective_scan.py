@@ -31,30 +31,49 @@ SHAPES = [
 ]
 
 
+# The optional arguments a case passes: all four (the model's use), none, and two partial sets that between
+# them take D without z and z without D, delta_bias without softplus and softplus without delta_bias. These
+# change only per-token terms (the step, the D skip, the gate), not where the state resets, so they run with
+# random segments only.
+OPTIONAL = ("D", "z", "delta_bias", "softplus")
+PARTIAL = ["D+delta_bias", "z+softplus"]
+SEGMENTS_OPTIONS = [(s, o) for s in ("none", "random", "blocks") for o in ("all", "none")] + \
+    [("random", o) for o in PARTIAL]
+
+
 @pytest.fixture
 def scan_inputs(make_segments):
     """scan_inputs(batch, seqlen, dim, d_state, dtype, device, *, options="all", segments="random"): random
-    inputs as a dict of the op's arguments. options="all" uses D, z, delta_bias and softplus; "none" leaves
-    them out (then delta is positive, as a step size must be)."""
+    inputs as a dict of the op's arguments. options names the optional arguments used: "all" (D, z,
+    delta_bias and softplus), "none", or some of OPTIONAL joined by "+". Without softplus the step
+    delta + delta_bias is positive, as a step size must be (delta_bias then takes either sign)."""
     def make(batch, seqlen, dim, d_state, dtype, device, *, options="all", segments="random"):
         param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        full = options == "all"
+        used = OPTIONAL if options == "all" else () if options == "none" else tuple(options.split("+"))
+        assert set(used) <= set(OPTIONAL), options
+        softplus, bias = "softplus" in used, "delta_bias" in used
 
         def act(*shape, scale=1.0):
             return (torch.randn(*shape, device=device) * scale).to(dtype)
 
-        delta = act(batch, seqlen, dim, scale=0.5) if full else \
-            torch.empty(batch, seqlen, dim, device=device).uniform_(0.01, 0.3).to(dtype)
+        def step_bias():
+            if softplus:
+                return (torch.randn(dim, device=device) * 0.5 - 1.0).to(param_dtype)
+            return torch.empty(dim, device=device).uniform_(-0.2, 0.2).to(param_dtype)
+
+        low, high = (0.21, 0.5) if bias else (0.01, 0.3)  # without softplus: delta + delta_bias in (0.01, 0.7)
+        delta = act(batch, seqlen, dim, scale=0.5) if softplus else \
+            torch.empty(batch, seqlen, dim, device=device).uniform_(low, high).to(dtype)
         return dict(
             u=act(batch, seqlen, dim),
             delta=delta,
             A=-torch.empty(dim, d_state, device=device).uniform_(0.05, 2.0).to(param_dtype),
             B=act(batch, seqlen, d_state),
             C=act(batch, seqlen, d_state),
-            D=torch.randn(dim, device=device).to(param_dtype) if full else None,
-            z=act(batch, seqlen, dim) if full else None,
-            delta_bias=(torch.randn(dim, device=device) * 0.5 - 1.0).to(param_dtype) if full else None,
-            delta_softplus=full,
+            D=torch.randn(dim, device=device).to(param_dtype) if "D" in used else None,
+            z=act(batch, seqlen, dim) if "z" in used else None,
+            delta_bias=step_bias() if bias else None,
+            delta_softplus=softplus,
             seq_idx=make_segments(batch, seqlen, device, segments),
         )
 
@@ -109,8 +128,7 @@ def _run_forward(args):
     return r2lm_kernels.reverse_selective_scan(**args)
 
 
-@pytest.mark.parametrize("options", ["all", "none"])
-@pytest.mark.parametrize("segments", ["none", "random", "blocks"])
+@pytest.mark.parametrize("segments,options", SEGMENTS_OPTIONS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_forward(check_device, scan_inputs, device, dtype, shape, segments, options, tol, cpu_kernel):
@@ -149,14 +167,9 @@ def _grads_through_op(args, dout):
 GRAD_TOL = {torch.float64: 1e-11, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 
 
-@pytest.mark.parametrize("options", ["all", "none"])
-@pytest.mark.parametrize("segments", ["none", "random"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_backward(check_device, scan_inputs, device, dtype, shape, segments, options, vector_width):
-    check_device(device, dtype)
-    args = scan_inputs(*shape, dtype, device, options=options, segments=segments)
-    dout = torch.randn(args["u"].shape, device=device).to(dtype)
+def _check_gradients(args, dtype):
+    """The op's gradients of every floating input against the fp64 (and low-precision) reference's."""
+    dout = torch.randn(args["u"].shape, device=args["u"].device).to(dtype)
     got = _grads_through_op(args, dout)
     ref64 = _grads_through_reference(_f64(args), dout.double())
     ref_low = _grads_through_reference(args, dout) if dtype in HALF else None
@@ -164,6 +177,25 @@ def test_backward(check_device, scan_inputs, device, dtype, shape, segments, opt
     for name, g in got.items():
         assert g.dtype == args[name].dtype and g.shape == args[name].shape, name
         _assert_close(f"d{name}", g, ref64[name], ref_low[name] if ref_low else None, dtype, GRAD_TOL, scale64[name])
+
+
+@pytest.mark.parametrize("options", ["all", "none"])
+@pytest.mark.parametrize("segments", ["none", "random"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward(check_device, scan_inputs, device, dtype, shape, segments, options, vector_width):
+    check_device(device, dtype)
+    _check_gradients(scan_inputs(*shape, dtype, device, options=options, segments=segments), dtype)
+
+
+@pytest.mark.parametrize("options", PARTIAL)
+@pytest.mark.parametrize("shape", SHAPES[1:3], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_partial_options(check_device, scan_inputs, device, dtype, shape, options, vector_width):
+    """test_backward's check with the partial sets of optional arguments, on two of the small shapes (d_state
+    16 and 7, several channel blocks) with random segments: they add per-token terms only, cheap to cover."""
+    check_device(device, dtype)
+    _check_gradients(scan_inputs(*shape, dtype, device, options=options, segments="random"), dtype)
 
 
 def test_absent_optional_grads_are_empty(scan_inputs, device):
