@@ -65,14 +65,19 @@ def test_scan_equals_quadratic_form():
     got = ref.reverse_selective_scan(u, delta, A, B, C, D, None, delta_bias, False, seq_idx)
     dt = delta + delta_bias
     want = D * u
+    magnitude = want.abs()  # sum of |summands|: without softplus dt < 0 lets terms grow and cancel
     for b in range(batch):
         for t in range(seqlen):
             for s in range(t, seqlen):
                 if seq_idx[b, s] != seq_idx[b, t]:
                     break
                 decay = torch.exp(A * dt[b, t:s].sum(0)[:, None])              # (dim, d_state)
-                want[b, t] += (decay * (dt[b, s] * u[b, s])[:, None] * B[b, s] * C[b, t]).sum(-1)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+                term = decay * (dt[b, s] * u[b, s])[:, None] * B[b, s] * C[b, t]
+                want[b, t] += term.sum(-1)
+                magnitude[b, t] += term.abs().sum(-1)
+    # Rounding error is bounded by the summands, not the (possibly cancelled) sum: ~1e-14 of it seen.
+    error = (got - want).abs() / magnitude
+    assert error.max() < 1e-13, f"error {error.max():.3g} of the summands' magnitude"
 
 
 def test_scan_low_precision_keeps_fp32_state():
