@@ -57,7 +57,9 @@ def test_cache_invariant(device, impl, monkeypatch, tiny_model, random_prompts, 
                     continue
                 start = int(info.block_start[b])
                 assert start % bs == 0
-                canvas = torch.cat([out.sequences[b, :start], info.block[b]])[None]
+                block = info.block[b].clone()
+                block[max(0, LENGTHS[b] + 19 - start):] = model.config.mask_token_id  # past the budget
+                canvas = torch.cat([out.sequences[b, :start], block])[None]
                 fresh = model(canvas)[0, start:]
                 worst = max(worst, float((fresh - info.logits[b]).abs().max()))
                 checked += 1
@@ -182,6 +184,24 @@ def test_fixed_tokens_per_step_statistics(device, k, tiny_model, random_prompts,
         assert int(out.lengths[b]) == n + 19
         assert torch.equal(row[:n], prompts[b])
         assert not (row[: n + 19] == model.config.mask_token_id).any()
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_padding_past_the_budget_does_not_change_the_output(device, impl, use_cache, tiny_model, random_prompts,
+                                                            run_or_skip):
+    """The last block's positions past the budget are [MASK] to the model, whatever the padding token: the
+    right-to-left sidecar reads them, so a padding token seen there would change what is generated."""
+    model = tiny_model(impl, device_dtype(device), device)
+    prompts = random_prompts(model, LENGTHS, device)
+    kwargs = dict(max_new_tokens=11, threshold=0.9, min_per_step=1, use_cache=use_cache)   # 11: not a block
+    outs = [run_or_skip(lambda: generate(model, prompts, pad_token_id=pad, **kwargs)) for pad in (0, 5, 50)]
+    # eos_token_id pads when pad_token_id is None; one that is never generated must not change the output
+    eos = next(t for t in range(model.config.vocab_size) if not (outs[0].sequences == t).any())
+    outs.append(generate(model, prompts, eos_token_id=eos, **kwargs))
+    for b, n in enumerate(LENGTHS):
+        for out, pad in zip(outs, (0, 5, 50, eos)):
+            assert torch.equal(out.sequences[b, :n + 11], outs[0].sequences[b, :n + 11]), (b, pad)
+            assert (out.sequences[b, n + 11:] == pad).all()
 
 
 def test_eos_stops_after_its_block(tiny_model, random_prompts):

@@ -97,7 +97,8 @@ def checked_run(model, prompts, kwargs, tolerance):
             canvases = torch.full((len(active), width), mask, dtype=torch.int64, device=info.block.device)
             for row, b in enumerate(active):
                 canvases[row, : starts[b]] = info.canvas[b, : starts[b]]
-                canvases[row, starts[b]: starts[b] + bs] = info.block[b]
+                n = min(bs, lengths[b] + budget - starts[b])   # past the budget the model reads [MASK]
+                canvases[row, starts[b]: starts[b] + n] = info.block[b, :n]
             fresh = model(canvases).float()
             for row, b in enumerate(active):
                 ref = fresh[row, starts[b]: starts[b] + bs]

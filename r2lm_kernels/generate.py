@@ -80,7 +80,8 @@ class GenerationOutput:
 @dataclass
 class StepInfo:
     """What a step_callback sees before the step's commit. block: (batch, width) tokens the model just ran on
-    (not yet updated by this step); block_start: (batch,) absolute position of block[:, 0]; logits: (batch,
+    (not yet updated by this step; in generate, positions past the budget hold the padding token and the
+    model read [MASK] there); block_start: (batch,) absolute position of block[:, 0]; logits: (batch,
     width, vocab) for those positions; active: (batch,) sequences this step may commit in; canvas: the
     generator's token buffer (batch, >= prompt + budget), final before block_start[b] (a live view: copy what
     must outlive the callback). Reading these tensors' values synchronises with the device. In
@@ -255,9 +256,11 @@ def generate(model: R2LMForCausalLM, input_ids: Prompts, *, max_new_tokens: int,
     numbers are keyed by (seed, step, batch index, position)): e.g. threshold=float("inf"),
     min_per_step=max_per_step=k commits exactly k tokens a step. A sequence stops when a block containing a
     generated eos_token_id is complete, or at its budget; positions of its last block past the budget hold
-    the padding token (pad_token_id, else eos_token_id, else 0). use_cache=False recomputes the whole canvas
-    each step under the same rules and schedule (a test of the cache). sidecar=False gives the causal
-    block-diffusion baseline. step_callback(StepInfo) is called before every commit.
+    the padding token (pad_token_id, else eos_token_id, else 0) in the output and in StepInfo.block, and
+    are [MASK] to the model, as in any active block, so that the padding does not change what is generated.
+    use_cache=False recomputes the whole canvas each step under the same rules and schedule (a test of the
+    cache). sidecar=False gives the causal block-diffusion baseline. step_callback(StepInfo) is called
+    before every commit.
     """
     pad = _check_common(model, max_new_tokens, min_per_step, pad_token_id, eos_token_id)
     _check_graph_args(model, cuda_graph, step_callback)
@@ -300,12 +303,13 @@ def generate(model: R2LMForCausalLM, input_ids: Prompts, *, max_new_tokens: int,
                                     seed=seed, score=score)
 
     def block_logits():
-        if use_cache:
-            return model.logits(model.hidden_states(block, cache=cache, sidecar=sidecar))
         pos = block_start[:, None] + offsets
-        canvas.scatter_(1, pos, block)
+        # The padding past the budget stays out of parallel_commit's reach in `block`; the model reads [MASK].
+        seen = torch.where(pos < gen_end[:, None], block, mask)
+        if use_cache:
+            return model.logits(model.hidden_states(seen, cache=cache, sidecar=sidecar))
         visible = int(block_start.max()) + bs            # host read: the cache-free path is a test path
-        hidden = model.hidden_states(canvas[:, :visible], sidecar=sidecar)
+        hidden = model.hidden_states(canvas[:, :visible].scatter(1, pos, seen), sidecar=sidecar)
         return model.logits(hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1])))
 
     def step():
