@@ -94,5 +94,6 @@ def test_parallel_commit(bench, device, quick, case):
     notes = f"{name}; logits randn*3, every position masked, threshold {threshold}"
     if temperature > 0:
         notes += f"; Gumbel-max sampling at temperature {temperature} (peers draw with torch.rand)"
-    bench(op="parallel_commit", shape=dict(batch=batch, block=block, vocab=vocab), dtype=str(dtype)[6:],
+    bench(op="parallel_commit", shape=dict(batch=batch, block=block, vocab=vocab, temperature=temperature),
+          dtype=str(dtype)[6:],
           bytes_moved=bytes_moved, impls=impls, primary="r2lm", notes=notes, setup=reset_tokens)

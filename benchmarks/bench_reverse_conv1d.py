@@ -46,8 +46,8 @@ def _conv1d_flip(x, weight, bias):
     return F.silu(y.transpose(1, 2).flip(1))
 
 
-def _param_bytes(weight, bias, seq_idx):
-    return weight.nbytes + bias.nbytes + (seq_idx.nbytes if seq_idx is not None else 0)
+def _nbytes(tensor):
+    return 0 if tensor is None else tensor.nbytes
 
 
 def _cases(device, quick):
@@ -78,7 +78,7 @@ def test_forward(bench, device, case):
     }
     bench(op="reverse_conv1d.fwd", shape=_shape_dict(batch, seqlen, dim, segmented),
           dtype=f"{str(dtype).removeprefix('torch.')} (fp32 weight)",
-          bytes_moved=2 * x.nbytes + _param_bytes(weight, bias, seq_idx), impls=impls, primary="r2lm",
+          bytes_moved=2 * x.nbytes + weight.nbytes + bias.nbytes + _nbytes(seq_idx), impls=impls, primary="r2lm",
           notes="eager F.conv1d (flip) peer is segment-free; it runs only where segments=none")
 
 
@@ -109,5 +109,7 @@ def test_backward(bench, device, case):
     }
     bench(op="reverse_conv1d.bwd", shape=_shape_dict(batch, seqlen, dim, segmented),
           dtype=f"{str(dtype).removeprefix('torch.')} (fp32 weight)",
-          bytes_moved=3 * x.nbytes + 2 * _param_bytes(weight, bias, seq_idx), impls=impls, primary="r2lm",
+          # dy and x read, dx written; weight and bias read, their gradients written; seq_idx read
+          bytes_moved=3 * x.nbytes + 2 * (weight.nbytes + bias.nbytes) + _nbytes(seq_idx), impls=impls,
+          primary="r2lm",
           notes="backward only (peers replay a retained autograd graph); eager F.conv1d (flip) is segment-free")

@@ -17,7 +17,7 @@ built) is wrapped in `built_on_first_call`, so that the preparation is counted a
 (optional) runs before every call, outside the timed region: it restores what an in-place op changed.
 
 GPU timing: CUDA events around each call, after a warm-up, median of many calls. Before each timed
-call a buffer twice the L2 size is overwritten, so every call starts from a cold L2 (as the bytes of a
+call a buffer twice the L2 size is read, so every call starts from a cold L2 (as the bytes of a
 bandwidth-bound op "must move" from memory); pass `flush_l2=False` to time warm-cache behaviour.
 CPU timing: time.perf_counter around each call, median; an op's impls are timed in rounds, a chunk of
 calls of each in turn (`time_in_rounds`), so that a slow spell of a shared machine falls on all of them
@@ -123,14 +123,16 @@ class Timing:
 
 
 class _L2Flusher:
-    """Overwrites a buffer twice the L2 size, so the next kernel reads from device memory."""
+    """Reads a buffer twice the L2 size, so the next kernel reads from device memory. A read, not a fill:
+    a fill would leave the L2 full of dirty lines, which the timed kernel would then pay to write back."""
 
     def __init__(self, device: torch.device):
         l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20) or (64 << 20)
-        self.buffer = torch.empty(2 * l2 // 4, dtype=torch.int32, device=device)
+        self.buffer = torch.ones(2 * l2 // 4, dtype=torch.int32, device=device)
+        self.total = torch.empty((), dtype=torch.int64, device=device)
 
     def __call__(self):
-        self.buffer.fill_(1)
+        torch.sum(self.buffer, dim=0, dtype=torch.int64, out=self.total)
 
 
 _flushers: dict = {}

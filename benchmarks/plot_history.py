@@ -6,7 +6,8 @@ benchmarks/results/history.jsonl, and the series they form over time (per op, sh
     python benchmarks/plot_history.py --add benchmarks/results/<run>   # add a report folder (e.g. a GPU run's)
 
 run_all.py adds its report folder itself when it writes into benchmarks/results/ (not under --quick).
-Adding is idempotent: a run already in the history (same folder name) is left as it is.
+--add also takes a gpu_run.sh bundle, whose reports are in its bench/ folder. Adding is idempotent: a run
+already in the history (same date, commit and device, whatever its folder is called) is left as it is.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import argparse
 import json
 import sys
 from collections import defaultdict
+from datetime import datetime
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -51,12 +53,23 @@ def load(history: Path = HISTORY) -> list[dict]:
     return [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
 
 
+def _run_identity(line: dict) -> tuple:
+    return line["kind"], line["date"], line["commit"], line["device"]
+
+
+def report_folder(path: Path) -> Path | None:
+    """The folder holding the reports: `path` itself, or the bench/ folder of a gpu_run.sh bundle."""
+    for folder in (path, path / "bench"):
+        if (folder / "results.json").exists() or (folder / "e2e.json").exists():
+            return folder
+    return None
+
+
 def add_report(report_dir: Path, history: Path = HISTORY) -> int:
     """Appends a report folder's results to the history unless that run is there already; returns the
     number of lines added."""
-    if report_dir.name in {line["run"] for line in load(history)}:
-        return 0
-    new = records(report_dir)
+    known = {_run_identity(line) for line in load(history)}
+    new = [line for line in records(report_dir) if _run_identity(line) not in known]
     if new:
         history.parent.mkdir(parents=True, exist_ok=True)
         with history.open("a") as out:
@@ -117,9 +130,10 @@ def plot(grouped: dict[tuple, list[dict]], out_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(8, 4.5))
         value = "tokens_per_s" if name == "e2e" else "median_ms"
         for (kind, label, shape, dtype, device), points in lines:
-            points = [p for p in points if p.get(value) is not None]
+            points = [p for p in points if p.get(value) is not None and p.get("date")]
             if points:
-                ax.plot([p["date"] for p in points], [p[value] for p in points], marker="o",
+                ax.plot([datetime.strptime(p["date"], "%Y-%m-%d %H:%M UTC") for p in points],
+                        [p[value] for p in points], marker="o",
                         label=f"{label + ' ' if kind == 'e2e' else ''}{shape} {dtype} ({device})")
         ax.set_ylabel("generated tokens / s" if name == "e2e" else "median time (ms)")
         ax.set_yscale("log")
@@ -141,11 +155,12 @@ def main() -> int:
     parser.add_argument("--op", default=None, help="only series whose op (or e2e method) contains this")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "plots", help="folder for the PNGs")
     args = parser.parse_args()
-    for report_dir in args.add:
-        if not (report_dir / "results.json").exists() and not (report_dir / "e2e.json").exists():
-            print(f"--add {report_dir}: no results.json or e2e.json there", file=sys.stderr)
+    for path in args.add:
+        report_dir = report_folder(path)
+        if report_dir is None:
+            print(f"--add {path}: no results.json or e2e.json there or in its bench/ folder", file=sys.stderr)
             return 2
-        print(f"{report_dir.name}: {add_report(report_dir, args.history)} lines added to {args.history}")
+        print(f"{report_dir}: {add_report(report_dir, args.history)} lines added to {args.history}")
     grouped = series(load(args.history), args.op)
     print(table(grouped) or f"no results in {args.history}")
     written = plot(grouped, args.out)

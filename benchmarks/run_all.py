@@ -4,7 +4,7 @@ when matplotlib is installed). A full run into benchmarks/results/ also adds its
 benchmarks/results/history.jsonl (see plot_history.py).
 
     python benchmarks/run_all.py                 # full run; report in benchmarks/results/<date>-<device>/
-    python benchmarks/run_all.py --quick         # CI: small shapes, short timing (a few minutes on 2 cores)
+    python benchmarks/run_all.py --quick         # CI: small shapes, short timing (under a minute on 2 cores)
     python benchmarks/run_all.py --out DIR --device cuda --e2e-budget-s 240
 
 Uses the installed r2lm_kernels, or the source tree with R2LM_LIBRARY=<build>/_C*.so (dev builds).

@@ -165,6 +165,17 @@ def test_history_adds_a_report_once_and_groups_series(tmp_path):
     assert [p["median_ms"] for p in points] == [4.0, 2.0] and math.isclose(points[1]["speedup"]["peer"], 3.0)
     assert "2.000 ms, 50.0% copy; peer 3.00x" in history_module.table(grouped)
 
+    # A gpu_run.sh bundle keeps its reports in bench/: found there, and a run is known by its date, commit
+    # and device rather than by its folder's name.
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (tmp_path / "20260102-0000-cpu").rename(bundle / "bench")
+    assert history_module.report_folder(bundle) == bundle / "bench"
+    assert history_module.report_folder(tmp_path / "nothing") is None
+    assert history_module.add_report(bundle / "bench", history) == 0, "the same run under another name"
+    harness.write_results(tmp_path / "other" / "bench", dict(env, date="20260103-0000-cpu"), rows)
+    assert history_module.add_report(history_module.report_folder(tmp_path / "other"), history) == 2
+
 
 def test_primary_failure_is_reported():
     failed = harness.ImplResult("r2lm", skipped="RuntimeError: boom", failed=True)
