@@ -1,6 +1,7 @@
 // The op registry: every r2lm schema is defined here, once. Each backend registers its kernels
 // with TORCH_LIBRARY_IMPL beside the kernel (csrc/<op>/<op>_torch.cpp).
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/core/GradMode.h>
 #include <c10/core/InferenceMode.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
@@ -61,15 +62,34 @@ void bump_written_arguments(const c10::OperatorHandle& op, c10::DispatchKeySet k
   for (const at::Tensor& t : written) t.unsafeGetTensorImpl()->bump_version();
 }
 
+// cache_attention and parallel_commit have no derivative (generation with a KV cache; discrete commits).
+// With grad mode on, an input that requires grad is refused, naming it, rather than left with a silently
+// missing gradient; the op is called through torch.ops.r2lm or the Python wrappers alike.
+void refuse_inputs_that_require_grad(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                                     torch::jit::Stack* stack) {
+  const auto& arguments = op.schema().arguments();
+  const size_t first = stack->size() - arguments.size();
+  if (c10::GradMode::is_enabled()) {
+    for (size_t i = 0; i < arguments.size(); ++i) {
+      const c10::IValue& value = (*stack)[first + i];
+      TORCH_CHECK(!(value.isTensor() && value.toTensor().requires_grad()), op.schema().name(),
+                  " has no backward: ", arguments[i].name(), " requires grad; call it under torch.no_grad() or "
+                  "torch.inference_mode(), or pass ", arguments[i].name(), ".detach()");
+    }
+  }
+  at::AutoDispatchBelowAutograd guard;
+  op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
+}
+
 }  // namespace
 
-// The backward ops have no derivative: a backward through them (double backward of the scan or the conv)
-// raises instead of silently dropping the second-order gradients. (The in-place ops keep the default
-// Autograd fallback, which passes through the ADInplaceOrView kernel below; their wrappers refuse inputs
-// that require grad.)
+// The backward ops have no derivative either: a backward through them (double backward of the scan or the
+// conv) raises instead of silently dropping the second-order gradients.
 TORCH_LIBRARY_IMPL(r2lm, Autograd, m) {
   for (const char* op : {"reverse_selective_scan_backward", "reverse_conv1d_backward"})
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
+  for (const char* op : {"cache_attention", "parallel_commit"})
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&refuse_inputs_that_require_grad>());
 }
 
 TORCH_LIBRARY_IMPL(r2lm, ADInplaceOrView, m) {

@@ -60,6 +60,19 @@ def pytest_runtest_makereport(item, call):
 # -- shared input helpers (tests run with --import-mode=importlib, so they are shared as fixtures) -----------
 
 @pytest.fixture
+def poison_memory():
+    """poison_memory(device, *nbytes): fills and frees blocks of these sizes just before an op allocates
+    its outputs, so that the allocator hands them over as all-ones bytes (NaN in every float dtype, -1 in
+    the integer ones) rather than zeros or an earlier result: an element the op leaves unwritten then
+    shows. On CUDA the caching allocator reuses the blocks as they are; on CPU it is best effort (malloc
+    keeps its bookkeeping in a freed block's first bytes)."""
+    def poison(device, *nbytes):
+        held = [torch.full((n,), 255, dtype=torch.uint8, device=device) for n in nbytes]
+        del held
+    return poison
+
+
+@pytest.fixture
 def check_device():
     """Skips a (device, dtype) case the CUDA kernels do not have: float64 on CUDA."""
     def check(device, dtype):

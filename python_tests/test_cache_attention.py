@@ -60,12 +60,6 @@ def make_case(device, dtype, *, batch, q_len, n_heads, n_kv, head_dim, max_len, 
     return q, k, v, k_cache, v_cache, cache_seqlens, block_table
 
 
-def poison_allocator(nbytes, device):
-    """Fill and free a block of the size the op allocates, so reused memory starts as NaN."""
-    junk = torch.full((nbytes // 4 + 16,), math.nan, dtype=torch.float32, device=device)
-    del junk
-
-
 def low_precision_error(q, k, v, k_cache, v_cache, cache_seqlens, block_table, causal, want):
     """Error of the same attention done in q's dtype with PyTorch ops (FlashAttention's reference rule)."""
     outs = []
@@ -86,28 +80,33 @@ def low_precision_error(q, k, v, k_cache, v_cache, cache_seqlens, block_table, c
     return float((lowp.double() - want).norm() / want.norm())
 
 
-def check_against_reference(device, dtype, causal, paged, write_kv=True, rel_err=None, tol=None, **shape):
-    q, k, v, k_cache, v_cache, lens, table = make_case(device, dtype, paged=paged, **shape)
-    k_before, v_before = k_cache.clone(), v_cache.clone()
-    want, want_lse = ref.cache_attention(*(t.double().cpu() for t in (q, k, v, k_cache, v_cache)), lens.cpu(),
-                                         block_table=None if table is None else table.cpu(), causal=causal,
-                                         write_kv=False, return_lse=True)
-    want, want_lse = want.to(device), want_lse.to(device)
-    poison_allocator(q.numel() * q.element_size(), device)
-    out, lse = r2lm_kernels.cache_attention(q, k, v, k_cache, v_cache, lens, block_table=table, causal=causal,
-                                            write_kv=write_kv, return_lse=True)
-    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
-    assert lse.shape == (q.shape[0], q.shape[2], q.shape[1]) and lse.dtype == torch.float32
-    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
-    err = rel_err(out, want)
-    if dtype in HALF:
-        lowp = low_precision_error(q, k, v, k_before, v_before, lens, table, causal, want)
-        assert err <= 3 * lowp + 1e-4 and err <= tol[dtype], (err, lowp)
-    else:
-        assert err <= tol[dtype], err
-    assert rel_err(lse, want_lse) <= (1e-4 if dtype in HALF else 1e-6), rel_err(lse, want_lse)
-    check_cache_writes(k_cache, k_before, k, lens, table, write_kv)
-    check_cache_writes(v_cache, v_before, v, lens, table, write_kv)
+@pytest.fixture
+def check_against_reference(rel_err, tol, poison_memory):
+    """check_against_reference(device, dtype, causal, paged, write_kv=True, **shape): a random case (make_case)
+    through the op, out and lse against the fp64 reference, and the caches' slots written as expected."""
+    def check(device, dtype, causal, paged, write_kv=True, **shape):
+        q, k, v, k_cache, v_cache, lens, table = make_case(device, dtype, paged=paged, **shape)
+        k_before, v_before = k_cache.clone(), v_cache.clone()
+        want, want_lse = ref.cache_attention(*(t.double().cpu() for t in (q, k, v, k_cache, v_cache)), lens.cpu(),
+                                             block_table=None if table is None else table.cpu(), causal=causal,
+                                             write_kv=False, return_lse=True)
+        want, want_lse = want.to(device), want_lse.to(device)
+        poison_memory(device, q.numel() * q.element_size(), q.shape[0] * q.shape[2] * q.shape[1] * 4)  # out, lse
+        out, lse = r2lm_kernels.cache_attention(q, k, v, k_cache, v_cache, lens, block_table=table, causal=causal,
+                                                write_kv=write_kv, return_lse=True)
+        assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
+        assert lse.shape == (q.shape[0], q.shape[2], q.shape[1]) and lse.dtype == torch.float32
+        assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+        err = rel_err(out, want)
+        if dtype in HALF:
+            lowp = low_precision_error(q, k, v, k_before, v_before, lens, table, causal, want)
+            assert err <= 3 * lowp + 1e-4 and err <= tol[dtype], (err, lowp)
+        else:
+            assert err <= tol[dtype], err
+        assert rel_err(lse, want_lse) <= (1e-4 if dtype in HALF else 1e-6), rel_err(lse, want_lse)
+        check_cache_writes(k_cache, k_before, k, lens, table, write_kv)
+        check_cache_writes(v_cache, v_before, v, lens, table, write_kv)
+    return check
 
 
 def check_cache_writes(cache, before, block, lens, table, write_kv):
@@ -123,9 +122,9 @@ def check_cache_writes(cache, before, block, lens, table, write_kv):
 @pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("q_len", [1, 17, 33])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_matches_reference(device, cpu_kernel, causal, paged, q_len, head_dim, rel_err, tol):
+def test_matches_reference(device, cpu_kernel, causal, paged, q_len, head_dim, check_against_reference):
     for dtype in dtypes_for(device):
-        check_against_reference(device, dtype, causal, paged, rel_err=rel_err, tol=tol, batch=5, q_len=q_len,
+        check_against_reference(device, dtype, causal, paged, batch=5, q_len=q_len,
                                 n_heads=6, n_kv=2, head_dim=head_dim, max_len=160)
 
 
@@ -133,42 +132,42 @@ def test_matches_reference(device, cpu_kernel, causal, paged, q_len, head_dim, r
 # kernel up to 16 rows per kv head, as (10, 10) has): with 2 threads (fewer work items than threads would
 # shrink the groups) the last item gets the other 2.
 @pytest.mark.parametrize("n_heads,n_kv", [(4, 4), (8, 1), (12, 4), (20, 10), (10, 10)])
-def test_gqa_groups_and_contiguous_inputs(device, cpu_kernel, n_heads, n_kv, rel_err, tol):
+def test_gqa_groups_and_contiguous_inputs(device, cpu_kernel, n_heads, n_kv, check_against_reference):
     threads = torch.get_num_threads()
     torch.set_num_threads(min(threads, 2))
     try:
         for dtype in dtypes_for(device):
-            check_against_reference(device, dtype, True, False, rel_err=rel_err, tol=tol, batch=3, q_len=9,
+            check_against_reference(device, dtype, True, False, batch=3, q_len=9,
                                     n_heads=n_heads, n_kv=n_kv, head_dim=64, max_len=96, contiguous=True)
     finally:
         torch.set_num_threads(threads)
 
 
-def test_long_block_and_write_kv_off(device, cpu_kernel, rel_err, tol):
+def test_long_block_and_write_kv_off(device, cpu_kernel, check_against_reference):
     # q_len 128 (a large block: many row tiles per kv head), and write_kv=False leaves the caches alone.
     for causal in (True, False):
         check_against_reference(device, torch.bfloat16 if device == "cuda" else torch.float32, causal, True,
-                                write_kv=False, rel_err=rel_err, tol=tol, batch=2, q_len=128, n_heads=4, n_kv=2,
+                                write_kv=False, batch=2, q_len=128, n_heads=4, n_kv=2,
                                 head_dim=128, max_len=320, page_size=64)
 
 
 @pytest.mark.parametrize("paged", [False, True])
-def test_full_cache_without_write_kv(device, cpu_kernel, paged, rel_err, tol):
+def test_full_cache_without_write_kv(device, cpu_kernel, paged, check_against_reference):
     """Without write_kv a block may attend over a full cache: the draft slots are never touched."""
-    check_against_reference(device, torch.float32, True, paged, write_kv=False, rel_err=rel_err, tol=tol, batch=2,
+    check_against_reference(device, torch.float32, True, paged, write_kv=False, batch=2,
                             q_len=5, n_heads=4, n_kv=2, head_dim=64, max_len=32, page_size=8, lens=[32, 17])
 
 
-def test_long_cache_small_batch_split_kv(device, cpu_kernel, rel_err, tol):
+def test_long_cache_small_batch_split_kv(device, cpu_kernel, check_against_reference):
     # Batch 1 with a long cache: the CUDA kernel splits the keys across CTAs and combines by lse.
     for dtype in (torch.bfloat16, torch.float32):
         for paged in (False, True):
-            check_against_reference(device, dtype, True, paged, rel_err=rel_err, tol=tol, batch=1, q_len=16,
+            check_against_reference(device, dtype, True, paged, batch=1, q_len=16,
                                     n_heads=8, n_kv=2, head_dim=128, max_len=4096, page_size=256,
                                     lens=[int(torch.randint(3000, 4080, ()))])
 
 
-def test_random_shapes(device, cpu_kernel, rel_err, tol):
+def test_random_shapes(device, cpu_kernel, check_against_reference):
     # Shapes drawn afresh every run (the printed seed replays them) around the kernels' edges: query rows
     # per kv head (q_len x group) on both sides of the 16-row tiles and 64-row CTAs, caches ending anywhere
     # in a key tile and long enough to split the keys on CUDA, pages of 1 to 64 slots. Batch >= 2 with the
@@ -184,7 +183,7 @@ def test_random_shapes(device, cpu_kernel, rel_err, tol):
         if paged:
             max_len = -(-max_len // page_size) * page_size
         check_against_reference(device, pick(dtypes_for(device)), pick([True, False]), paged,
-                                write_kv=pick([True, False]), rel_err=rel_err, tol=tol, batch=pick([2, 3]),
+                                write_kv=pick([True, False]), batch=pick([2, 3]),
                                 q_len=q_len, n_heads=n_kv * group, n_kv=n_kv, head_dim=pick([64, 128]),
                                 max_len=max_len, page_size=page_size, contiguous=pick([False, True]))
 
@@ -392,13 +391,20 @@ def test_fake_implementation_checks_the_rank():
             torch.ops.r2lm.cache_attention(**args)
 
 
-def test_inputs_that_require_grad_raise():
-    q = torch.randn(2, 4, 4, 64, requires_grad=True)
-    call = bad_call("cpu", q=q)
-    with pytest.raises(RuntimeError, match="cache_attention has no backward"):
-        call()
+@pytest.mark.parametrize("name", ["q", "k", "v", "k_cache", "v_cache"])
+@pytest.mark.parametrize("op", [r2lm_kernels.cache_attention, torch.ops.r2lm.cache_attention],
+                         ids=["wrapper", "torch.ops"])
+def test_inputs_that_require_grad_raise(name, op):
+    """No backward: the registered op itself refuses, so torch.ops.r2lm callers get no silently missing grad."""
+    q, k, v, k_cache, v_cache, lens, _ = make_case("cpu", torch.float32, batch=2, q_len=4, n_heads=4, n_kv=2,
+                                                   head_dim=64, max_len=32, paged=False, contiguous=True)
+    args = dict(q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache, cache_seqlens=lens)
+    args[name].requires_grad_()
+    with pytest.raises(RuntimeError, match=f"cache_attention has no backward: {name} requires grad"):
+        op(**args)
     with torch.no_grad():
-        assert call().shape == q.shape
+        out = op(**args)
+    assert (out if isinstance(out, torch.Tensor) else out[0]).shape == q.shape
 
 
 @pytest.mark.parametrize("paged", [False, True])

@@ -32,21 +32,18 @@ def _tokens(batch, block, vocab, mask_id, device, masked_fraction=0.7):
     return tokens
 
 
-def _poison_outputs(batch, block, device):
-    """Fill and free blocks of the sizes the op allocates (bool, fp32 and int32 outputs), so that reused
-    memory starts as all-ones bytes (True, NaN, -1) rather than zeros."""
-    junk = [torch.full((n,), 255, dtype=torch.uint8, device=device) for n in (batch * block, 4 * batch * block,
-                                                                               4 * batch)]
-    del junk
-
-
-def _run(logits, tokens, **kwargs):
-    """(kernel, reference) results, each (committed, confidence, n_masked, tokens after)."""
-    got_tokens, want_tokens = tokens.clone(), tokens.clone()
-    _poison_outputs(*tokens.shape, logits.device)
-    got = r2lm_kernels.parallel_commit(logits, got_tokens, **kwargs)
-    want = ref.parallel_commit(logits, want_tokens, **kwargs)
-    return (*got, got_tokens), (*want, want_tokens)
+@pytest.fixture
+def run_commit(poison_memory):
+    """run_commit(logits, tokens, **kwargs) -> (kernel, reference) results, each (committed, confidence,
+    n_masked, tokens after), the kernel's outputs (bool, fp32 and int32) poisoned first."""
+    def run(logits, tokens, **kwargs):
+        got_tokens, want_tokens = tokens.clone(), tokens.clone()
+        batch, block = tokens.shape
+        poison_memory(logits.device, batch * block, 4 * batch * block, 4 * batch)
+        got = r2lm_kernels.parallel_commit(logits, got_tokens, **kwargs)
+        want = ref.parallel_commit(logits, want_tokens, **kwargs)
+        return (*got, got_tokens), (*want, want_tokens)
+    return run
 
 
 def _assert_confidence_close(got, want, got_tokens, logits, tokens, kwargs, rel_err):
@@ -110,7 +107,8 @@ def _assert_candidates_equal(got_tokens, want_tokens, logits, temperature, seed,
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 @pytest.mark.parametrize("shape,layout", [((2, 17, 1000), "contiguous"), ((1, 1, 2), "contiguous"),
                                           ((3, 33, 4099), "vocab_slice"), ((2, 5, 777), "transposed")])
-def test_candidates_and_scores_match_reference(device, dtype, score, temperature, shape, layout, rel_err, vector_width):
+def test_candidates_and_scores_match_reference(device, dtype, score, temperature, shape, layout, rel_err, vector_width,
+                                               run_commit):
     """threshold=-inf commits every eligible position, exposing each candidate and score."""
     batch, block, vocab = shape
     mask_id = int(torch.randint(0, vocab, ()))
@@ -119,7 +117,7 @@ def test_candidates_and_scores_match_reference(device, dtype, score, temperature
     seed, step = int(torch.randint(-2**62, 2**62, ())), int(torch.randint(0, 2**40, ()))
     kwargs = dict(mask_token_id=mask_id, threshold=-math.inf, temperature=temperature, seed=seed, step=step,
                   score=score)
-    (committed, confidence, n_masked, got_tokens), want = _run(logits, tokens, **kwargs)
+    (committed, confidence, n_masked, got_tokens), want = run_commit(logits, tokens, **kwargs)
     assert torch.equal(committed, want[0])
     assert torch.equal(committed, tokens == mask_id)
     _assert_candidates_equal(got_tokens, want[3], logits, temperature, seed, step)
@@ -131,14 +129,14 @@ def test_candidates_and_scores_match_reference(device, dtype, score, temperature
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 @pytest.mark.parametrize("vocab", [151936, 262144])
-def test_large_vocab(device, dtype, temperature, vocab, rel_err, vector_width):
+def test_large_vocab(device, dtype, temperature, vocab, rel_err, vector_width, run_commit):
     batch, block = 2, 3                                          # few rows: the CUDA kernel splits each row
     logits = _logits(batch, block, vocab, dtype, device)
     mask_id = vocab - 1
     tokens = torch.full((batch, block), mask_id, device=device)
     seed, step = int(torch.randint(0, 2**31, ())), 3
     kwargs = dict(mask_token_id=mask_id, threshold=-math.inf, temperature=temperature, seed=seed, step=step)
-    (committed, confidence, n_masked, got_tokens), want = _run(logits, tokens, **kwargs)
+    (committed, confidence, n_masked, got_tokens), want = run_commit(logits, tokens, **kwargs)
     assert committed.all()
     _assert_candidates_equal(got_tokens, want[3], logits, temperature, seed, step)
     _assert_confidence_close(confidence, want[1], got_tokens, logits, tokens, kwargs, rel_err)
@@ -205,18 +203,18 @@ RULES = {  # (threshold, min_per_step, max_per_step)
 @pytest.mark.parametrize("score,temperature", [(score, 0.0) for score in SCORES] + [("prob", 0.8)])
 @pytest.mark.parametrize("rule", list(RULES))
 @pytest.mark.parametrize("block", [1, 17, 32, 128])
-def test_selection_matches_reference(device, rule, block, score, temperature):
+def test_selection_matches_reference(device, rule, block, score, temperature, run_commit):
     """Threshold, min-fill and max-cap all go by the chosen score."""
     batch, vocab = 5, 101
     mask_id = 7
     logits, tokens, kwargs, scores = _separated_draw(batch, block, vocab, mask_id, device, score, temperature)
     threshold, min_k, max_k = RULES[rule](_threshold_in_a_gap(scores))
-    got, want = _run(logits, tokens, threshold=threshold, min_per_step=min_k, max_per_step=max_k, **kwargs)
+    got, want = run_commit(logits, tokens, threshold=threshold, min_per_step=min_k, max_per_step=max_k, **kwargs)
     _assert_same_outcome(got, want, atol=1e-5 if score == "neg_entropy" else 1e-7)
 
 
 @pytest.mark.parametrize("score", SCORES)
-def test_confidence_equal_to_the_threshold_commits(device, score):
+def test_confidence_equal_to_the_threshold_commits(device, score, run_commit):
     """The rule is confidence >= threshold: a position exactly at the threshold commits."""
     logits = torch.full((1, 3, 5), -1e4, device=device)
     logits[0, :, 2] = 0.0                      # one token takes all the probability: prob exactly 1
@@ -225,7 +223,7 @@ def test_confidence_equal_to_the_threshold_commits(device, score):
                                                     score=score)
     threshold = float(confidence[0, 0])
     assert math.isfinite(threshold) and torch.equal(confidence, torch.full_like(confidence, threshold))
-    got, want = _run(logits, tokens, mask_token_id=4, threshold=threshold, min_per_step=0, score=score)
+    got, want = run_commit(logits, tokens, mask_token_id=4, threshold=threshold, min_per_step=0, score=score)
     _assert_same_outcome(got, want)
     assert got[0].all()
 
@@ -244,7 +242,7 @@ def test_strided_tokens_are_updated_in_place(device):
     assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
 
 
-def test_ties_go_to_the_lower_position_and_token(device, vector_width):
+def test_ties_go_to_the_lower_position_and_token(device, vector_width, run_commit):
     batch, block, vocab, mask_id = 2, 8, 64, 0
     logits = torch.randn(batch, block, vocab, device=device)
     logits[:, 5] = logits[:, 2]                                  # equal rows: equal confidence
@@ -253,14 +251,14 @@ def test_ties_go_to_the_lower_position_and_token(device, vector_width):
     kwargs = dict(mask_token_id=mask_id, threshold=math.inf, min_per_step=1, max_per_step=1)
     logits[:, 2] = logits[:, 2] * 3                              # positions 2 and 5 the most confident
     logits[:, 5] = logits[:, 2]
-    got, want = _run(logits, tokens, **kwargs)
+    got, want = run_commit(logits, tokens, **kwargs)
     assert got[0].nonzero().tolist() == [[0, 2], [1, 2]]
     assert (got[3][:, 2] == 10).all()
     assert got[1][:, 2].equal(got[1][:, 5])
     _assert_same_outcome(got, want)
 
 
-def test_non_finite_rows_are_never_committed(device, vector_width):
+def test_non_finite_rows_are_never_committed(device, vector_width, run_commit):
     vocab, mask_id = 50, 3
     logits = torch.randn(1, 8, vocab, device=device)
     logits[0, :, mask_id] = 1e4                                  # the mask token dominates: never a candidate
@@ -277,7 +275,7 @@ def test_non_finite_rows_are_never_committed(device, vector_width):
         for temperature in (0.0, 1.3):
             kwargs = dict(mask_token_id=mask_id, threshold=0.0, min_per_step=8, temperature=temperature,
                           score=score, seed=1, step=2)
-            (committed, confidence, n_masked, got_tokens), want = _run(logits, tokens, **kwargs)
+            (committed, confidence, n_masked, got_tokens), want = run_commit(logits, tokens, **kwargs)
             assert committed.tolist() == [[True, False, False, False, False, True, False, True]], (score, temperature)
             assert (got_tokens[committed] != mask_id).all()
             assert (confidence[~committed] == -math.inf).all()
@@ -285,19 +283,19 @@ def test_non_finite_rows_are_never_committed(device, vector_width):
             assert torch.equal(committed, want[0]) and torch.equal(got_tokens, want[3])
 
 
-def test_margin_with_a_single_candidate_token_is_infinite(device):
+def test_margin_with_a_single_candidate_token_is_infinite(device, run_commit):
     logits = torch.randn(2, 3, 2, device=device)
     tokens = torch.ones(2, 3, dtype=torch.long, device=device)
-    got, want = _run(logits, tokens, mask_token_id=1, threshold=0.5, score="margin")
+    got, want = run_commit(logits, tokens, mask_token_id=1, threshold=0.5, score="margin")
     assert (got[1] == math.inf).all() and torch.equal(got[1], want[1]) and (got[3] == 0).all()
 
 
-def test_inactive_sequences_are_untouched(device):
+def test_inactive_sequences_are_untouched(device, run_commit):
     batch, block, vocab, mask_id = 4, 16, 100, 99
     logits = _logits(batch, block, vocab, torch.float32, device)
     tokens = torch.full((batch, block), mask_id, device=device)
     active = torch.tensor([True, False, True, False], device=device)
-    got, want = _run(logits, tokens, mask_token_id=mask_id, threshold=0.0, min_per_step=2, active=active)
+    got, want = run_commit(logits, tokens, mask_token_id=mask_id, threshold=0.0, min_per_step=2, active=active)
     committed, confidence, n_masked, got_tokens = got
     assert not committed[~active].any() and (confidence[~active] == -math.inf).all()
     assert (got_tokens[~active] == mask_id).all()
@@ -354,7 +352,7 @@ def test_sampling_is_reproducible(device):
     assert not torch.equal(first, draw(seed=11 + 2**32, step=4))  # the seed's high word counts
 
 
-def test_uniform_rounding_to_one_gives_no_infinite_noise(device, vector_width):
+def test_uniform_rounding_to_one_gives_no_infinite_noise(device, vector_width, run_commit):
     """For (seed 0, step 0, batch 930, position 0, token 2885) the uniform (2^24 - 1/2) / 2^24 rounds
     to 1.0 in fp32; uncapped, its Gumbel noise would be +inf and that token (logit -50) would win."""
     batch, vocab, mask_id, unlucky = 931, 4096, 4095, 2885
@@ -364,7 +362,7 @@ def test_uniform_rounding_to_one_gives_no_infinite_noise(device, vector_width):
     logits = row.expand(batch, 1, vocab)
     tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
     tokens[930] = mask_id
-    got, want = _run(logits, tokens, mask_token_id=mask_id, threshold=-math.inf, temperature=1.0, seed=0, step=0)
+    got, want = run_commit(logits, tokens, mask_token_id=mask_id, threshold=-math.inf, temperature=1.0, seed=0, step=0)
     assert bool(got[0][930, 0]) and int(got[3][930, 0]) != unlucky
     assert torch.equal(got[3], want[3])
 
@@ -530,10 +528,15 @@ def test_empty_batch_and_block(device):
 
 
 def test_logits_that_require_grad_raise():
+    """No backward: the registered op itself refuses, so torch.ops.r2lm callers get no silently missing grad."""
     logits = torch.randn(2, 4, 10, requires_grad=True)
     tokens = torch.full((2, 4), 9)
     with pytest.raises(RuntimeError, match="parallel_commit has no backward: logits requires grad"):
         r2lm_kernels.parallel_commit(logits, tokens, mask_token_id=9, threshold=0.5)
+    with pytest.raises(RuntimeError, match="parallel_commit has no backward: logits requires grad"):
+        torch.ops.r2lm.parallel_commit(logits, tokens, mask_token_id=9, threshold=0.5, min_per_step=1,
+                                       max_per_step=0, temperature=0.0, seed=0, step=0, step_tensor=None,
+                                       active=None, score="prob")
     assert (tokens == 9).all()
     with torch.no_grad():
         committed, confidence, _ = r2lm_kernels.parallel_commit(logits, tokens, mask_token_id=9, threshold=-1.0)

@@ -39,12 +39,6 @@ def _inputs(batch, seqlen, dim, width, dtype, weight_dtype, device, bias=True):
     return x, weight, b
 
 
-def _poison(device, *shapes_dtypes):
-    """Fill and free NaN buffers the size of the outputs about to be allocated."""
-    held = [torch.full(shape, float("nan"), dtype=dt, device=device) for shape, dt in shapes_dtypes]
-    del held
-
-
 def _f64(t):
     return None if t is None else t.detach().double()
 
@@ -87,11 +81,11 @@ def _grid_case(device, dtype, weight_dtype, shape, segments, mode, check_device,
 
 @_grid
 def test_forward(device, dtype, weight_dtype, shape, segments, mode, tol, rel_err, check_device, make_segments,
-                 vector_width):
+                 vector_width, poison_memory):
     batch, seqlen, dim, width = shape
     _, x, weight, bias, seq_idx, silu = _grid_case(device, dtype, weight_dtype, shape, segments, mode, check_device,
                                                    make_segments)
-    _poison(device, ((batch, seqlen, dim), dtype))
+    poison_memory(device, x.numel() * x.element_size())
     y = r2lm_kernels.reverse_conv1d(x, weight, bias, seq_idx, silu)
     assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous()
     ref64 = reference.reverse_conv1d(_f64(x), _f64(weight), _f64(bias), seq_idx, silu)
@@ -101,14 +95,14 @@ def test_forward(device, dtype, weight_dtype, shape, segments, mode, tol, rel_er
 
 @_grid
 def test_backward(device, dtype, weight_dtype, shape, segments, mode, tol, rel_err, check_device, make_segments,
-                  vector_width):
+                  vector_width, poison_memory):
     batch, seqlen, dim, width = shape
     wdt, x, weight, bias, seq_idx, silu = _grid_case(device, dtype, weight_dtype, shape, segments, mode,
                                                      check_device, make_segments)
     dy = torch.randn(batch, seqlen, dim, device=device).to(dtype)
     leaves = [t.detach().requires_grad_() for t in (x, weight, bias) if t is not None]
     out = r2lm_kernels.reverse_conv1d(leaves[0], leaves[1], leaves[2] if bias is not None else None, seq_idx, silu)
-    _poison(device, ((batch, seqlen, dim), dtype), ((dim, width), wdt), ((dim,), wdt))
+    poison_memory(device, *(t.numel() * t.element_size() for t in leaves))
     grads = torch.autograd.grad(out, leaves, dy)
 
     leaves64 = [_f64(t).requires_grad_() for t in leaves]

@@ -94,12 +94,6 @@ def _f64(args):
             for k, v in args.items()}
 
 
-def _poison(device, *shapes_dtypes):
-    """Fill and free NaN buffers the size of the outputs about to be allocated."""
-    held = [torch.full(shape, float("nan"), dtype=dt, device=device) for shape, dt in shapes_dtypes]
-    del held
-
-
 def _magnitudes(args):
     """The same problem with |u|, |B|, |C|, |D|: the forward's sums (and the backward's, with |dout|) then
     add terms of one sign, so its result is the scale that rounding errors are relative to. Random inputs
@@ -122,19 +116,24 @@ def _assert_close(name, out, ref64, ref_low, dtype, tol, scale64, low_factor=3.0
             f"{name}: error {err:.3e} > {low_factor}x the low-precision reference's own {ref_err:.3e}"
 
 
-def _run_forward(args):
+def _nbytes(t):
+    return t.numel() * t.element_size()
+
+
+def _run_forward(args, poison_memory):
     u = args["u"]
-    _poison(u.device, (u.shape, u.dtype))
+    poison_memory(u.device, _nbytes(u))
     return r2lm_kernels.reverse_selective_scan(**args)
 
 
 @pytest.mark.parametrize("segments,options", SEGMENTS_OPTIONS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_forward(check_device, scan_inputs, device, dtype, shape, segments, options, tol, cpu_kernel):
+def test_forward(check_device, scan_inputs, device, dtype, shape, segments, options, tol, cpu_kernel,
+                 poison_memory):
     check_device(device, dtype)
     args = scan_inputs(*shape, dtype, device, options=options, segments=segments)
-    out = _run_forward(args)
+    out = _run_forward(args, poison_memory)
     assert out.shape == args["u"].shape and out.dtype == dtype and out.is_contiguous()
     ref64 = reference.reverse_selective_scan(**_f64(args))
     ref_low = reference.reverse_selective_scan(**args) if dtype in HALF else None
@@ -151,12 +150,11 @@ def _grads_through_reference(args, dout):
     return dict(zip(leaves.keys(), grads))
 
 
-def _grads_through_op(args, dout):
+def _grads_through_op(args, dout, poison_memory):
     # detach() keeps a view's strides, so the kernel sees exactly the layout it was given.
     leaves = {k: v.detach().requires_grad_() for k, v in args.items()
               if isinstance(v, torch.Tensor) and v.is_floating_point()}
-    u = args["u"]
-    _poison(u.device, *[(v.shape, v.dtype) for v in leaves.values()])
+    poison_memory(args["u"].device, *map(_nbytes, leaves.values()))
     out = r2lm_kernels.reverse_selective_scan(**{**args, **leaves})
     grads = torch.autograd.grad(out, list(leaves.values()), dout)
     return dict(zip(leaves.keys(), grads))
@@ -167,10 +165,10 @@ def _grads_through_op(args, dout):
 GRAD_TOL = {torch.float64: 1e-11, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 
 
-def _check_gradients(args, dtype):
+def _check_gradients(args, dtype, poison_memory):
     """The op's gradients of every floating input against the fp64 (and low-precision) reference's."""
     dout = torch.randn(args["u"].shape, device=args["u"].device).to(dtype)
-    got = _grads_through_op(args, dout)
+    got = _grads_through_op(args, dout, poison_memory)
     ref64 = _grads_through_reference(_f64(args), dout.double())
     ref_low = _grads_through_reference(args, dout) if dtype in HALF else None
     scale64 = _grads_through_reference(_f64(_magnitudes(args)), dout.double().abs())
@@ -183,19 +181,22 @@ def _check_gradients(args, dtype):
 @pytest.mark.parametrize("segments", ["none", "random"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_backward(check_device, scan_inputs, device, dtype, shape, segments, options, vector_width):
+def test_backward(check_device, scan_inputs, device, dtype, shape, segments, options, vector_width,
+                  poison_memory):
     check_device(device, dtype)
-    _check_gradients(scan_inputs(*shape, dtype, device, options=options, segments=segments), dtype)
+    _check_gradients(scan_inputs(*shape, dtype, device, options=options, segments=segments), dtype, poison_memory)
 
 
 @pytest.mark.parametrize("options", PARTIAL)
 @pytest.mark.parametrize("shape", SHAPES[1:3], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_backward_partial_options(check_device, scan_inputs, device, dtype, shape, options, vector_width):
+def test_backward_partial_options(check_device, scan_inputs, device, dtype, shape, options, vector_width,
+                                  poison_memory):
     """test_backward's check with the partial sets of optional arguments, on two of the small shapes (d_state
     16 and 7, several channel blocks) with random segments: they add per-token terms only, cheap to cover."""
     check_device(device, dtype)
-    _check_gradients(scan_inputs(*shape, dtype, device, options=options, segments="random"), dtype)
+    _check_gradients(scan_inputs(*shape, dtype, device, options=options, segments="random"), dtype,
+                     poison_memory)
 
 
 def test_absent_optional_grads_are_empty(scan_inputs, device):
@@ -274,11 +275,11 @@ def _copies_made(fn):
 
 @pytest.mark.parametrize("kind", ["sliced", "seq_major"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_views(scan_inputs, device, dtype, kind, tol):
+def test_views(scan_inputs, device, dtype, kind, tol, poison_memory):
     args = scan_inputs(2, 37, 19, 16, dtype, device)
     views = _views(args, kind)
     assert not views["u"].is_contiguous() and not views["A"].is_contiguous()
-    out = _run_forward(views)
+    out = _run_forward(views, poison_memory)
     ref64 = reference.reverse_selective_scan(**_f64(args))
     ref_low = reference.reverse_selective_scan(**args) if dtype in HALF else None
     scale64 = reference.reverse_selective_scan(**_f64(_magnitudes(args)))
@@ -286,8 +287,8 @@ def test_views(scan_inputs, device, dtype, kind, tol):
     assert _copies_made(lambda: torch.ops.r2lm.reverse_selective_scan(*views.values())) == []
 
     dout = torch.randn(args["u"].shape, device=device).to(dtype)
-    got = _grads_through_op(views, dout)
-    want = _grads_through_op(args, dout)
+    got = _grads_through_op(views, dout, poison_memory)
+    want = _grads_through_op(args, dout, poison_memory)
     for name in got:
         assert torch.equal(got[name], want[name]), f"d{name} differs between a view and a contiguous copy"
     dargs = [views[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus", "seq_idx")]
@@ -305,20 +306,20 @@ def test_expanded_grad_output(scan_inputs, device, rel_err):
 
 
 @pytest.mark.parametrize("d_state", [16, 64])
-def test_long_sequence(scan_inputs, device, d_state, rel_err, cpu_kernel):
+def test_long_sequence(scan_inputs, device, d_state, rel_err, cpu_kernel, poison_memory):
     seqlen = 16384 + 3 if device == "cuda" else 2048 + 3
     args = scan_inputs(1, seqlen, 12, d_state, torch.float32, device, segments="blocks")
-    out = _run_forward(args)
+    out = _run_forward(args, poison_memory)
     ref64 = reference.reverse_selective_scan(**_f64(args))
     assert rel_err(out, ref64) <= 1e-5
     no_segments = dict(args, seq_idx=None)
-    out = _run_forward(no_segments)
+    out = _run_forward(no_segments, poison_memory)
     ref64 = reference.reverse_selective_scan(**_f64(no_segments))
     assert rel_err(out, ref64) <= 1e-5
 
 
 @pytest.mark.parametrize("decay", ["underflow", "growth"])
-def test_extreme_decays(scan_inputs, device, decay, rel_err, cpu_kernel):
+def test_extreme_decays(scan_inputs, device, decay, rel_err, cpu_kernel, poison_memory):
     """Decay arguments past the fast exponential's range: dt * A far below -126 / ln 2 (decays that
     underflow, the clamped path), and positive A entries (growth, the general path)."""
     args = scan_inputs(2, 67, 40, 16, torch.float32, device)
@@ -327,7 +328,7 @@ def test_extreme_decays(scan_inputs, device, decay, rel_err, cpu_kernel):
         A[:, ::3] *= 200.0
     else:
         A[::2, 1] = torch.rand(A.shape[0] // 2 + A.shape[0] % 2, device=device) * 0.3
-    out = _run_forward(args)
+    out = _run_forward(args, poison_memory)
     ref64 = reference.reverse_selective_scan(**_f64(args))
     assert torch.isfinite(out).all()
     assert rel_err(out, ref64) <= 1e-5

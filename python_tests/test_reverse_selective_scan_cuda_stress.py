@@ -51,12 +51,6 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
-def _poison_cache(numel):
-    """Fills and frees NaN buffers so the caching allocator hands NaN memory to the op's outputs."""
-    bufs = [torch.full((numel,), float("nan"), device=DEVICE) for _ in range(4)]
-    del bufs
-
-
 def _reference_grads(args, dout):
     leaves = {k: v.detach().clone().requires_grad_() for k, v in args.items()
               if isinstance(v, torch.Tensor) and v.is_floating_point()}
@@ -85,17 +79,18 @@ def _boundary_segments(batch, seqlen):
     return torch.cumsum(starts, dim=1, dtype=torch.int32)
 
 
-def _check(args, dout, tol=1e-5):
+def _check(args, dout, poison_memory, tol=1e-5):
     """fp32 kernel against the fp64 reference: error below tol, or below 3x the error of the reference
     itself run in fp32 (long, slowly decaying segments accumulate rounding in any fp32 evaluation)."""
     ref_out, ref_grads = _reference_grads(_f64(args), dout.double())
     low_out, low_grads = _reference_grads(args, dout)
-    _poison_cache(ref_out.numel() * 4)
+    poison = [16 * ref_out.numel()] * 4  # bytes: 4 blocks, each 4x the fp32 output, room for every gradient
+    poison_memory(DEVICE, *poison)
     out = r2lm_kernels.reverse_selective_scan(**args)
     assert not out.isnan().any(), "forward left NaN (unwritten) elements"
     err, bound = _rel(out, ref_out), max(tol, 3 * _rel(low_out, ref_out))
     assert err < bound, f"forward error {err:.3g} >= {bound:.3g}"
-    _poison_cache(ref_out.numel() * 4)
+    poison_memory(DEVICE, *poison)
     grads = _kernel_grads(args, dout)
     for name in GRAD_NAMES:
         assert not grads[name].isnan().any(), f"d{name} has NaN (unwritten) elements"
@@ -105,20 +100,20 @@ def _check(args, dout, tol=1e-5):
 
 @pytest.mark.parametrize("d_state", [1, 15, 16, 17, 32, 33, 64])
 @pytest.mark.parametrize("seqlen", [1, 63, 64, 65, 129, 200])
-def test_chunk_boundary_segments(d_state, seqlen):
+def test_chunk_boundary_segments(d_state, seqlen, poison_memory):
     batch, dim = 2, 45  # dim spans a partial block of channels
     args = _inputs(batch, seqlen, dim, d_state, torch.float32, _boundary_segments(batch, seqlen), slow_decay=True)
     dout = torch.randn(batch, seqlen, dim, device=DEVICE)
-    _check(args, dout)
+    _check(args, dout, poison_memory)
 
 
 @pytest.mark.parametrize("d_state", [16, 64])
-def test_long_sequence_16k(d_state):
+def test_long_sequence_16k(d_state, poison_memory):
     batch, seqlen, dim = 1, 16384, 40
     seq_idx = (torch.arange(seqlen, device=DEVICE) // 5000).to(torch.int32)[None]  # few, long segments
     args = _inputs(batch, seqlen, dim, d_state, torch.float32, seq_idx, slow_decay=True)
     dout = torch.randn(batch, seqlen, dim, device=DEVICE)
-    _check(args, dout)
+    _check(args, dout, poison_memory)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -136,7 +131,7 @@ def test_half_precision_against_lowprec_reference(dtype):
         assert _rel(grads[name], ref_grads[name]) <= 3 * _rel(low_grads[name], ref_grads[name]) + 1e-4, name
 
 
-def test_noncontiguous_views():
+def test_noncontiguous_views(poison_memory):
     batch, seqlen, dim, d_state = 2, 150, 50, 16
     wide = lambda *shape: torch.randn(*shape[:-1], shape[-1] + 7, device=DEVICE)[..., 3:3 + shape[-1]]  # noqa: E731
     args = _inputs(batch, seqlen, dim, d_state, torch.float32, _boundary_segments(batch, seqlen))
@@ -149,7 +144,7 @@ def test_noncontiguous_views():
         args["seq_idx"])
     assert not args["u"].is_contiguous() and not args["B"].is_contiguous()
     dout = torch.randn(batch, seqlen, dim + 4, device=DEVICE)[..., :dim]
-    _check(args, dout)
+    _check(args, dout, poison_memory)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -209,7 +204,7 @@ def test_large_d_state_rejected():
 
 
 @pytest.mark.skipif(ON_GPU, reason="the emulated build stands in for a GPU with less shared memory")
-def test_backward_where_the_gpu_has_too_little_shared_memory(monkeypatch):
+def test_backward_where_the_gpu_has_too_little_shared_memory(monkeypatch, poison_memory):
     """On a GPU with 99 KB of shared memory per block (compute capability 8.6 / 8.9) the backward's buffers
     do not fit: the error gives both sizes, and the failed opt-in does not make the next launch fail."""
     args = _inputs(2, 40, 24, 16, torch.float32, _boundary_segments(2, 40))
@@ -221,4 +216,4 @@ def test_backward_where_the_gpu_has_too_little_shared_memory(monkeypatch):
     out = r2lm_kernels.reverse_selective_scan(**args)  # its launch check must not see the opt-in's error
     assert _rel(out, reference.reverse_selective_scan(**_f64(args))) < 1e-5
     monkeypatch.delenv("R2LM_EMULATOR_SMEM_OPTIN")
-    _check(args, dout)
+    _check(args, dout, poison_memory)

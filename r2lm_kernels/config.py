@@ -97,7 +97,7 @@ class R2LMConfig:
 
     @classmethod
     def tiny(cls, **overrides) -> "R2LMConfig":
-        """A few-layer shape for tests and the CPU demo (head_dim 64: a size the attention kernels support)."""
+        """A few-layer shape for tests and examples (head_dim 64: a size the attention kernels support)."""
         fields = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
                       tie_word_embeddings=False, block_size=8)

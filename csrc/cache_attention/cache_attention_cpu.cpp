@@ -877,7 +877,7 @@ R2LM_ATTEND_ROWS_AMX(bf16_128, BFloat16Bits, 128)
 #undef R2LM_AMX_TARGET
 
 // True where the CPU has AMX-BF16 and AVX-512BW and Linux grants the tile state (asked once per process),
-// unless R2LM_ATTENTION_CPU_GENERIC is set (read per call: the tests use it to cover the FMA path too).
+// unless R2LM_ATTENTION_CPU_GENERIC is "1" (the tests use it to cover the FMA path too).
 bool usable() {
   static const bool granted = [] {
     unsigned eax, ebx, ecx, edx;
@@ -889,7 +889,7 @@ bool usable() {
     constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
     return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
   }();
-  return granted && !std::getenv("R2LM_ATTENTION_CPU_GENERIC");
+  return granted && !env_is_one("R2LM_ATTENTION_CPU_GENERIC");
 }
 
 }  // namespace amx

@@ -655,11 +655,11 @@ R2LM_AVX512 void forward_f32_n16_avx512(const ScanParams& p, const Block<float, 
   _mm_setcsr(csr);
 }
 
-// Whether forward() takes forward_f32_n16_avx512: the CPU has AVX-512 and the environment variable
-// R2LM_SCAN_CPU_GENERIC is unset (the tests set it to cover the generic path on AVX-512 machines too).
+// Whether forward() takes forward_f32_n16_avx512: the CPU has AVX-512 and R2LM_SCAN_CPU_GENERIC is not
+// "1" (the tests set it to cover the generic path on AVX-512 machines too).
 bool use_avx512() {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
-  return has && !std::getenv("R2LM_SCAN_CPU_GENERIC");
+  return has && !env_is_one("R2LM_SCAN_CPU_GENERIC");
 }
 #endif
 

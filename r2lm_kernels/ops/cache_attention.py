@@ -18,9 +18,17 @@ def cache_attention(q, k, v, k_cache, v_cache, cache_seqlens, *, block_table=Non
     the caches, even of the draft slots: with write_kv they are then copied first, so the values stored and
     attended to are the ones they held on entry.
 
-    head_dim must be 64 or 128; q, k, v and the caches share one dtype (fp16, bf16, fp32; fp64 on CPU).
-    There is no backward: an input that requires grad, with grad mode on, raises instead of leaving its
-    gradient silently missing.
+    q: (batch, q_len, n_heads, head_dim); k, v: (batch, q_len, n_kv_heads, head_dim), n_heads a multiple
+    of n_kv_heads (GQA); caches: (batch, max_len, n_kv_heads, head_dim), or paged (num_pages, page_size,
+    n_kv_heads, head_dim) with block_table: (batch, pages per sequence) int32 naming each sequence's pages
+    in order; cache_seqlens: (batch,) int32. head_dim must be 64 or 128; q, k, v and the caches share one
+    dtype (fp16, bf16, fp32; fp64 on CPU). softmax_scale defaults to head_dim ** -0.5.
+
+    torch.ops.r2lm.cache_attention is the registered op: the same arguments without return_lse (it always
+    returns (out, lse)) and without the R2LM_VALIDATE checks below.
+    There is no backward: an input that requires grad, with grad mode on, raises (here and through
+    torch.ops.r2lm.cache_attention) instead of leaving its gradient silently missing; differentiate the
+    cache-free forward instead.
 
     Value checks (cache_seqlens >= 0, cache_seqlens + q_len <= cache capacity with write_kv, else
     cache_seqlens <= capacity, block_table entries in [0, num_pages) for every page a sequence touches, and
@@ -30,9 +38,6 @@ def cache_attention(q, k, v, k_cache, v_cache, cache_seqlens, *, block_table=Non
     access, but the result of a bad input is meaningless); set R2LM_VALIDATE=1 to run the checks on CUDA too
     (they sync, and are skipped while a CUDA graph is being captured).
     """
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, k_cache, v_cache)):
-        raise RuntimeError("cache_attention has no backward (it serves generation with a KV cache): call it under "
-                           "torch.no_grad() or torch.inference_mode(), or differentiate the cache-free forward")
     if cache_seqlens.is_cuda and os.environ.get("R2LM_VALIDATE") == "1" and \
             not torch.cuda.is_current_stream_capturing():
         check_cache_attention_values(q.shape[1], k_cache, cache_seqlens, block_table, write_kv)

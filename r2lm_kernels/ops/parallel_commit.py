@@ -11,21 +11,30 @@ from .. import _ext  # noqa: F401  (registers torch.ops.r2lm)
 def parallel_commit(logits, tokens, *, mask_token_id, threshold, min_per_step=1, max_per_step=0,
                     temperature=0.0, seed=0, step=0, active=None, score="prob"):
     """Commit confident masked positions of each sequence's block; `tokens` is updated in place.
+    logits: (batch, block, vocab) float32 / bfloat16 / float16 / float64, unit stride in the last dim,
+    block <= 1024; tokens: (batch, block) int64, a position is masked where it holds mask_token_id;
+    active: (batch,) bool, the sequences that may commit (default all). Selection per sequence: the
+    masked positions whose confidence is >= threshold, at least min_per_step of them (the most confident;
+    ties to the lower position) and at most max_per_step (0: no limit). With p = softmax(logits), the
+    candidate is the argmax of the non-mask logits (greedy) or a Gumbel-max sample of logits / temperature,
+    and score is its confidence: "prob" p[candidate], "margin" the gap between the two largest non-mask
+    p, "neg_entropy" sum(p log p).
+
     `step` is an int or a one-element int64 tensor on the logits' device (fresh random numbers per
     replay of a captured CUDA graph); seed and step key the random numbers with all their 64 bits (any
     integer in [-2**63, 2**64): a negative one means the same bits as its value + 2**64). temperature is 0
-    (greedy) or at least 1e-6 (the picks are logits / temperature in fp32). Returns (committed bool,
-    confidence fp32, n_masked int32).
+    (greedy) or at least 1e-6 (the picks are logits / temperature in fp32). Returns committed (batch,
+    block) bool, confidence (batch, block) fp32 (-inf where a position was not eligible) and n_masked
+    (batch,) int32, the masked positions left. torch.ops.r2lm.parallel_commit is the registered op: seed
+    and step as the int64 with the same bits, a step tensor as step_tensor.
 
     Non-finite logits: a position whose logits row holds a NaN or +inf (the mask token's logit
     included), or whose non-mask logits are all -inf, is never committed and gets confidence -inf;
     -inf logits elsewhere are ordinary (probability 0). The mask token is never a candidate.
 
     There is no backward (commits are discrete choices): logits that require grad, with grad mode on,
-    raise instead of leaving confidence's gradient silently missing."""
-    if torch.is_grad_enabled() and logits.requires_grad:
-        raise RuntimeError("parallel_commit has no backward: logits requires grad; call it under torch.no_grad() "
-                           "or torch.inference_mode(), or pass logits.detach()")
+    raise (here and through torch.ops.r2lm.parallel_commit) instead of leaving confidence's gradient
+    silently missing."""
     step_tensor = step if isinstance(step, torch.Tensor) else None
     if step_tensor is not None and (step_tensor.dtype != torch.int64 or step_tensor.numel() != 1):
         raise ValueError(f"parallel_commit: step must be an int or a one-element int64 tensor, got a tensor of "

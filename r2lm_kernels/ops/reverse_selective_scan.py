@@ -9,7 +9,14 @@ from .. import _ext  # noqa: F401  (registers torch.ops.r2lm)
 def reverse_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                            seq_idx=None):
     """Right-to-left selective scan, fused with softplus(delta + delta_bias), the D skip and the
-    SiLU(z) gate; the state resets where seq_idx changes. See r2lm_kernels.reference for the math."""
+    SiLU(z) gate; the state resets where seq_idx changes. See r2lm_kernels.reference for the math.
+
+    u, delta, z: (batch, seqlen, dim) and B, C: (batch, seqlen, d_state), all in one dtype: float32,
+    bfloat16 or float16 (float64 on CPU); A: (dim, d_state), D and delta_bias: (dim,), float32 (float64
+    for float64 u); seq_idx: (batch, seqlen) int32, a segment being a run of equal values. Every tensor
+    needs unit stride in its last dim (other strides free). d_state is at most 64 on CUDA. The state and
+    arithmetic are fp32 (fp64 for fp64 u); returns a contiguous tensor in u's dtype. Differentiable in
+    every floating input (deterministic gradients, in the inputs' dtypes)."""
     return torch.ops.r2lm.reverse_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, seq_idx)
 
 
