@@ -26,6 +26,7 @@ def cache_attention(q, k, v, k_cache, v_cache, cache_seqlens, *, block_table=Non
 
     torch.ops.r2lm.cache_attention is the registered op: the same arguments without return_lse (it always
     returns (out, lse)) and without the R2LM_VALIDATE checks below.
+
     There is no backward: an input that requires grad, with grad mode on, raises (here and through
     torch.ops.r2lm.cache_attention) instead of leaving its gradient silently missing; differentiate the
     cache-free forward instead.
