@@ -91,7 +91,7 @@ def check_against_reference(rel_err, tol, poison_memory):
                                              block_table=None if table is None else table.cpu(), causal=causal,
                                              write_kv=False, return_lse=True)
         want, want_lse = want.to(device), want_lse.to(device)
-        poison_memory(device, q.numel() * q.element_size(), q.shape[0] * q.shape[2] * q.shape[1] * 4)  # out, lse
+        poison_memory(device, q.nbytes, q.shape[0] * q.shape[2] * q.shape[1] * 4)  # out, lse
         out, lse = r2lm_kernels.cache_attention(q, k, v, k_cache, v_cache, lens, block_table=table, causal=causal,
                                                 write_kv=write_kv, return_lse=True)
         assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()

@@ -85,7 +85,7 @@ def test_forward(device, dtype, weight_dtype, shape, segments, mode, tol, rel_er
     batch, seqlen, dim, width = shape
     _, x, weight, bias, seq_idx, silu = _grid_case(device, dtype, weight_dtype, shape, segments, mode, check_device,
                                                    make_segments)
-    poison_memory(device, x.numel() * x.element_size())
+    poison_memory(device, x.nbytes)
     y = r2lm_kernels.reverse_conv1d(x, weight, bias, seq_idx, silu)
     assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous()
     ref64 = reference.reverse_conv1d(_f64(x), _f64(weight), _f64(bias), seq_idx, silu)
@@ -102,7 +102,7 @@ def test_backward(device, dtype, weight_dtype, shape, segments, mode, tol, rel_e
     dy = torch.randn(batch, seqlen, dim, device=device).to(dtype)
     leaves = [t.detach().requires_grad_() for t in (x, weight, bias) if t is not None]
     out = r2lm_kernels.reverse_conv1d(leaves[0], leaves[1], leaves[2] if bias is not None else None, seq_idx, silu)
-    poison_memory(device, *(t.numel() * t.element_size() for t in leaves))
+    poison_memory(device, *(t.nbytes for t in leaves))
     grads = torch.autograd.grad(out, leaves, dy)
 
     leaves64 = [_f64(t).requires_grad_() for t in leaves]

@@ -116,13 +116,9 @@ def _assert_close(name, out, ref64, ref_low, dtype, tol, scale64, low_factor=3.0
             f"{name}: error {err:.3e} > {low_factor}x the low-precision reference's own {ref_err:.3e}"
 
 
-def _nbytes(t):
-    return t.numel() * t.element_size()
-
-
 def _run_forward(args, poison_memory):
     u = args["u"]
-    poison_memory(u.device, _nbytes(u))
+    poison_memory(u.device, u.nbytes)
     return r2lm_kernels.reverse_selective_scan(**args)
 
 
@@ -154,7 +150,7 @@ def _grads_through_op(args, dout, poison_memory):
     # detach() keeps a view's strides, so the kernel sees exactly the layout it was given.
     leaves = {k: v.detach().requires_grad_() for k, v in args.items()
               if isinstance(v, torch.Tensor) and v.is_floating_point()}
-    poison_memory(args["u"].device, *map(_nbytes, leaves.values()))
+    poison_memory(args["u"].device, *(t.nbytes for t in leaves.values()))
     out = r2lm_kernels.reverse_selective_scan(**{**args, **leaves})
     grads = torch.autograd.grad(out, list(leaves.values()), dout)
     return dict(zip(leaves.keys(), grads))
