@@ -74,7 +74,7 @@ def build_model(setup: Setup, device: str, impl: str):
         model = R2LMForCausalLM(config, impl=impl)
         # A live (non-zero) sidecar output projection: timing on zero weights can flatter.
         model.init_weights(sidecar_out_std=0.02)
-    return model.to(dtype=setup.dtype).eval()
+    return model.cast(setup.dtype).eval()
 
 
 def synchronize(device):

@@ -202,6 +202,54 @@ def test_save_load_roundtrip(tmp_path, tied, tiny_model, random_ids):
         assert torch.equal(mixed(ids), model(ids))
 
 
+SIDECAR_SCAN_PARAMETERS = ("sidecar.A_log", "sidecar.D", "sidecar.dt_proj.bias")
+
+
+def check_16_bit_cast(model, fp32_model, dtype):
+    """Every parameter in `dtype` but the sidecars' scan parameters, which hold fp32_model's values exactly."""
+    want = dict(fp32_model.named_parameters())
+    for name, param in model.named_parameters():
+        if name.endswith(SIDECAR_SCAN_PARAMETERS):
+            assert param.dtype == torch.float32 and torch.equal(param.cpu(), want[name].cpu()), name
+        else:
+            assert param.dtype == dtype, name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_model_keeps_the_scan_parameters_in_fp32(device, dtype, tmp_path, random_ids, run_or_skip):
+    config = R2LMConfig(vocab_size=97, hidden_size=44, intermediate_size=72, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=64, block_size=8)
+    torch.manual_seed(1)
+    fp32 = R2LMForCausalLM(config, impl="reference", device=device)
+    torch.manual_seed(1)
+    built = R2LMForCausalLM(config, device=device, dtype=dtype)
+    check_16_bit_cast(built, fp32, dtype)
+    assert built.dtype == dtype
+    pytest.importorskip("safetensors")
+    fp32.save(tmp_path / "fp32.safetensors")
+    loaded = R2LMForCausalLM.load(tmp_path / "fp32.safetensors", device=device, dtype=dtype)
+    check_16_bit_cast(loaded, fp32, dtype)
+    # The kernels take the fp32 scan parameters beside 16-bit activations, as the reference does.
+    reference = R2LMForCausalLM.load(tmp_path / "fp32.safetensors", impl="reference", device=device, dtype=dtype)
+    for sidecar in (layer.sidecar for layer in loaded.model.layers):
+        sidecar.out_proj.weight.data.normal_(0, 0.3)  # make the sidecar count
+    reference.load_state_dict(loaded.state_dict())
+    ids = random_ids(loaded, 2, 19, device=device)
+    with torch.no_grad():
+        got = run_or_skip(lambda: loaded(ids))
+        want = reference(ids)
+    assert float((got.float() - want.float()).norm() / want.float().norm()) < 1e-2
+
+
+def test_16_bit_qwen3_conversion_keeps_the_scan_parameters_in_fp32():
+    hf = hf_qwen3(tied=False, bias=False, device="cpu").to(torch.bfloat16)
+    torch.manual_seed(2)
+    model = R2LMForCausalLM.from_qwen3(hf, block_size=8, impl="reference")
+    torch.manual_seed(2)
+    fp32 = R2LMForCausalLM.from_qwen3(hf.float(), block_size=8, impl="reference")
+    check_16_bit_cast(model, fp32, torch.bfloat16)
+
+
 def test_load_rejects_foreign_file(tmp_path):
     safetensors_torch = pytest.importorskip("safetensors.torch")
     path = tmp_path / "other.safetensors"

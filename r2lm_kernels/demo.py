@@ -142,7 +142,7 @@ def main(argv=None):
     # A random sidecar out_proj (a converted model starts at zero), so the sidecar shapes the logits and the
     # invariant check below means something.
     model.init_weights(std=0.02, sidecar_out_std=0.02)
-    model = model.to(dtype=dtype).eval()
+    model = model.cast(dtype).eval()
     # Prompts of different lengths: each sequence has its own block layout and advances on its own.
     lengths = [max(1, prompt_len - (7 * i) % args.block_size) for i in range(batch)]
     prompts = [torch.randint(0, config.vocab_size - 1, (n,), device=device) for n in lengths]
@@ -172,7 +172,7 @@ def main(argv=None):
     # tolerance separates rounding from a broken cache.
     print("generating with the KV cache (float32); each step re-checked against a cache-free forward:", flush=True)
     worst, checked = checked_run(model.float(), prompts, r2lm_kwargs, tolerance)
-    model.to(dtype)
+    model.cast(dtype)
 
     # 2. Timed runs (warmed up once, no callbacks).
     runs = {

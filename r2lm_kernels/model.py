@@ -150,6 +150,10 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(batch, seqlen, self.n_heads * self.head_dim))
 
 
+# Parameters that R2LMForCausalLM.cast keeps in fp32 under a 16-bit dtype.
+_FP32_SIDECAR_PARAMETERS = (".sidecar.A_log", ".sidecar.D", ".sidecar.dt_proj.bias")
+
+
 class ReverseMambaSidecar(nn.Module):
     """Mamba-1 mixer run right to left inside each block (DESIGN.md 2). out_proj starts at zero, so a
     fresh sidecar leaves the base model unchanged."""
@@ -247,7 +251,7 @@ class R2LMForCausalLM(nn.Module):
 
     def __init__(self, config: R2LMConfig, *, impl: str = "kernels", device=None, dtype=None):
         """A randomly initialised model (see init_weights), built directly on `device` (e.g. "cuda": no
-        host copy of a large model) and then cast to `dtype`."""
+        host copy of a large model) and then cast to `dtype` (see cast)."""
         super().__init__()
         self.config = config
         self.impl = impl
@@ -259,7 +263,7 @@ class R2LMForCausalLM(nn.Module):
         self._inv_freq = {}
         self.init_weights()
         if dtype is not None:
-            self.to(dtype=dtype)
+            self.cast(dtype)
 
     # -- construction -------------------------------------------------------------------------------
 
@@ -275,6 +279,19 @@ class R2LMForCausalLM(nn.Module):
     @property
     def ops(self) -> SimpleNamespace:
         return get_ops(self._impl)
+
+    def cast(self, dtype: torch.dtype) -> "R2LMForCausalLM":
+        """`self.to(dtype)`, except that a 16-bit dtype leaves the sidecars' A_log, D and dt_proj.bias in
+        fp32, as Mamba does: the scan takes them in fp32, and rounded to 8 bits they would move every decay
+        rate and step size by up to a few percent. The constructor, load and from_qwen3 cast this way; a plain
+        `.to(dtype)` casts every parameter."""
+        keep = dtype in (torch.float16, torch.bfloat16)
+        kept = {name: param.data.float() for name, param in self.named_parameters()
+                if keep and name.endswith(_FP32_SIDECAR_PARAMETERS)}
+        self.to(dtype=dtype)
+        for name, data in kept.items():
+            self.get_parameter(name).data = data
+        return self
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, sidecar_out_std: float = 0.0, generator=None):
@@ -389,8 +406,8 @@ class R2LMForCausalLM(nn.Module):
                    sidecar_dt_rank=None, impl: str = "kernels", generator=None) -> "R2LMForCausalLM":
         """An R2LM model from a `transformers` Qwen3ForCausalLM: its embeddings, attention, norms and MLP
         weights, plus freshly initialised sidecars with a zero out_proj (the result computes the Qwen3
-        model's logits exactly until the sidecars are trained). The new model has the HF model's dtype and
-        device. mask_token_id=None takes the last vocabulary id."""
+        model's logits exactly until the sidecars are trained). The new model has the HF model's dtype (see
+        cast) and device. mask_token_id=None takes the last vocabulary id."""
         hc = hf_model.config
         rope = dict(getattr(hc, "rope_parameters", None) or getattr(hc, "rope_scaling", None) or {})
         if rope.get("rope_type", rope.get("type", "default")) != "default":
@@ -422,7 +439,7 @@ class R2LMForCausalLM(nn.Module):
                                                                           and config.tie_word_embeddings)]
         if not_sidecar or unexpected:
             raise ValueError(f"from_qwen3: weights did not map; missing {not_sidecar}, unexpected {unexpected}")
-        return model.to(dtype=weight.dtype)
+        return model.cast(weight.dtype)
 
     def save(self, path) -> None:
         """Writes the weights and the config into one safetensors file."""
@@ -435,7 +452,8 @@ class R2LMForCausalLM(nn.Module):
 
     @classmethod
     def load(cls, path, *, impl: str = "kernels", device=None, dtype=None) -> "R2LMForCausalLM":
-        """Reads a file written by save(); the weights keep their saved dtype unless `dtype` is given."""
+        """Reads a file written by save(); the weights keep their saved dtype unless `dtype` is given (see
+        cast)."""
         from safetensors import safe_open
         from safetensors.torch import load_file
 
@@ -455,4 +473,4 @@ class R2LMForCausalLM(nn.Module):
                              f"unexpected {unexpected}")
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
-        return model if dtype is None else model.to(dtype=dtype)
+        return model if dtype is None else model.cast(dtype)
