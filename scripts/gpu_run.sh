@@ -5,7 +5,7 @@
 # everything into OUT_DIR; ends with a short summary (also OUT_DIR/summary.txt). Plans for less than 9
 # minutes in all. BUNDLE, when given, is a .tar.gz that OUT_DIR is packed into at exit, also after a failed
 # stage: one file to bring back from a machine that returns only a few. Every stage runs even when an
-# earlier one failed; the exit code is then the last failed stage's.
+# earlier one failed; the exit code is then the last failed stage's, or 3 for a stage cut at its time limit.
 #   scripts/gpu_run.sh OUT_DIR [BUNDLE]      e.g. scripts/gpu_run.sh /tmp/gpu_run "$OUT/gpu_run.tar.gz"
 # Stage budgets (seconds; environment): R2LM_BUILD_S=240 R2LM_TEST_S=170 R2LM_MICRO_S=200 (at most half of
 # what is left), the e2e gets the rest of R2LM_TOTAL_S=530. PYTHON=python3 picks the interpreter.
@@ -125,4 +125,7 @@ EOF
 for name in "${!status[@]}"; do echo "stage $name: ${status[$name]}"; done
 echo "all outputs: $out"
 } | tee "$out/summary.txt"
+# A stage cut at its limit exits 124 (137 if killed); the device tool reads those codes as the whole call
+# having run out of time, so a run that finished with a cut stage says 3 instead.
+case $failed_rc in 124 | 137) failed_rc=3 ;; esac
 exit "$failed_rc"
