@@ -194,7 +194,9 @@ def _run_loop(step_fn, done_fn, max_iters, device, cuda_graph, what):
             # one (capture records without running), then replay it for this and every later step.
             graph = torch.cuda.CUDAGraph()
             torch.cuda.synchronize(device)
-            with torch.cuda.graph(graph):
+            # thread_local: CUDA calls that other threads of a serving process make meanwhile (allocations,
+            # host reads of their own steps) neither break this capture nor fail themselves.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 step_fn()
             graph.replay()
         elif cuda_graph:
