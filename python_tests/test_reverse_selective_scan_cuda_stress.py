@@ -2,7 +2,9 @@
 
 The CUDA kernels tile the sequence: forward chunks of 16 / 8 / 4 tokens (d_state padded to 16 / 32 / 64),
 backward superchunks of 64 tokens (32 at d_state > 32) whose boundary states are stored, subchunks of
-8 tokens (4) recomputed per token, and dB / dC partial sums per block of 64 (32) channels. These tests
+8 tokens (4) recomputed per token, and dB / dC partial sums per block of 64 (32) channels; its compact
+configuration, for GPUs with 99 KB of shared memory per block, one warp per block and superchunks of 64 /
+32 / 8 tokens (d_state 16 / 32 / 64) with subchunks of 8 / 4 / 2. These tests
 put segment boundaries exactly on and around those edges, run 16k-token sequences, every padded
 d_state, and check that the backward is bitwise reproducible. The reference runs in float64 on the device.
 """
@@ -116,8 +118,11 @@ def test_long_sequence_16k(d_state, poison_memory):
     _check(args, dout, poison_memory)
 
 
+@pytest.mark.parametrize("compact", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_against_lowprec_reference(dtype):
+def test_half_precision_against_lowprec_reference(dtype, compact, monkeypatch):
+    if compact:
+        monkeypatch.setenv("R2LM_SCAN_CUDA_COMPACT", "1")
     batch, seqlen, dim, d_state = 2, 777, 96, 16
     seq_idx = _boundary_segments(batch, seqlen)
     args = _inputs(batch, seqlen, dim, d_state, dtype, seq_idx)
@@ -203,15 +208,42 @@ def test_large_d_state_rejected():
         r2lm_kernels.reverse_selective_scan(**args)
 
 
+@pytest.mark.parametrize("d_state", [1, 16, 17, 32, 33, 64])
+@pytest.mark.parametrize("seqlen", [1, 7, 8, 9, 31, 33, 65, 200])
+def test_compact_backward(d_state, seqlen, monkeypatch, poison_memory):
+    """The backward's compact configuration (for GPUs with 99 KB of shared memory per block: one warp per
+    block, superchunks of 64 / 32 / 8 tokens at d_state 16 / 32 / 64), forced on any GPU."""
+    monkeypatch.setenv("R2LM_SCAN_CUDA_COMPACT", "1")
+    batch, dim = 2, 45
+    args = _inputs(batch, seqlen, dim, d_state, torch.float32, _boundary_segments(batch, seqlen), slow_decay=True)
+    dout = torch.randn(batch, seqlen, dim, device=DEVICE)
+    _check(args, dout, poison_memory)
+
+
 @pytest.mark.skipif(ON_GPU, reason="the emulated build stands in for a GPU with less shared memory")
-def test_backward_where_the_gpu_has_too_little_shared_memory(monkeypatch, poison_memory):
-    """On a GPU with 99 KB of shared memory per block (compute capability 8.6 / 8.9) the backward's buffers
-    do not fit: the error gives both sizes, and the failed opt-in does not make the next launch fail."""
+@pytest.mark.parametrize("d_state", [16, 32, 64])
+def test_backward_on_a_gpu_with_99_kb_of_shared_memory(d_state, monkeypatch):
+    """A GPU of compute capability 8.6 / 8.9 has 99 KB of shared memory per block, less than the backward's
+    full configuration needs at any d_state: it runs the compact one, bit for bit."""
+    args = _inputs(2, 100, 40, d_state, torch.float32, _boundary_segments(2, 100))
+    dout = torch.randn(2, 100, 40, device=DEVICE)
+    monkeypatch.setenv("R2LM_SCAN_CUDA_COMPACT", "1")
+    compact = _kernel_grads(args, dout)
+    monkeypatch.delenv("R2LM_SCAN_CUDA_COMPACT")
+    monkeypatch.setenv("R2LM_EMULATOR_SMEM_OPTIN", "101376")
+    small_gpu = _kernel_grads(args, dout)
+    for name in GRAD_NAMES:
+        assert torch.equal(small_gpu[name], compact[name]), name
+
+
+@pytest.mark.skipif(ON_GPU, reason="the emulated build stands in for a GPU with less shared memory")
+def test_backward_where_even_the_compact_configuration_does_not_fit(monkeypatch, poison_memory):
+    """Below the compact configuration's shared memory the backward raises, and the failed opt-in does not
+    make the next launch fail."""
     args = _inputs(2, 40, 24, 16, torch.float32, _boundary_segments(2, 40))
     dout = torch.randn(2, 40, 24, device=DEVICE)
-    monkeypatch.setenv("R2LM_EMULATOR_SMEM_OPTIN", "101376")
-    with pytest.raises(RuntimeError, match=r"backward at d_state 16 needs \d+ bytes of shared memory per "
-                                           r"block; this GPU allows 101376"):
+    monkeypatch.setenv("R2LM_EMULATOR_SMEM_OPTIN", "49152")
+    with pytest.raises(RuntimeError, match=r"backward at d_state 16 could not opt in to \d+ bytes of shared memory"):
         _kernel_grads(args, dout)
     out = r2lm_kernels.reverse_selective_scan(**args)  # its launch check must not see the opt-in's error
     assert _rel(out, reference.reverse_selective_scan(**_f64(args))) < 1e-5

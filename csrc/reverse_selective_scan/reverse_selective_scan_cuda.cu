@@ -20,11 +20,14 @@
 //     dB, dC (sums over channels) reduce within the warp by a shuffle reduce-scatter, across warps in
 //     shared memory, and land as per-block partial sums in the workspace.
 //  3. scan_reduce_bc_kernel / scan_reduce_params_kernel sum the partials in a fixed order.
+// The backward's shared memory (108-163 KB) exceeds the 99 KB per block of GPUs of compute capability
+// 8.6 / 8.9: there a compact configuration runs (one warp per block, shorter superchunks and subchunks).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -90,11 +93,13 @@ struct FwdConfig {
   static constexpr int kThreads = 128;
   static constexpr int kChunk = N == 16 ? 16 : (N == 32 ? 8 : 4);  // keeps registers within budget
 };
-template <int N>
+template <int N, bool kCompact = false>
 struct BwdConfig {
-  static constexpr int kThreads = N == 16 ? 64 : 32;
-  static constexpr int kSuper = N == 64 ? 32 : 64;  // tokens between stored states
-  static constexpr int kSub = N == 64 ? 4 : 8;      // tokens whose per-token states sit in shared memory
+  static constexpr int kThreads = N == 16 && !kCompact ? 64 : 32;
+  // Tokens between stored states, and tokens whose per-token states sit in shared memory; compact: at most
+  // 85 KB of shared memory per block.
+  static constexpr int kSuper = kCompact ? (N == 16 ? 64 : (N == 32 ? 32 : 8)) : (N == 64 ? 32 : 64);
+  static constexpr int kSub = kCompact ? (N == 16 ? 8 : (N == 32 ? 4 : 2)) : (N == 64 ? 4 : 8);
   static constexpr int kSubs = kSuper / kSub;
   static constexpr int kWarps = kThreads / 32;
   static constexpr bool kParamsInSmem = N > 16;     // A and the dA accumulators (registers otherwise)
@@ -110,6 +115,7 @@ struct BwdConfig {
   static constexpr int kParams = kParamsInSmem ? N * kThreads : 0;
   static constexpr int kFloats = kSubStates + 2 * kTokenStates + 2 * kRows + 2 * kRed + 2 * kParams;
   static constexpr size_t kSmemBytes = sizeof(float) * kFloats + sizeof(int) * (kSuper + 1);
+  static_assert(!kCompact || kSmemBytes <= 99 * 1024, "the compact configuration fits 99 KB");
 };
 
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -139,11 +145,12 @@ __device__ __forceinline__ float4 row4(const float* row, int q) {
   return reinterpret_cast<const float4*>(row)[q];
 }
 
-// Forward, or (kStates) the state pass of the backward. Grid (ceil(dim / kThreads), batch).
-template <typename T, int N, bool kStates>
+// Forward, or (kStates) the state pass of the backward configured by kCompact. Grid (ceil(dim / kThreads),
+// batch).
+template <typename T, int N, bool kStates, bool kCompact = false>
 __global__ void __launch_bounds__(FwdConfig<N>::kThreads) scan_fwd_kernel(const ScanParams p) {
   constexpr int kThreads = FwdConfig<N>::kThreads, kChunk = FwdConfig<N>::kChunk;
-  constexpr int kSuper = BwdConfig<N>::kSuper;
+  constexpr int kSuper = BwdConfig<N, kCompact>::kSuper;
   constexpr int kRowValues = 2 * kChunk * N;  // B and C values of one chunk
   constexpr int kRowsPerThread = (kRowValues + kThreads - 1) / kThreads;
   static_assert(kChunk + 1 <= kThreads, "one seq_idx value per thread");
@@ -292,10 +299,10 @@ struct ScatterLayout {
   static constexpr int kShift = N >= 32 ? 0 : (N == 16 ? 1 : (N == 8 ? 2 : 3));
 };
 
-// Backward main pass. Grid (ceil(dim / kThreads), batch); dynamic shared memory BwdConfig<N>::kSmemBytes.
-template <typename T, int N>
-__global__ void __launch_bounds__(BwdConfig<N>::kThreads) scan_bwd_kernel(const ScanParams p) {
-  using Cfg = BwdConfig<N>;
+// Backward main pass. Grid (ceil(dim / kThreads), batch); dynamic shared memory Cfg::kSmemBytes.
+template <typename T, int N, bool kCompact>
+__global__ void __launch_bounds__(BwdConfig<N, kCompact>::kThreads) scan_bwd_kernel(const ScanParams p) {
+  using Cfg = BwdConfig<N, kCompact>;
   constexpr int kThreads = Cfg::kThreads, kSuper = Cfg::kSuper, kSub = Cfg::kSub, kWarps = Cfg::kWarps;
   constexpr int kQ = N / 4;
   extern __shared__ float4 smem4[];
@@ -585,8 +592,8 @@ __global__ void __launch_bounds__(BwdConfig<N>::kThreads) scan_bwd_kernel(const 
 
 // dB, dC = sums of the block partials, in block order. One thread per (batch, token, state).
 template <typename T, int N>
-__global__ void scan_reduce_bc_kernel(const ScanParams p, int threads) {
-  const BwdWorkspace ws(p, N, threads, BwdConfig<N>::kSuper);
+__global__ void scan_reduce_bc_kernel(const ScanParams p, int threads, int super) {
+  const BwdWorkspace ws(p, N, threads, super);
   const int64_t total = p.batch * p.seqlen * p.d_state;
   const float* work = static_cast<const float*>(p.workspace);
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
@@ -603,8 +610,8 @@ __global__ void scan_reduce_bc_kernel(const ScanParams p, int threads) {
 
 // dA, dD, ddelta_bias = sums over the batch, in batch order. One thread per (channel, state).
 template <int N>
-__global__ void scan_reduce_params_kernel(const ScanParams p, int threads) {
-  const BwdWorkspace ws(p, N, threads, BwdConfig<N>::kSuper);
+__global__ void scan_reduce_params_kernel(const ScanParams p, int threads, int super) {
+  const BwdWorkspace ws(p, N, threads, super);
   const int64_t total = p.dim * p.d_state;
   const float* work = static_cast<const float*>(p.workspace);
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
@@ -640,6 +647,28 @@ void check_shape(const ScanParams& p) {
                              std::to_string(p.batch));
 }
 
+// Whether the backward at N padded states runs its compact configuration: on GPUs with less shared memory
+// per block than the full one needs, or when R2LM_SCAN_CUDA_COMPACT=1 (the tests use it on any GPU).
+template <int N>
+bool compact_backward() {
+  const char* forced = std::getenv("R2LM_SCAN_CUDA_COMPACT");
+  if (forced != nullptr && forced[0] == '1' && forced[1] == '\0') return true;
+  int device = 0, limit = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    (void)cudaGetLastError();  // the full configuration's opt-in then reports the failure
+    return false;
+  }
+  return size_t(limit) < BwdConfig<N>::kSmemBytes;
+}
+
+// Calls f(std::bool_constant<compact>{}) for the backward configuration that runs at N padded states.
+template <int N, typename F>
+void with_backward_config(F&& f) {
+  if (compact_backward<N>()) f(std::true_type{});
+  else f(std::false_type{});
+}
+
 int padded_state(int64_t d_state) { return d_state <= 16 ? 16 : (d_state <= 32 ? 32 : 64); }
 
 // Calls f(T{}, std::integral_constant<int, N>{}) for the dtype and padded state count of p.
@@ -662,6 +691,40 @@ void dispatch(const ScanParams& p, F&& f) {
   }
 }
 
+// The backward's kernels in the configuration kCompact (workspace laid out by the same configuration).
+template <typename T, int N, bool kCompact>
+void launch_backward(const ScanParams& p, cudaStream_t stream) {
+  using Cfg = BwdConfig<N, kCompact>;
+  if (p.seqlen > 0) {
+    const dim3 fwd_grid(unsigned(ceil_div(p.dim, FwdConfig<N>::kThreads)), unsigned(p.batch));
+    scan_fwd_kernel<T, N, true, kCompact><<<fwd_grid, FwdConfig<N>::kThreads, 0, stream>>>(p);
+    check_launch("scan_fwd_kernel (states)");
+  }
+  // With no tokens the main kernel only writes the zero partials of dA, dD, ddelta_bias.
+  const cudaError_t attr = cudaFuncSetAttribute(scan_bwd_kernel<T, N, kCompact>,
+                                                cudaFuncAttributeMaxDynamicSharedMemorySize, int(Cfg::kSmemBytes));
+  if (attr != cudaSuccess) {
+    // The failed call's error is cleared, or the next op's launch check would report it again.
+    (void)cudaGetLastError();
+    throw std::runtime_error("reverse_selective_scan: the CUDA backward at d_state " + std::to_string(p.d_state) +
+                             " could not opt in to " + std::to_string(Cfg::kSmemBytes) +
+                             " bytes of shared memory per block: " + cudaGetErrorString(attr));
+  }
+  const dim3 grid(unsigned(ceil_div(p.dim, Cfg::kThreads)), unsigned(p.batch));
+  scan_bwd_kernel<T, N, kCompact><<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
+  check_launch("scan_bwd_kernel");
+  if (p.seqlen > 0) {
+    const int64_t bc = p.batch * p.seqlen * p.d_state;
+    const unsigned bc_blocks = unsigned(std::min<int64_t>(ceil_div(bc, 256), 65535));
+    scan_reduce_bc_kernel<T, N><<<bc_blocks, 256, 0, stream>>>(p, Cfg::kThreads, Cfg::kSuper);
+    check_launch("scan_reduce_bc_kernel");
+  }
+  const int64_t params = p.dim * p.d_state;
+  const unsigned param_blocks = unsigned(std::min<int64_t>(ceil_div(params, 256), 65535));
+  scan_reduce_params_kernel<N><<<param_blocks, 256, 0, stream>>>(p, Cfg::kThreads, Cfg::kSuper);
+  check_launch("scan_reduce_params_kernel");
+}
+
 }  // namespace
 
 void reverse_selective_scan_fwd_cuda(const ScanParams& p, void* stream) {
@@ -679,57 +742,23 @@ int64_t reverse_selective_scan_bwd_workspace_cuda(const ScanParams& p) {
   int64_t bytes = 0;
   dispatch(p, [&](auto, auto n_tag) {
     constexpr int N = decltype(n_tag)::value;
-    bytes = int64_t(sizeof(float)) * BwdWorkspace(p, N, BwdConfig<N>::kThreads, BwdConfig<N>::kSuper).total;
+    with_backward_config<N>([&](auto compact) {
+      using Cfg = BwdConfig<N, decltype(compact)::value>;
+      bytes = int64_t(sizeof(float)) * BwdWorkspace(p, N, Cfg::kThreads, Cfg::kSuper).total;
+    });
   });
   return bytes;
 }
 
 void reverse_selective_scan_bwd_cuda(const ScanParams& p, void* stream_ptr) {
   dispatch(p, [&](auto zero, auto n_tag) {
-    using T = decltype(zero);
     constexpr int N = decltype(n_tag)::value;
-    using Cfg = BwdConfig<N>;
-    const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
     if (p.batch == 0 || p.dim == 0) return;
     if (p.workspace == nullptr)
       throw std::runtime_error("reverse_selective_scan: the CUDA backward needs its workspace");
-    if (p.seqlen > 0) {
-      const dim3 fwd_grid(unsigned(ceil_div(p.dim, FwdConfig<N>::kThreads)), unsigned(p.batch));
-      scan_fwd_kernel<T, N, true><<<fwd_grid, FwdConfig<N>::kThreads, 0, stream>>>(p);
-      check_launch("scan_fwd_kernel (states)");
-    }
-    // With no tokens the main kernel only writes the zero partials of dA, dD, ddelta_bias.
-    const cudaError_t attr = cudaFuncSetAttribute(scan_bwd_kernel<T, N>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                  int(Cfg::kSmemBytes));
-    if (attr != cudaSuccess) {
-      // The failed call's error is cleared, or the next op's launch check would report it again.
-      (void)cudaGetLastError();
-      int device = 0, limit = 0;
-      if (cudaGetDevice(&device) != cudaSuccess ||
-          cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
-        (void)cudaGetLastError();
-        limit = -1;
-      }
-      throw std::runtime_error(
-          "reverse_selective_scan: the CUDA backward at d_state " + std::to_string(p.d_state) + " needs " +
-          std::to_string(Cfg::kSmemBytes) + " bytes of shared memory per block; this GPU allows " +
-          (limit >= 0 ? std::to_string(limit) : std::string("less")) +
-          " (A100, H100 and H200 have room for every d_state; GPUs of compute capability 8.6 / 8.9 have 99 KB): " +
-          cudaGetErrorString(attr));
-    }
-    const dim3 grid(unsigned(ceil_div(p.dim, Cfg::kThreads)), unsigned(p.batch));
-    scan_bwd_kernel<T, N><<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
-    check_launch("scan_bwd_kernel");
-    if (p.seqlen > 0) {
-      const int64_t bc = p.batch * p.seqlen * p.d_state;
-      const unsigned bc_blocks = unsigned(std::min<int64_t>(ceil_div(bc, 256), 65535));
-      scan_reduce_bc_kernel<T, N><<<bc_blocks, 256, 0, stream>>>(p, Cfg::kThreads);
-      check_launch("scan_reduce_bc_kernel");
-    }
-    const int64_t params = p.dim * p.d_state;
-    const unsigned param_blocks = unsigned(std::min<int64_t>(ceil_div(params, 256), 65535));
-    scan_reduce_params_kernel<N><<<param_blocks, 256, 0, stream>>>(p, Cfg::kThreads);
-    check_launch("scan_reduce_params_kernel");
+    with_backward_config<N>([&](auto compact) {
+      launch_backward<decltype(zero), N, decltype(compact)::value>(p, static_cast<cudaStream_t>(stream_ptr));
+    });
   });
 }
 
