@@ -215,10 +215,13 @@ def check_16_bit_cast(model, fp32_model, dtype):
             assert param.dtype == dtype, name
 
 
+SMALL_CONFIG = R2LMConfig(vocab_size=97, hidden_size=44, intermediate_size=72, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=64, block_size=8)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16_bit_model_keeps_the_scan_parameters_in_fp32(device, dtype, tmp_path, random_ids, run_or_skip):
-    config = R2LMConfig(vocab_size=97, hidden_size=44, intermediate_size=72, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=64, block_size=8)
+    config = SMALL_CONFIG
     torch.manual_seed(1)
     fp32 = R2LMForCausalLM(config, impl="reference", device=device)
     torch.manual_seed(1)
@@ -239,6 +242,15 @@ def test_16_bit_model_keeps_the_scan_parameters_in_fp32(device, dtype, tmp_path,
         got = run_or_skip(lambda: loaded(ids))
         want = reference(ids)
     assert float((got.float() - want.float()).norm() / want.float().norm()) < 1e-2
+
+
+def test_cast_keeps_gradients_in_their_parameters_dtype(random_ids):
+    model = R2LMForCausalLM(SMALL_CONFIG, impl="reference")
+    model(random_ids(model, 2, 11)).sum().backward()
+    model.cast(torch.bfloat16)
+    for name, param in model.named_parameters():
+        assert param.grad.dtype == param.dtype, name
+    torch.optim.AdamW(model.parameters()).step()
 
 
 def test_16_bit_qwen3_conversion_keeps_the_scan_parameters_in_fp32():

@@ -119,11 +119,12 @@ def test_long_sequence_16k(d_state, poison_memory):
 
 
 @pytest.mark.parametrize("compact", [False, True])
+@pytest.mark.parametrize("d_state", [16, 64])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_against_lowprec_reference(dtype, compact, monkeypatch):
+def test_half_precision_against_lowprec_reference(dtype, d_state, compact, monkeypatch):
     if compact:
         monkeypatch.setenv("R2LM_SCAN_CUDA_COMPACT", "1")
-    batch, seqlen, dim, d_state = 2, 777, 96, 16
+    batch, seqlen, dim = 2, 777, 96
     seq_idx = _boundary_segments(batch, seqlen)
     args = _inputs(batch, seqlen, dim, d_state, dtype, seq_idx)
     dout = torch.randn(batch, seqlen, dim, device=DEVICE).to(dtype)

@@ -284,13 +284,17 @@ class R2LMForCausalLM(nn.Module):
         """`self.to(dtype)`, except that a 16-bit dtype leaves the sidecars' A_log, D and dt_proj.bias in
         fp32, as Mamba does: the scan takes them in fp32, and rounded to 8 bits they would move every decay
         rate and step size by up to a few percent. The constructor, load and from_qwen3 cast this way; a plain
-        `.to(dtype)` casts every parameter."""
+        `.to(dtype)` casts every parameter. (Wrappers that flatten a module's parameters into one dtype need
+        the plain `.to`.)"""
         keep = dtype in (torch.float16, torch.bfloat16)
         kept = {name: param.data.float() for name, param in self.named_parameters()
                 if keep and name.endswith(_FP32_SIDECAR_PARAMETERS)}
         self.to(dtype=dtype)
         for name, data in kept.items():
-            self.get_parameter(name).data = data
+            param = self.get_parameter(name)
+            param.data = data
+            if param.grad is not None:  # an optimizer step needs the gradient in the parameter's dtype
+                param.grad = param.grad.float()
         return self
 
     @torch.no_grad()

@@ -34,6 +34,7 @@ struct ScanParams {
   void* du; void* ddelta; void* dB; void* dC; void* dz;             // contiguous, same shapes as inputs
   void* dA; void* dD; void* ddelta_bias;                            // dD / ddelta_bias may be null
   void* workspace;                                                  // backend-specific scratch (may be null)
+  bool compact_workspace;  // CUDA: the workspace is laid out for the compact backward (set with its size)
 };
 
 // The per-step math, in one place for both backends.
@@ -90,9 +91,10 @@ void reverse_selective_scan_bwd_cpu(const ScanParams& p);
 
 #ifdef R2LM_WITH_CUDA
 // CUDA kernels (reverse_selective_scan_cuda.cu), launched on `stream` (a cudaStream_t). Workspace bytes
-// the backward needs are reported by reverse_selective_scan_bwd_workspace_cuda.
+// the backward needs are reported by reverse_selective_scan_bwd_workspace_cuda, which also picks the
+// backward's configuration (p.compact_workspace) for reverse_selective_scan_bwd_cuda.
 void reverse_selective_scan_fwd_cuda(const ScanParams& p, void* stream);
-int64_t reverse_selective_scan_bwd_workspace_cuda(const ScanParams& p);
+int64_t reverse_selective_scan_bwd_workspace_cuda(ScanParams& p);
 void reverse_selective_scan_bwd_cuda(const ScanParams& p, void* stream);
 #endif
 

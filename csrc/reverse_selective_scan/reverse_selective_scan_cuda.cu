@@ -20,7 +20,7 @@
 //     dB, dC (sums over channels) reduce within the warp by a shuffle reduce-scatter, across warps in
 //     shared memory, and land as per-block partial sums in the workspace.
 //  3. scan_reduce_bc_kernel / scan_reduce_params_kernel sum the partials in a fixed order.
-// The backward's shared memory (108-163 KB) exceeds the 99 KB per block of GPUs of compute capability
+// The backward's shared memory (108.8-166.0 kB) exceeds the 99 KB per block of GPUs of compute capability
 // 8.6 / 8.9: there a compact configuration runs (one warp per block, shorter superchunks and subchunks).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -97,7 +97,7 @@ template <int N, bool kCompact = false>
 struct BwdConfig {
   static constexpr int kThreads = N == 16 && !kCompact ? 64 : 32;
   // Tokens between stored states, and tokens whose per-token states sit in shared memory; compact: at most
-  // 85 KB of shared memory per block.
+  // 87.1 kB of shared memory per block.
   static constexpr int kSuper = kCompact ? (N == 16 ? 64 : (N == 32 ? 32 : 8)) : (N == 64 ? 32 : 64);
   static constexpr int kSub = kCompact ? (N == 16 ? 8 : (N == 32 ? 4 : 2)) : (N == 64 ? 4 : 8);
   static constexpr int kSubs = kSuper / kSub;
@@ -662,13 +662,6 @@ bool compact_backward() {
   return size_t(limit) < BwdConfig<N>::kSmemBytes;
 }
 
-// Calls f(std::bool_constant<compact>{}) for the backward configuration that runs at N padded states.
-template <int N, typename F>
-void with_backward_config(F&& f) {
-  if (compact_backward<N>()) f(std::true_type{});
-  else f(std::false_type{});
-}
-
 int padded_state(int64_t d_state) { return d_state <= 16 ? 16 : (d_state <= 32 ? 32 : 64); }
 
 // Calls f(T{}, std::integral_constant<int, N>{}) for the dtype and padded state count of p.
@@ -738,14 +731,14 @@ void reverse_selective_scan_fwd_cuda(const ScanParams& p, void* stream) {
   });
 }
 
-int64_t reverse_selective_scan_bwd_workspace_cuda(const ScanParams& p) {
+int64_t reverse_selective_scan_bwd_workspace_cuda(ScanParams& p) {
   int64_t bytes = 0;
   dispatch(p, [&](auto, auto n_tag) {
     constexpr int N = decltype(n_tag)::value;
-    with_backward_config<N>([&](auto compact) {
-      using Cfg = BwdConfig<N, decltype(compact)::value>;
-      bytes = int64_t(sizeof(float)) * BwdWorkspace(p, N, Cfg::kThreads, Cfg::kSuper).total;
-    });
+    // Chosen once, here: the backward runs the configuration its workspace was laid out for.
+    p.compact_workspace = compact_backward<N>();
+    const auto size = [&](auto cfg) { return BwdWorkspace(p, N, cfg.kThreads, cfg.kSuper).total; };
+    bytes = int64_t(sizeof(float)) * (p.compact_workspace ? size(BwdConfig<N, true>{}) : size(BwdConfig<N>{}));
   });
   return bytes;
 }
@@ -756,9 +749,9 @@ void reverse_selective_scan_bwd_cuda(const ScanParams& p, void* stream_ptr) {
     if (p.batch == 0 || p.dim == 0) return;
     if (p.workspace == nullptr)
       throw std::runtime_error("reverse_selective_scan: the CUDA backward needs its workspace");
-    with_backward_config<N>([&](auto compact) {
-      launch_backward<decltype(zero), N, decltype(compact)::value>(p, static_cast<cudaStream_t>(stream_ptr));
-    });
+    const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+    if (p.compact_workspace) launch_backward<decltype(zero), N, true>(p, stream);
+    else launch_backward<decltype(zero), N, false>(p, stream);
   });
 }
 
