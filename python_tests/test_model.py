@@ -203,6 +203,8 @@ def test_save_load_roundtrip(tmp_path, tied, tiny_model, random_ids):
 
 
 SIDECAR_SCAN_PARAMETERS = ("sidecar.A_log", "sidecar.D", "sidecar.dt_proj.bias")
+SMALL_CONFIG = R2LMConfig(vocab_size=97, hidden_size=44, intermediate_size=72, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=64, block_size=8)
 
 
 def check_16_bit_cast(model, fp32_model, dtype):
@@ -215,17 +217,12 @@ def check_16_bit_cast(model, fp32_model, dtype):
             assert param.dtype == dtype, name
 
 
-SMALL_CONFIG = R2LMConfig(vocab_size=97, hidden_size=44, intermediate_size=72, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=64, block_size=8)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16_bit_model_keeps_the_scan_parameters_in_fp32(device, dtype, tmp_path, random_ids, run_or_skip):
-    config = SMALL_CONFIG
     torch.manual_seed(1)
-    fp32 = R2LMForCausalLM(config, impl="reference", device=device)
+    fp32 = R2LMForCausalLM(SMALL_CONFIG, impl="reference", device=device)
     torch.manual_seed(1)
-    built = R2LMForCausalLM(config, device=device, dtype=dtype)
+    built = R2LMForCausalLM(SMALL_CONFIG, device=device, dtype=dtype)
     check_16_bit_cast(built, fp32, dtype)
     assert built.dtype == dtype
     pytest.importorskip("safetensors")
