@@ -10,7 +10,9 @@ Bytes that must move once: the forward reads u, delta, z, B, C and writes out; t
 u, delta, z, B, C and writes du, ddelta, dz, dB, dC (A, D, delta_bias, their gradients and seq_idx are
 counted too; they are small). The kernels' recomputation and scratch traffic are not counted.
 """
+import os
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -159,3 +161,23 @@ def test_backward(bench, device, case):
           bytes_moved=_bytes(args, backward=True), impls=impls, primary="r2lm",
           notes="r2lm recomputes the forward inside its backward; peers replay a retained autograd graph "
                 f"(backward only); torch.compile(reference) is timed only at seqlen <= {COMPILE_MAX_SEQLEN}")
+
+
+def test_backward_compact_configuration(bench, device, case, monkeypatch):
+    """The CUDA backward's compact configuration (what GPUs with 99 KB of shared memory per block run),
+    forced on this GPU, against the full configuration timed in the same run."""
+    if device != "cuda" or case != (GPU_SHAPES[0], torch.bfloat16):
+        pytest.skip("a CUDA configuration, timed at the first GPU shape")
+    (batch, seqlen, dim, segmented), dtype = case
+    args = _inputs(batch, seqlen, dim, segmented, dtype, device)
+    dout = torch.randn_like(args["u"])
+    monkeypatch.setenv("R2LM_SCAN_CUDA_COMPACT", "0")  # restored after the test
+
+    def backward(compact):
+        os.environ["R2LM_SCAN_CUDA_COMPACT"] = "1" if compact else "0"  # read by each call
+        return torch.ops.r2lm.reverse_selective_scan_backward(dout, *args.values())
+
+    bench(op="reverse_selective_scan.bwd_compact", shape=_shape_dict(batch, seqlen, dim, segmented),
+          dtype=_dtype_name(dtype), bytes_moved=_bytes(args, backward=True), primary="r2lm compact",
+          impls={"r2lm compact": lambda: backward(True), "r2lm full": lambda: backward(False)},
+          notes="R2LM_SCAN_CUDA_COMPACT=1 forces the configuration of GPUs with 99 KB of shared memory per block")
