@@ -43,13 +43,6 @@ inline int cpu_vector_bytes() {
   return bytes;
 }
 
-// Whether the environment variable `name` is "1" (the switches that force a CPU op's portable kernel; read
-// per call, so that the tests can cover both kernels on one machine).
-inline bool env_is_one(const char* name) {
-  const char* value = std::getenv(name);
-  return value != nullptr && value[0] == '1' && value[1] == '\0';
-}
-
 // f(std::integral_constant<int, W>{}) for the width W that cpu_vector_bytes() picks.
 template <typename F>
 decltype(auto) with_cpu_vector_width(F&& f) {

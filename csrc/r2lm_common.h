@@ -8,6 +8,7 @@
 #endif
 
 #include <cstdint>
+#include <cstdlib>
 
 namespace r2lm {
 
@@ -49,6 +50,13 @@ R2LM_HD float exp2_poly(float x) {
   p_bits += (shifted_bits - 0x4B400000) * (1 << 23);
   __builtin_memcpy(&p, &p_bits, 4);
   return p;
+}
+
+// Whether the environment variable `name` is "1" (the switches that pick a kernel, e.g. a CPU op's portable
+// one; read per call, so that the tests can cover every kernel on one machine). Host code only.
+inline bool env_is_one(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr && value[0] == '1' && value[1] == '\0';
 }
 
 }  // namespace r2lm

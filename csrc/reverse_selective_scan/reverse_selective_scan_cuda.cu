@@ -27,7 +27,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -651,8 +650,7 @@ void check_shape(const ScanParams& p) {
 // per block than the full one needs, or when R2LM_SCAN_CUDA_COMPACT=1 (the tests use it on any GPU).
 template <int N>
 bool compact_backward() {
-  const char* forced = std::getenv("R2LM_SCAN_CUDA_COMPACT");
-  if (forced != nullptr && forced[0] == '1' && forced[1] == '\0') return true;
+  if (env_is_one("R2LM_SCAN_CUDA_COMPACT")) return true;
   int device = 0, limit = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
