@@ -6,8 +6,11 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <initializer_list>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "r2lm_common.h"
 
@@ -54,12 +57,31 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const 
               t.device());
 }
 
+// Whether no two elements of `t` share memory, decided from its strides alone: sorted by stride, each
+// dimension must step past the whole extent of the smaller ones. at::has_internal_overlap answers only
+// the easy cases (dense, or a zero stride) and "too hard" for partly overlapping as_strided views. The
+// test also refuses the rare layouts that interleave dimensions without sharing (sizes (3, 2), strides
+// (2, 3)): such a tensor cannot be shown apart cheaply.
+inline bool elements_apart(const at::Tensor& t) {
+  if (t.numel() == 0) return true;
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dimensions that step
+  for (int64_t i = 0; i < t.dim(); ++i)
+    if (t.size(i) > 1) dims.emplace_back(t.stride(i), t.size(i));
+  std::sort(dims.begin(), dims.end());
+  int64_t extent = 0;  // the largest offset the smaller dimensions reach
+  for (auto [stride, size] : dims) {
+    if (stride <= extent) return false;
+    extent += (size - 1) * stride;
+  }
+  return true;
+}
+
 // A tensor written in place must not have elements sharing memory (an expanded view, say): the kernels
 // would write them from several threads and keep one write at random.
 inline void check_no_internal_overlap(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", name,
-              " is written in place and must not have elements sharing memory (an expanded view?), got strides ",
-              c10::str(t.strides()));
+  TORCH_CHECK(elements_apart(t), op, ": ", name,
+              " is written in place and must not have elements sharing memory (an expanded or as_strided view?), "
+              "got sizes ", shape_str(t), " and strides ", c10::str(t.strides()));
 }
 
 inline void check_no_overlap(const at::Tensor& a, const at::Tensor& b, const char* op, const char* name_a,

@@ -334,11 +334,14 @@ def test_bad_inputs_raise_naming_the_argument(device):
     raises("v_cache must have q's dtype", v_cache=f32(2, 32, 2, 64).half())
     raises("q must have at least one head", q=f32(2, 4, 0, 64))
     raises("k_cache is written in place", k_cache=f32(1, 32, 2, 64).expand(2, -1, -1, -1))
+    # Slots half a slot apart: each slot's second head is the next slot's first.
+    raises("v_cache is written in place", v_cache=f32(2 * 32 * 2 * 64).as_strided((2, 32, 2, 64), (2048, 64, 64, 1)))
     shared = f32(2, 32, 2, 64)
     raises("k_cache and v_cache are written in place", k_cache=shared, v_cache=shared)
     bad_call(device, k_cache=f32(1, 32, 2, 64).expand(2, -1, -1, -1), write_kv=False)()  # read only: fine
     for scale in (math.nan, math.inf):
         raises("softmax_scale must be finite", softmax_scale=scale)
+    raises(r"softmax_scale must be at most 2.35\d*e\+38 in magnitude for Float inputs", softmax_scale=-1e39)
     if device == "cuda":
         raises("k_cache must be on", k_cache=torch.randn(2, 32, 2, 64))
         raises("float64 is supported on CPU only", **{n: t.double() for n, t in zip(
@@ -437,12 +440,23 @@ def test_bad_values_raise_on_cpu(paged, op, monkeypatch):
             bad_call(device, op=op, paged=True, block_table=table, cache_seqlens=lens(3, 16), write_kv=False)()
             with pytest.raises((RuntimeError, ValueError), match=r"block_table\[1, 2\] = -1 is out of range"):
                 bad_call(device, op=op, paged=True, block_table=table, cache_seqlens=lens(3, 16))()
-            # Sequences may share the pages they read, not a slot that write_kv fills.
-            table = torch.tensor([[0, 1, 2, 3], [0, 1, 5, 6]], dtype=torch.int32, device=device)
+            # Sequences may share the pages they read, not a slot that write_kv fills: neither a draft slot of
+            # another sequence nor a slot another sequence (or the same one, through a repeated page) has
+            # committed.
+            table = torch.tensor([[0, 1, 2, 3], [0, 5, 6, 7]], dtype=torch.int32, device=device)
             bad_call(device, op=op, paged=True, block_table=table, cache_seqlens=lens(8, 12))()
-            with pytest.raises((RuntimeError, ValueError), match="page 1, slot 2, which write_kv would fill twice"):
-                bad_call(device, op=op, paged=True, block_table=table, cache_seqlens=lens(8, 10))()
-            bad_call(device, op=op, paged=True, block_table=table, cache_seqlens=lens(8, 10), write_kv=False)()
+            table[1, 1] = 1
+            with pytest.raises((RuntimeError, ValueError), match="page 1, slot 0, which write_kv would fill twice"):
+                bad_call(device, op=op, paged=True, block_table=table, cache_seqlens=lens(8, 8))()
+            with pytest.raises((RuntimeError, ValueError), match="block_table maps draft position 8 of sequence 0 "
+                                                                 "to page 1, slot 0, which a sequence has committed"):
+                bad_call(device, op=op, paged=True, block_table=table, cache_seqlens=lens(8, 12))()
+            for read_only in (lens(8, 12), lens(8, 10)):
+                bad_call(device, op=op, paged=True, block_table=table, cache_seqlens=read_only, write_kv=False)()
+            self_overlap = torch.tensor([[0, 1, 2, 3], [5, 5, 6, 7]], dtype=torch.int32, device=device)
+            with pytest.raises((RuntimeError, ValueError), match="draft position 8 of sequence 1 to page 5, slot 0, "
+                                                                 "which a sequence has committed"):
+                bad_call(device, op=op, paged=True, block_table=self_overlap, cache_seqlens=lens(0, 6))()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

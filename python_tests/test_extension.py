@@ -21,6 +21,43 @@ def test_extension_registers_every_op():
         assert hasattr(torch.ops.r2lm, name)
 
 
+def _small_op_calls():
+    """A valid CPU call of every op: (name, its first input's name, tensors by name, other arguments)."""
+    r = lambda *s: torch.randn(*s)  # noqa: E731
+    seq_idx = torch.zeros(2, 9, dtype=torch.int32)
+    scan = dict(u=r(2, 9, 6), delta=r(2, 9, 6), A=-torch.rand(6, 4), B=r(2, 9, 4), C=r(2, 9, 4), D=r(6),
+                z=r(2, 9, 6), delta_bias=r(6), seq_idx=seq_idx)
+    conv = dict(x=r(2, 9, 6), weight=r(6, 4), bias=r(6), seq_idx=seq_idx)
+    return [
+        ("reverse_selective_scan", "u", scan, dict(delta_softplus=True)),
+        ("reverse_selective_scan_backward", "u", dict(dout=r(2, 9, 6), **scan), dict(delta_softplus=True)),
+        ("reverse_conv1d", "x", conv, dict(silu=True)),
+        ("reverse_conv1d_backward", "x", dict(dy=r(2, 9, 6), **conv), dict(silu=True)),
+        ("cache_attention", "q", dict(q=r(2, 3, 4, 64), k=r(2, 3, 2, 64), v=r(2, 3, 2, 64), k_cache=r(2, 8, 2, 64),
+                                      v_cache=r(2, 8, 2, 64), cache_seqlens=torch.tensor([0, 5], dtype=torch.int32),
+                                      block_table=torch.tensor([[0], [1]], dtype=torch.int32)), {}),
+        ("parallel_commit", "logits", dict(logits=r(2, 5, 10), tokens=torch.full((2, 5), 9),
+                                           active=torch.ones(2, dtype=torch.bool),
+                                           step_tensor=torch.zeros(1, dtype=torch.int64)),
+         dict(mask_token_id=9, threshold=0.5)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(6), ids=[call[0] for call in _small_op_calls()])
+def test_a_meta_argument_among_cpu_ones_raises(index):
+    """One meta argument sends the whole call to the fake implementation: it checks devices as the kernels'
+    C++ layer does, so a mixed call raises instead of returning uninitialised CPU memory."""
+    name, first, tensors, others = _small_op_calls()[index]
+    op = getattr(torch.ops.r2lm, name)
+    out = op(**{n: t.to("meta") for n, t in tensors.items()}, **others)
+    assert all(t.device.type == "meta" for t in (out if isinstance(out, tuple) else [out]))
+    for moved in tensors:
+        expected = (rf"{name}: \w+ must be on meta like the first input, got cpu" if moved == first else
+                    f"{name}: {moved} must be on cpu like the first input, got meta")
+        with pytest.raises(RuntimeError, match=expected):
+            op(**{**tensors, moved: tensors[moved].to("meta")}, **others)
+
+
 def test_compiled_backends():
     backends = r2lm_kernels.compiled_backends()
     assert backends["cpu"] is True

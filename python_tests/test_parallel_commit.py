@@ -447,6 +447,9 @@ def test_bad_inputs_raise_clear_errors(device):
         (dict(step=torch.zeros(1, dtype=torch.int32, device=device)), "step must be an int or a one-element int64"),
         (dict(step=2.7), "step must be an int, got 2.7"),
         (dict(seed=2**64), r"seed must be in \[-2\*\*63, 2\*\*64\)"),
+        (dict(min_per_step=2**63), r"min_per_step must be in \[-2\*\*63, 2\*\*63\)"),
+        (dict(max_per_step=-2**63 - 1), r"max_per_step must be in \[-2\*\*63, 2\*\*63\)"),
+        (dict(mask_token_id=2.0), "mask_token_id must be an int, got 2.0"),
         (dict(threshold=None), "threshold must be a number"),
         (dict(temperature=None), "temperature must be a number"),
         (dict(score="entropy"), "score must be"),
@@ -466,6 +469,8 @@ def test_bad_inputs_raise_clear_errors(device):
             call(**kwargs)
     with pytest.raises(RuntimeError, match="tokens is written in place"):  # one row for both sequences
         r2lm_kernels.parallel_commit(logits, torch.full((1, 4), 9, device=device).expand(2, 4), **ok)
+    with pytest.raises(RuntimeError, match="tokens is written in place"):  # rows sharing half their positions
+        r2lm_kernels.parallel_commit(logits, torch.full((6,), 9, device=device).as_strided((2, 4), (2, 1)), **ok)
     with pytest.raises(RuntimeError, match="step_tensor must have dtype"):  # the op itself names its argument
         torch.ops.r2lm.parallel_commit(logits, tokens.clone(), step_tensor=torch.zeros(1, dtype=torch.int32,
                                                                                         device=device), **ok)

@@ -105,8 +105,8 @@ def _scatter_cache(cache, b, start, values, block_table):
 def check_cache_attention_values(q_len, k_cache, cache_seqlens, block_table, write_kv):
     """The value checks of cache_attention (the CPU op's, in PyTorch, with one host sync): lengths inside the
     cache (with write_kv, the draft slots too), the pages used in range, and with write_kv no draft slot
-    filled twice. Run by the reference, and by the
-    op on CUDA under R2LM_VALIDATE=1."""
+    filled twice or on a slot that a sequence has committed. Run by the reference, and by the op on CUDA
+    under R2LM_VALIDATE=1."""
     lens = cache_seqlens.long().cpu()
     page_size = k_cache.shape[1]
     capacity = page_size * (block_table.shape[1] if block_table is not None else 1)
@@ -129,8 +129,20 @@ def check_cache_attention_values(q_len, k_cache, cache_seqlens, block_table, wri
             raise ValueError(f"cache_attention: block_table[{b}, {j}] = {int(table[b, j])} is out of range "
                              f"[0, {k_cache.shape[0]})")
         if write_kv:  # sequences may share the pages they read (a common prefix), not a slot write_kv fills
+            # A page's committed slots are its first ones: per page, as many as the sequence that has most.
+            committed = torch.zeros(k_cache.shape[0], dtype=torch.long)
+            for b, length in enumerate(lens.tolist()):
+                counts = (length - torch.arange(0, length, page_size)).clamp(max=page_size)
+                committed.scatter_reduce_(0, table[b, :len(counts)], counts, "amax")
             pos = lens[:, None] + torch.arange(q_len)[None, :]
-            slots = (table.gather(1, pos // page_size) * page_size + pos % page_size).flatten()
+            pages = table.gather(1, pos // page_size)
+            overwrite = pos % page_size < committed[pages]
+            if overwrite.any():
+                b, i = overwrite.nonzero()[0].tolist()
+                raise ValueError(f"cache_attention: block_table maps draft position {int(pos[b, i])} of sequence {b} "
+                                 f"to page {int(pages[b, i])}, slot {int(pos[b, i]) % page_size}, which a sequence "
+                                 f"has committed (write_kv would overwrite it)")
+            slots = (pages * page_size + pos % page_size).flatten()
             values, counts = slots.unique(return_counts=True)
             if (counts > 1).any():
                 twice = int(values[counts > 1][0])

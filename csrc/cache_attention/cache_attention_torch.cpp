@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "cache_attention/cache_attention.h"
@@ -62,6 +63,11 @@ CacheAttnParams check_and_fill(const at::Tensor& q, const at::Tensor& k, const a
   TORCH_CHECK(!softmax_scale.has_value() || std::isfinite(*softmax_scale), kOp,
               ": softmax_scale must be finite (or None for 1/sqrt(head_dim)), got ", softmax_scale.value_or(0.0));
   p.scale = softmax_scale.has_value() ? *softmax_scale : 1.0 / std::sqrt(double(head_dim));
+  // Below fp64 the kernels scale in float32, times log2(e) for exp2.
+  constexpr double kMaxFloatScale = std::numeric_limits<float>::max() / 1.4426950408889634;
+  TORCH_CHECK(p.dtype == DType::kFloat64 || std::abs(p.scale) <= kMaxFloatScale, kOp,
+              ": softmax_scale must be at most ", kMaxFloatScale, " in magnitude for ", q.scalar_type(),
+              " inputs (the kernels compute in float32), got ", p.scale);
   p.causal = causal;
   p.q = q.data_ptr(); p.q_batch_stride = q.stride(0); p.q_seq_stride = q.stride(1); p.q_head_stride = q.stride(2);
   p.k = k.data_ptr(); p.k_batch_stride = k.stride(0); p.k_seq_stride = k.stride(1); p.k_head_stride = k.stride(2);
@@ -132,13 +138,24 @@ void check_values_cpu(const CacheAttnParams& p, const at::Tensor& cache_seqlens,
                   " is out of range [0, ", p.num_pages, ") (k_cache.size(0))");
     }
   }
-  // Sequences may share the pages they read (a common prefix), not a slot that write_kv fills.
+  // Sequences may share the pages they read (a common prefix), not a slot that write_kv fills: each draft
+  // slot lies past every committed slot of its page (those are the page's first slots) and is filled once.
   if (!p.block_table || !write_kv) return;
+  std::vector<int64_t> committed(p.num_pages, 0);  // per page: its leading slots that some sequence has committed
+  for (int64_t b = 0; b < p.batch; ++b) {
+    for (int64_t j = 0; j * p.page_size < lens[b]; ++j) {
+      int64_t& slots_committed = committed[p.block_table[b * p.block_table_batch_stride + j]];
+      slots_committed = std::max(slots_committed, std::min<int64_t>(p.page_size, lens[b] - j * p.page_size));
+    }
+  }
   std::vector<int64_t> slots;
   slots.reserve(p.batch * p.q_len);
   for (int64_t b = 0; b < p.batch; ++b) {
     for (int64_t pos = lens[b]; pos < lens[b] + p.q_len; ++pos) {
       const int64_t page = p.block_table[b * p.block_table_batch_stride + pos / p.page_size];
+      TORCH_CHECK(pos % p.page_size >= committed[page], kOp, ": block_table maps draft position ", pos,
+                  " of sequence ", b, " to page ", page, ", slot ", pos % p.page_size,
+                  ", which a sequence has committed (write_kv would overwrite it)");
       slots.push_back(page * p.page_size + pos % p.page_size);
     }
   }

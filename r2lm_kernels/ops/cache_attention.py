@@ -6,6 +6,7 @@ import os
 import torch
 
 from .. import _ext  # noqa: F401  (registers torch.ops.r2lm)
+from . import check_same_device
 from ..reference import check_cache_attention_values
 
 
@@ -33,11 +34,12 @@ def cache_attention(q, k, v, k_cache, v_cache, cache_seqlens, *, block_table=Non
 
     Value checks (cache_seqlens >= 0, cache_seqlens + q_len <= cache capacity with write_kv, else
     cache_seqlens <= capacity, block_table entries in [0, num_pages) for every page a sequence touches, and
-    with write_kv no draft slot that two positions share: sequences may share the pages they read) need the
-    data. On CPU they always run and raise naming the argument. On CUDA they would need a host sync, so the
-    kernels instead clamp lengths into the cache and skip slots whose page is out of range (no out-of-bounds
-    access, but the result of a bad input is meaningless); set R2LM_VALIDATE=1 to run the checks on CUDA too
-    (they sync, and are skipped while a CUDA graph is being captured).
+    with write_kv no draft slot that two positions share or that a sequence has committed: sequences may
+    share the pages they read) need the data. On CPU they always run and raise naming the argument. On CUDA
+    they would need a host sync, so the kernels instead clamp lengths into the cache and skip slots whose
+    page is out of range (no out-of-bounds access, but the result of a bad input is meaningless); set
+    R2LM_VALIDATE=1 to run the checks on CUDA too (they sync, and are skipped while a CUDA graph is being
+    captured).
     """
     if cache_seqlens.is_cuda and os.environ.get("R2LM_VALIDATE") == "1" and \
             not torch.cuda.is_current_stream_capturing():
@@ -50,6 +52,8 @@ def cache_attention(q, k, v, k_cache, v_cache, cache_seqlens, *, block_table=Non
 @torch.library.register_fake("r2lm::cache_attention")
 def _(q, k, v, k_cache, v_cache, cache_seqlens, *, block_table=None, softmax_scale=None, causal=True,
       write_kv=True):
+    check_same_device("cache_attention", q, k=k, v=v, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens,
+                      block_table=block_table)
     # The rank is the one thing the shapes below need; the real kernel checks the rest (same message).
     torch._check(q.dim() == 4, lambda: f"cache_attention: q must have shape (batch, q_len, n_heads, head_dim), "
                                        f"got {list(q.shape)}")

@@ -6,6 +6,7 @@ import operator
 import torch
 
 from .. import _ext  # noqa: F401  (registers torch.ops.r2lm)
+from . import check_same_device
 
 
 def parallel_commit(logits, tokens, *, mask_token_id, threshold, min_per_step=1, max_per_step=0,
@@ -40,8 +41,9 @@ def parallel_commit(logits, tokens, *, mask_token_id, threshold, min_per_step=1,
         raise ValueError(f"parallel_commit: step must be an int or a one-element int64 tensor, got a tensor of "
                          f"shape {list(step_tensor.shape)} and dtype {step_tensor.dtype}")
     return torch.ops.r2lm.parallel_commit(
-        logits, tokens, mask_token_id=mask_token_id, threshold=_number(threshold, "threshold"),
-        min_per_step=min_per_step, max_per_step=max_per_step, temperature=_number(temperature, "temperature"),
+        logits, tokens, mask_token_id=_int64(mask_token_id, "mask_token_id"),
+        threshold=_number(threshold, "threshold"), min_per_step=_int64(min_per_step, "min_per_step"),
+        max_per_step=_int64(max_per_step, "max_per_step"), temperature=_number(temperature, "temperature"),
         seed=_uint64_bits(seed, "seed"), step=0 if step_tensor is not None else _uint64_bits(step, "step"),
         step_tensor=step_tensor, active=active, score=score)
 
@@ -52,13 +54,24 @@ def _number(value, name) -> float:
     return float(value)
 
 
+def _int(value, name) -> int:
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"parallel_commit: {name} must be an int, got {value!r}") from None
+
+
+def _int64(value, name) -> int:
+    value = _int(value, name)
+    if not -2**63 <= value < 2**63:
+        raise ValueError(f"parallel_commit: {name} must be in [-2**63, 2**63), got {value}")
+    return value
+
+
 def _uint64_bits(value, name) -> int:
     """seed / step: any integer in [-2**63, 2**64), passed on as the int64 with the same 64 bits (the kernels
     and the reference read them as uint64)."""
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"parallel_commit: {name} must be an int, got {value!r}") from None
+    value = _int(value, name)
     if not -2**63 <= value < 2**64:
         raise ValueError(f"parallel_commit: {name} must be in [-2**63, 2**64), got {value}")
     return value - 2**64 if value >= 2**63 else value
@@ -67,6 +80,7 @@ def _uint64_bits(value, name) -> int:
 @torch.library.register_fake("r2lm::parallel_commit")
 def _(logits, tokens, *, mask_token_id, threshold, min_per_step=1, max_per_step=0, temperature=0.0, seed=0,
       step=0, step_tensor=None, active=None, score="prob"):
+    check_same_device("parallel_commit", logits, tokens=tokens, step_tensor=step_tensor, active=active)
     # The rank is the one thing the shapes below need; the real kernel checks the rest (same message).
     torch._check(logits.dim() == 3,
                  lambda: f"parallel_commit: logits must have shape (batch, block, vocab), got {list(logits.shape)}")

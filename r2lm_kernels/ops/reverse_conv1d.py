@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext  # noqa: F401  (registers torch.ops.r2lm)
+from . import check_same_device
 
 
 def reverse_conv1d(x, weight, bias=None, seq_idx=None, silu=False):
@@ -22,11 +23,13 @@ def reverse_conv1d(x, weight, bias=None, seq_idx=None, silu=False):
 
 @torch.library.register_fake("r2lm::reverse_conv1d")
 def _(x, weight, bias=None, seq_idx=None, silu=False):
+    check_same_device("reverse_conv1d", x, weight=weight, bias=bias, seq_idx=seq_idx)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("r2lm::reverse_conv1d_backward")
 def _(dy, x, weight, bias, seq_idx, silu):
+    check_same_device("reverse_conv1d_backward", x, dy=dy, weight=weight, bias=bias, seq_idx=seq_idx)
     dbias = torch.empty_like(bias) if bias is not None else x.new_empty(0)
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight), dbias
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext  # noqa: F401  (registers torch.ops.r2lm)
+from . import check_same_device
 
 
 def reverse_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -26,11 +27,15 @@ def _contiguous_like(t):
 
 @torch.library.register_fake("r2lm::reverse_selective_scan")
 def _(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, seq_idx=None):
+    check_same_device("reverse_selective_scan", u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
+                      seq_idx=seq_idx)
     return _contiguous_like(u)
 
 
 @torch.library.register_fake("r2lm::reverse_selective_scan_backward")
 def _(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, seq_idx):
+    check_same_device("reverse_selective_scan_backward", u, dout=dout, delta=delta, A=A, B=B, C=C, D=D, z=z,
+                      delta_bias=delta_bias, seq_idx=seq_idx)
     # Gradients are contiguous; those of A, D, delta_bias keep the parameters' dtype (fp32, or fp64);
     # those of absent optional inputs are empty tensors of u's dtype.
     def like(t):
