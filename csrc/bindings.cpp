@@ -64,11 +64,18 @@ void bump_written_arguments(const c10::OperatorHandle& op, c10::DispatchKeySet k
 
 // cache_attention and parallel_commit have no derivative (generation with a KV cache; discrete commits).
 // With grad mode on, an input that requires grad is refused, naming it, rather than left with a silently
-// missing gradient; the op is called through torch.ops.r2lm or the Python wrappers alike.
-void refuse_inputs_that_require_grad(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
-                                     torch::jit::Stack* stack) {
+// missing gradient, and so is an input carrying a forward-mode tangent (a dual tensor, torch.func.jvp);
+// the op is called through torch.ops.r2lm or the Python wrappers alike.
+void refuse_inputs_to_differentiate(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                                    torch::jit::Stack* stack) {
   const auto& arguments = op.schema().arguments();
   const size_t first = stack->size() - arguments.size();
+  for (size_t i = 0; i < arguments.size(); ++i) {
+    const c10::IValue& value = (*stack)[first + i];
+    TORCH_CHECK_NOT_IMPLEMENTED(!(value.isTensor() && value.toTensor()._fw_grad(/*level=*/0).defined()),
+                                op.schema().name(), " has no forward-mode AD: ", arguments[i].name(),
+                                " carries a tangent (a dual tensor, or torch.func.jvp)");
+  }
   if (c10::GradMode::is_enabled()) {
     for (size_t i = 0; i < arguments.size(); ++i) {
       const c10::IValue& value = (*stack)[first + i];
@@ -89,7 +96,7 @@ TORCH_LIBRARY_IMPL(r2lm, Autograd, m) {
   for (const char* op : {"reverse_selective_scan_backward", "reverse_conv1d_backward"})
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   for (const char* op : {"cache_attention", "parallel_commit"})
-    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&refuse_inputs_that_require_grad>());
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&refuse_inputs_to_differentiate>());
 }
 
 TORCH_LIBRARY_IMPL(r2lm, ADInplaceOrView, m) {

@@ -58,6 +58,30 @@ def test_a_meta_argument_among_cpu_ones_raises(index):
             op(**{**tensors, moved: tensors[moved].to("meta")}, **others)
 
 
+@pytest.mark.parametrize("name", ["reverse_selective_scan", "reverse_conv1d", "cache_attention", "parallel_commit"])
+def test_forward_mode_ad_raises(name):
+    """No op has a forward-mode derivative: a tangent on its first input raises instead of being dropped
+    (the result's tangent would be missing, or zero under torch.func.jvp)."""
+    import torch.autograd.forward_ad as forward_ad
+
+    _, first, tensors, others = next(call for call in _small_op_calls() if call[0] == name)
+    if name == "parallel_commit":
+        tensors["step"] = tensors.pop("step_tensor")   # the wrapper's name for it
+    rest = {n: t for n, t in tensors.items() if n != first}
+    ops = [getattr(r2lm_kernels, name)]
+    if name in ("cache_attention", "parallel_commit"):  # refused by the registered op itself
+        ops.append(getattr(torch.ops.r2lm, name))
+        rest_op = {("step_tensor" if n == "step" else n): t for n, t in rest.items()}
+    for op in ops:
+        kwargs = {**(rest_op if op is not ops[0] else rest), **others}
+        primal, tangent = tensors[first], torch.randn_like(tensors[first])
+        with pytest.raises(NotImplementedError, match=f"{name} has no forward-mode AD: {first} carries a tangent"):
+            torch.func.jvp(lambda x: op(**{first: x}, **kwargs), (primal,), (tangent,))
+        with forward_ad.dual_level(), \
+                pytest.raises(NotImplementedError, match=f"{name} has no forward-mode AD: {first} carries"):
+            op(**{first: forward_ad.make_dual(primal, tangent)}, **kwargs)
+
+
 def test_compiled_backends():
     backends = r2lm_kernels.compiled_backends()
     assert backends["cpu"] is True

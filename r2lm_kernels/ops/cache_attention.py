@@ -30,7 +30,7 @@ def cache_attention(q, k, v, k_cache, v_cache, cache_seqlens, *, block_table=Non
 
     There is no backward: an input that requires grad, with grad mode on, raises (here and through
     torch.ops.r2lm.cache_attention) instead of leaving its gradient silently missing; differentiate the
-    cache-free forward instead.
+    cache-free forward instead. An input carrying a forward-mode tangent raises too.
 
     Value checks (cache_seqlens >= 0, cache_seqlens + q_len <= cache capacity with write_kv, else
     cache_seqlens <= capacity, block_table entries in [0, num_pages) for every page a sequence touches, and

@@ -22,7 +22,8 @@ def parallel_commit(logits, tokens, *, mask_token_id, threshold, min_per_step=1,
     p, "neg_entropy" sum(p log p).
 
     `step` is an int or a one-element int64 tensor on the logits' device (fresh random numbers per
-    replay of a captured CUDA graph); seed and step key the random numbers with all their 64 bits (any
+    replay of a captured CUDA graph; under torch.compile too, where an int is a constant of the compiled
+    graph and each new value compiles again); seed and step key the random numbers with all their 64 bits (any
     integer in [-2**63, 2**64): a negative one means the same bits as its value + 2**64). temperature is 0
     (greedy) or at least 1e-6 (the picks are logits / temperature in fp32). Returns committed (batch,
     block) bool, confidence (batch, block) fp32 (-inf where a position was not eligible) and n_masked
@@ -35,7 +36,7 @@ def parallel_commit(logits, tokens, *, mask_token_id, threshold, min_per_step=1,
 
     There is no backward (commits are discrete choices): logits that require grad, with grad mode on,
     raise (here and through torch.ops.r2lm.parallel_commit) instead of leaving confidence's gradient
-    silently missing."""
+    silently missing, and so do logits carrying a forward-mode tangent."""
     step_tensor = step if isinstance(step, torch.Tensor) else None
     if step_tensor is not None and (step_tensor.dtype != torch.int64 or step_tensor.numel() != 1):
         raise ValueError(f"parallel_commit: step must be an int or a one-element int64 tensor, got a tensor of "
