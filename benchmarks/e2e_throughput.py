@@ -130,8 +130,8 @@ class StepTimer:
         max_len = setup.prompt_len + setup.new_tokens + config.block_size
         self.cache = model.allocate_cache(batch, max_len)
         # Random cache contents (the timed steps attend to them; never time on zeros).
-        self.cache.k.normal_()
-        self.cache.v.normal_()
+        for layer in self.cache.k + self.cache.v:
+            layer.normal_()
 
     def _block(self, width, masked_from):
         tokens = random_prompts(self.model, self.batch, width)

@@ -32,8 +32,8 @@ def poison_caches(monkeypatch):
 
     def allocate_poisoned(self, batch, max_len):
         cache = allocate(self, batch, max_len)
-        cache.k.fill_(float("nan"))
-        cache.v.fill_(float("nan"))
+        for layer in cache.k + cache.v:
+            layer.fill_(float("nan"))
         return cache
 
     monkeypatch.setattr(R2LMForCausalLM, "allocate_cache", allocate_poisoned)

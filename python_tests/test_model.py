@@ -101,8 +101,8 @@ def test_block_mode_equals_full_forward(impl, tiny_model, random_ids, run_or_ski
     committed = [0, bs, 3 * bs]                          # committed (cached) length of each sequence
     ids = random_ids(model, len(committed), 4 * bs)
     cache = model.allocate_cache(len(committed), 5 * bs)
-    cache.k.fill_(float("nan"))                          # positions past seqlens must never be read
-    cache.v.fill_(float("nan"))
+    for layer in cache.k + cache.v:                     # positions past seqlens must never be read
+        layer.fill_(float("nan"))
     block = random_ids(model, len(committed), bs)
     block[:, 1::3] = model.config.mask_token_id
     with torch.no_grad():
@@ -115,8 +115,48 @@ def test_block_mode_equals_full_forward(impl, tiny_model, random_ids, run_or_ski
             canvas = torch.cat([ids[b, :n], block[b]])[None]
             torch.testing.assert_close(got[b], model(canvas)[0, n:], atol=1e-9, rtol=1e-9)
             # write_kv stored the block's K/V after the committed prefix
-            assert torch.isfinite(cache.k[:, b, : n + bs]).all()
+            assert all(torch.isfinite(layer[b, : n + bs]).all() for layer in cache.k)
     assert torch.equal(cache.seqlens, torch.tensor(committed, dtype=torch.int32))
+
+
+def test_compiled_block_step_writes_each_layers_cache(tiny_model, random_ids):
+    """A block step under torch.compile (inductor, dynamic shapes) gives eager's logits and caches: each
+    layer's K/V land in that layer's cache."""
+    model = tiny_model("kernels")
+    bs = model.config.block_size
+    prompt, block = random_ids(model, 2, bs), random_ids(model, 2, bs)
+
+    def step(cache):
+        return model.logits(model.hidden_states(block, cache=cache))
+    caches = []
+    with torch.no_grad():
+        for run in (step, torch.compile(step, fullgraph=True, dynamic=True)):
+            cache = model.allocate_cache(2, 3 * bs)
+            model.hidden_states(prompt, cache=cache, prefill=True)
+            cache.seqlens.fill_(bs)
+            caches.append((run(cache), cache))
+    (want, eager), (got, compiled) = caches
+    close = functools.partial(torch.testing.assert_close, atol=1e-5, rtol=1e-5)  # RoPE's angles are fp32
+    close(got, want)
+    for layer in range(model.config.num_hidden_layers):
+        close(compiled.k[layer], eager.k[layer])
+        close(compiled.v[layer], eager.v[layer])
+
+
+def test_block_step_under_autocast(impl, tiny_model, random_ids):
+    """Under CPU autocast to bf16, prefill and a block step run (q and k leave their fp32 norms, v comes out
+    in bf16: the block step gives cache_attention one dtype) and stay near the fp32 logits."""
+    model = tiny_model(impl, dtype=torch.float32)
+    bs = model.config.block_size
+    prompt, block = random_ids(model, 2, bs), random_ids(model, 2, bs)
+    logits = []
+    for autocast in (False, True):
+        cache = model.allocate_cache(2, 3 * bs)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            model.hidden_states(prompt, cache=cache, prefill=True)
+            cache.seqlens.fill_(bs)
+            logits.append(model.logits(model.hidden_states(block, cache=cache)).float())
+    assert (logits[1] - logits[0]).norm() < 0.05 * logits[0].norm()
 
 
 # -- kernels path == reference path -------------------------------------------------------------------------

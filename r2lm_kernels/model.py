@@ -20,7 +20,7 @@ import json
 import math
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -56,22 +56,30 @@ def get_ops(impl: str) -> SimpleNamespace:
 
 @dataclass
 class KVCache:
-    """Contiguous per-layer K/V: k, v (num_layers, batch, max_len, n_kv_heads, head_dim); seqlens (batch,)
-    int32 = committed length of each sequence. Positions at and past seqlens[b] hold scratch."""
+    """Contiguous K/V, one tensor per layer: k[layer], v[layer] (batch, max_len, n_kv_heads, head_dim);
+    seqlens (batch,) int32 = committed length of each sequence. Positions at and past seqlens[b] hold
+    scratch. Separate tensors, not views of one: torch.compile (inductor, dynamic shapes) drops the storage
+    offset of a view that an op writes in place, and would store every layer's K/V in the first layer's."""
 
-    k: torch.Tensor
-    v: torch.Tensor
+    k: Tuple[torch.Tensor, ...]
+    v: Tuple[torch.Tensor, ...]
     seqlens: torch.Tensor
 
     @classmethod
     def allocate(cls, config: R2LMConfig, batch: int, max_len: int, *, dtype, device) -> "KVCache":
-        shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
-        return cls(k=torch.zeros(shape, dtype=dtype, device=device), v=torch.zeros(shape, dtype=dtype, device=device),
-                   seqlens=torch.zeros(batch, dtype=torch.int32, device=device))
+        shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
+
+        def layers():
+            return tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers))
+        return cls(k=layers(), v=layers(), seqlens=torch.zeros(batch, dtype=torch.int32, device=device))
+
+    @property
+    def batch(self) -> int:
+        return self.seqlens.shape[0]
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[1]
 
 
 class RMSNorm(nn.Module):
@@ -133,12 +141,14 @@ class Attention(nn.Module):
         k = _rotate(self.k_norm(self.k_proj(x).view(batch, seqlen, self.n_kv, self.head_dim)), p.cos, p.sin)
         v = self.v_proj(x).view(batch, seqlen, self.n_kv, self.head_dim)
         if p.block_mode:
+            # The op takes one dtype; under autocast q and k leave their norms in fp32, v in the autocast's.
+            q, k, v = (t.to(p.cache.k[layer].dtype) for t in (q, k, v))
             out = p.ops.cache_attention(q, k, v, p.cache.k[layer], p.cache.v[layer], p.cache.seqlens,
                                         causal=p.causal, write_kv=True)
         else:
             if p.cache is not None:  # prefill
-                p.cache.k[layer, :, :seqlen] = k
-                p.cache.v[layer, :, :seqlen] = v
+                p.cache.k[layer][:, :seqlen] = k
+                p.cache.v[layer][:, :seqlen] = v
             gqa = self.n_kv != self.n_heads
             if gqa and p.key_mask is not None:
                 # The fused SDPA kernel that takes a mask has no GQA: give it one K/V head per query head.
@@ -361,8 +371,8 @@ class R2LMForCausalLM(nn.Module):
             raise ValueError("input_ids must hold at least one position")
         block_mode = cache is not None and not prefill
         if cache is not None:
-            if cache.k.shape[1] != batch:
-                raise ValueError(f"cache holds {cache.k.shape[1]} sequences, input_ids {batch}")
+            if cache.batch != batch:
+                raise ValueError(f"cache holds {cache.batch} sequences, input_ids {batch}")
             if prefill and seqlen > cache.max_len:
                 raise ValueError(f"prefill of {seqlen} positions exceeds the cache's max_len {cache.max_len}")
         if lengths is not None and block_mode:
