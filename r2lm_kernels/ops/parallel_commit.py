@@ -23,12 +23,12 @@ def parallel_commit(logits, tokens, *, mask_token_id, threshold, min_per_step=1,
 
     `step` is an int or a one-element int64 tensor on the logits' device (fresh random numbers per
     replay of a captured CUDA graph; under torch.compile too, where an int is a constant of the compiled
-    graph and each new value compiles again); seed and step key the random numbers with all their 64 bits (any
-    integer in [-2**63, 2**64): a negative one means the same bits as its value + 2**64). temperature is 0
-    (greedy) or at least 1e-6 (the picks are logits / temperature in fp32). Returns committed (batch,
-    block) bool, confidence (batch, block) fp32 (-inf where a position was not eligible) and n_masked
-    (batch,) int32, the masked positions left. torch.ops.r2lm.parallel_commit is the registered op: seed
-    and step as the int64 with the same bits, a step tensor as step_tensor.
+    graph and each new value compiles again); seed and step key the random numbers with all their 64
+    bits (any integer in [-2**63, 2**64): a negative one means the same bits as its value + 2**64).
+    temperature is 0 (greedy) or at least 1e-6 (the picks are logits / temperature in fp32). Returns
+    committed (batch, block) bool, confidence (batch, block) fp32 (-inf where a position was not
+    eligible) and n_masked (batch,) int32, the masked positions left. torch.ops.r2lm.parallel_commit is
+    the registered op: seed and step as the int64 with the same bits, a step tensor as step_tensor.
 
     Non-finite logits: a position whose logits row holds a NaN or +inf (the mask token's logit
     included), or whose non-mask logits are all -inf, is never committed and gets confidence -inf;
