@@ -221,6 +221,21 @@ def test_compact_backward(d_state, seqlen, monkeypatch, poison_memory):
     _check(args, dout, poison_memory)
 
 
+@pytest.mark.parametrize("compact", [False, True], ids=["full", "compact"])
+@pytest.mark.parametrize("d_state", [1, 16, 64])
+def test_fast_decays_keep_dA_accurate(d_state, compact, monkeypatch, poison_memory):
+    """Decays of e^-15 to e^-30: dA sums dt * adj * decay * h_{t+1}, which the backward must keep as such;
+    h_t minus the token's input term is rounding noise at these decays."""
+    if compact:
+        monkeypatch.setenv("R2LM_SCAN_CUDA_COMPACT", "1")
+    batch, seqlen, dim = 2, 72, 20
+    args = _inputs(batch, seqlen, dim, d_state, torch.float32)
+    args.update(delta=torch.full((batch, seqlen, dim), 0.5, device=DEVICE), delta_softplus=False,
+                delta_bias=0.05 * torch.randn(dim, device=DEVICE),
+                A=-30.0 - 30.0 * torch.rand(dim, d_state, device=DEVICE))
+    _check(args, torch.randn(batch, seqlen, dim, device=DEVICE), poison_memory)
+
+
 @pytest.mark.skipif(ON_GPU, reason="the emulated build stands in for a GPU with less shared memory")
 @pytest.mark.parametrize("d_state", [16, 32, 64])
 def test_backward_on_a_gpu_with_99_kb_of_shared_memory(d_state, monkeypatch):

@@ -15,8 +15,8 @@
 //     superchunk boundary (t a multiple of kSuper) in the workspace.
 //  2. scan_bwd_kernel walks superchunks left to right carrying the adjoint dL/dh. Per superchunk it
 //     recomputes the states right to left from the stored boundary, keeping one state per subchunk
-//     (kSub tokens) in shared memory; per subchunk it recomputes the per-token states and decays into
-//     shared memory, then runs the adjoint left to right. dA, dD, ddelta_bias accumulate per thread;
+//     (kSub tokens) in shared memory; per subchunk it recomputes the per-token decayed right states
+//     (decay_t * h_{t+1}) and decays into shared memory, then runs the adjoint left to right. dA, dD, ddelta_bias accumulate per thread;
 //     dB, dC (sums over channels) reduce within the warp by a shuffle reduce-scatter, across warps in
 //     shared memory, and land as per-block partial sums in the workspace.
 //  3. scan_reduce_bc_kernel / scan_reduce_params_kernel sum the partials in a fixed order.
@@ -307,7 +307,7 @@ __global__ void __launch_bounds__(BwdConfig<N, kCompact>::kThreads) scan_bwd_ker
   extern __shared__ float4 smem4[];
   // Per-thread arrays are [slot][q][thread] float4: consecutive threads touch consecutive 16 bytes.
   float4* s_sub = smem4;                                     // [kSubs][kQ][kThreads]
-  float4* s_h = s_sub + Cfg::kSubStates / 4;                 // [kSub][kQ][kThreads]
+  float4* s_h = s_sub + Cfg::kSubStates / 4;                 // [kSub][kQ][kThreads] decay_t * h_{t+1}
   float4* s_decay = s_h + Cfg::kTokenStates / 4;             // [kSub][kQ][kThreads]
   float* s_B = reinterpret_cast<float*>(s_decay + Cfg::kTokenStates / 4);  // [kSuper][N]
   float* s_C = s_B + Cfg::kRows;                              // [kSuper][N]
@@ -402,7 +402,9 @@ __global__ void __launch_bounds__(BwdConfig<N, kCompact>::kThreads) scan_bwd_ker
     __syncthreads();
 
     // Recurrence over tokens [ts, ts + kSub) right to left from h (= h_{ts + kSub}); row r0 = ts - T0.
-    // With kStore, per-token states and decays go to s_h / s_decay and outputs y (before the gate) to y_out.
+    // With kStore, per token the decayed right state decay_t * h_{t+1} and the decays go to s_h / s_decay,
+    // outputs y (before the gate) to y_out. dA needs decay_t * h_{t+1} itself: taken as h_t minus the
+    // token's input, it cancels to rounding noise once the decay is small (below ~1e-4).
     auto recompute = [&](int r0, float* hs, auto store_tag, float* y_out) {
       constexpr bool kStore = decltype(store_tag)::value;
       T lu[kSub], ldl[kSub];
@@ -432,15 +434,18 @@ __global__ void __launch_bounds__(BwdConfig<N, kCompact>::kThreads) scan_bwd_ker
           load_a2(q, a2v);
           float dec[4];
 #pragma unroll
+          for (int k = 0; k < 4; ++k) dec[k] = keep ? sfu_exp2(dt * a2v[k]) : 0.f;
+          if constexpr (kStore) {
+            float* h4 = hs + 4 * q;
+            s_h[(i * kQ + q) * kThreads + tid] =
+                make_float4(dec[0] * h4[0], dec[1] * h4[1], dec[2] * h4[2], dec[3] * h4[3]);
+            s_decay[(i * kQ + q) * kThreads + tid] = make_float4(dec[0], dec[1], dec[2], dec[3]);
+          }
+#pragma unroll
           for (int k = 0; k < 4; ++k) {
             const int n = 4 * q + k;
-            dec[k] = keep ? sfu_exp2(dt * a2v[k]) : 0.f;
             hs[n] = dec[k] * hs[n] + dtu * bv[k];
             y += hs[n] * cv[k];
-          }
-          if constexpr (kStore) {
-            s_h[(i * kQ + q) * kThreads + tid] = make_float4(hs[4 * q], hs[4 * q + 1], hs[4 * q + 2], hs[4 * q + 3]);
-            s_decay[(i * kQ + q) * kThreads + tid] = make_float4(dec[0], dec[1], dec[2], dec[3]);
           }
         }
         if constexpr (kStore) y_out[i] = y + skip * ut;
@@ -515,8 +520,7 @@ __global__ void __launch_bounds__(BwdConfig<N, kCompact>::kThreads) scan_bwd_ker
           for (int k = 0; k < 4; ++k) {
             const int n = 4 * q + k;
             const float adj = carry[n] + g * cv[k];       // dL/dh_t
-            const float w = hv[k] - dtu * bv[k];          // decay * h_{t+1}: h_t minus this token's input
-            const float aw = adj * w;
+            const float aw = adj * hv[k];                 // hv: decay * h_{t+1}
             aB += adj * bv[k];
             a2w += a2v[k] * aw;
             if constexpr (Cfg::kParamsInSmem) dAv[k] += dt * aw;
@@ -546,9 +550,11 @@ __global__ void __launch_bounds__(BwdConfig<N, kCompact>::kThreads) scan_bwd_ker
             s_red[((0 * kWarps + warp) * kSub + i) * N + (lane >> Layout::kShift) * Layout::kPerLane + j] = v[j];
         }
 #pragma unroll
-        for (int q = 0; q < kQ; ++q) {
+        for (int q = 0; q < kQ; ++q) {  // h_t = decay * h_{t+1} + dt * u * B
           const float4 hq = s_h[(i * kQ + q) * kThreads + tid];
-          v[4 * q] = g * hq.x; v[4 * q + 1] = g * hq.y; v[4 * q + 2] = g * hq.z; v[4 * q + 3] = g * hq.w;
+          const float4 bq = row4(s_B + r * N, q);
+          v[4 * q] = g * (hq.x + dtu * bq.x); v[4 * q + 1] = g * (hq.y + dtu * bq.y);
+          v[4 * q + 2] = g * (hq.z + dtu * bq.z); v[4 * q + 3] = g * (hq.w + dtu * bq.w);
         }
         reduce_scatter<N, 16>(v, lane);
         if (writer) {
