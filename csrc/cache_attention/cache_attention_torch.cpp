@@ -141,19 +141,31 @@ void check_values_cpu(const CacheAttnParams& p, const at::Tensor& cache_seqlens,
   // Sequences may share the pages they read (a common prefix), not a slot that write_kv fills: each draft
   // slot lies past every committed slot of its page (those are the page's first slots) and is filled once.
   if (!p.block_table || !write_kv) return;
-  std::vector<int64_t> committed(p.num_pages, 0);  // per page: its leading slots that some sequence has committed
+  auto page_of = [&](int64_t b, int64_t pos) -> int64_t {
+    return p.block_table[b * p.block_table_batch_stride + pos / p.page_size];
+  };
+  std::vector<int64_t> draft_pages;  // sorted, unique: few, so the committed counts below stay small
+  for (int64_t b = 0; b < p.batch; ++b)
+    for (int64_t pos = lens[b]; pos < lens[b] + p.q_len; ++pos) draft_pages.push_back(page_of(b, pos));
+  std::sort(draft_pages.begin(), draft_pages.end());
+  draft_pages.erase(std::unique(draft_pages.begin(), draft_pages.end()), draft_pages.end());
+  auto draft_index = [&](int64_t page) {
+    const auto it = std::lower_bound(draft_pages.begin(), draft_pages.end(), page);
+    return it != draft_pages.end() && *it == page ? it - draft_pages.begin() : int64_t(-1);
+  };
+  std::vector<int64_t> committed(draft_pages.size(), 0);  // per draft page: its leading slots some sequence committed
   for (int64_t b = 0; b < p.batch; ++b) {
     for (int64_t j = 0; j * p.page_size < lens[b]; ++j) {
-      int64_t& slots_committed = committed[p.block_table[b * p.block_table_batch_stride + j]];
-      slots_committed = std::max(slots_committed, std::min<int64_t>(p.page_size, lens[b] - j * p.page_size));
+      const int64_t i = draft_index(page_of(b, j * p.page_size));
+      if (i >= 0) committed[i] = std::max(committed[i], std::min<int64_t>(p.page_size, lens[b] - j * p.page_size));
     }
   }
   std::vector<int64_t> slots;
   slots.reserve(p.batch * p.q_len);
   for (int64_t b = 0; b < p.batch; ++b) {
     for (int64_t pos = lens[b]; pos < lens[b] + p.q_len; ++pos) {
-      const int64_t page = p.block_table[b * p.block_table_batch_stride + pos / p.page_size];
-      TORCH_CHECK(pos % p.page_size >= committed[page], kOp, ": block_table maps draft position ", pos,
+      const int64_t page = page_of(b, pos);
+      TORCH_CHECK(pos % p.page_size >= committed[draft_index(page)], kOp, ": block_table maps draft position ", pos,
                   " of sequence ", b, " to page ", page, ", slot ", pos % p.page_size,
                   ", which a sequence has committed (write_kv would overwrite it)");
       slots.push_back(page * p.page_size + pos % p.page_size);
