@@ -68,13 +68,13 @@ def test_forward_mode_ad_raises(name):
     if name == "parallel_commit":
         tensors["step"] = tensors.pop("step_tensor")   # the wrapper's name for it
     rest = {n: t for n, t in tensors.items() if n != first}
-    ops = [getattr(r2lm_kernels, name)]
+    calls = [(getattr(r2lm_kernels, name), rest)]
     if name in ("cache_attention", "parallel_commit"):  # refused by the registered op itself
-        ops.append(getattr(torch.ops.r2lm, name))
-        rest_op = {("step_tensor" if n == "step" else n): t for n, t in rest.items()}
-    for op in ops:
-        kwargs = {**(rest_op if op is not ops[0] else rest), **others}
-        primal, tangent = tensors[first], torch.randn_like(tensors[first])
+        op_names = {"step": "step_tensor"}
+        calls.append((getattr(torch.ops.r2lm, name), {op_names.get(n, n): t for n, t in rest.items()}))
+    primal, tangent = tensors[first], torch.randn_like(tensors[first])
+    for op, op_rest in calls:
+        kwargs = {**op_rest, **others}
         with pytest.raises(NotImplementedError, match=f"{name} has no forward-mode AD: {first} carries a tangent"):
             torch.func.jvp(lambda x: op(**{first: x}, **kwargs), (primal,), (tangent,))
         with forward_ad.dual_level(), \
