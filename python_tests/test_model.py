@@ -143,6 +143,23 @@ def test_compiled_block_step_writes_each_layers_cache(tiny_model, random_ids):
         close(compiled.v[layer], eager.v[layer])
 
 
+def test_compiled_model_compiles_once(tiny_model, random_ids):
+    """Repeated calls of a compiled model reuse its first graph (no state first filled in by a call), and RoPE's
+    frequencies stay fp32 through a cast."""
+    from torch._dynamo.testing import CompileCounter
+    model = tiny_model("kernels", dtype=torch.float32)
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    ids = random_ids(model, 2, 2 * model.config.block_size)
+    with torch.no_grad():
+        got = [compiled(ids) for _ in range(3)]  # before any eager call
+        for logits in got:
+            torch.testing.assert_close(logits, model(ids))
+    assert counter.frame_count == 1
+    model.cast(torch.bfloat16)
+    assert model._rope_inv_freq.dtype == torch.float32
+
+
 def test_block_step_under_autocast(impl, tiny_model, random_ids):
     """Under CPU autocast to bf16, prefill and a block step run (q and k leave their fp32 norms, v comes out
     in bf16: the block step gives cache_attention one dtype) and stay near the fp32 logits."""

@@ -270,7 +270,7 @@ class R2LMForCausalLM(nn.Module):
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self._inv_freq = {}
+        self._rope_inv_freq = self._rope_inverse_frequencies()
         self.init_weights()
         if dtype is not None:
             self.cast(dtype)
@@ -337,14 +337,22 @@ class R2LMForCausalLM(nn.Module):
 
     # -- running ------------------------------------------------------------------------------------
 
+    def _rope_inverse_frequencies(self):
+        """RoPE's inverse frequencies in fp32, computed on the CPU as Qwen3 does, on the model's device. A plain
+        attribute, not a buffer, so that a dtype cast leaves it fp32; _apply moves it with the model. (Looked up
+        per device on the first call, it made a compiled model recompile on its second call.)"""
+        d = self.config.head_dim
+        inv = 1.0 / (self.config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+        return inv.to(self.device)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._rope_inv_freq = self._rope_inverse_frequencies()
+        return self
+
     def _rope(self, positions, dtype):
         """cos, sin of shape (batch or 1, seqlen, 1, head_dim), computed in fp32 as Qwen3 does."""
-        device = positions.device
-        if device not in self._inv_freq:
-            d = self.config.head_dim
-            inv = 1.0 / (self.config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-            self._inv_freq[device] = inv.to(device)
-        freqs = positions[..., None].float() * self._inv_freq[device]
+        freqs = positions[..., None].float() * self._rope_inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)[..., None, :]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -487,4 +495,5 @@ class R2LMForCausalLM(nn.Module):
                              f"unexpected {unexpected}")
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
+        model._rope_inv_freq = model._rope_inverse_frequencies()  # assigning parameters moved nothing else
         return model if dtype is None else model.cast(dtype)
