@@ -335,8 +335,15 @@ def test_bad_arguments(tiny_model, random_prompts):
         generate(model, prompts, max_new_tokens=4, eos_token_id=10_000)
     with pytest.raises(ValueError, match="pad_token_id"):
         autoregressive_generate(model, prompts, max_new_tokens=4, pad_token_id=model.config.mask_token_id)
-    with pytest.raises(ValueError, match="block_size"):
-        bidirectional_generate(model, prompts, max_new_tokens=4, block_size=0)
+    for block_size in (0, True):
+        with pytest.raises(ValueError, match="block_size"):
+            bidirectional_generate(model, prompts, max_new_tokens=4, block_size=block_size)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, prompts, max_new_tokens=True)
+    with pytest.raises(ValueError, match="each sequence in the list must be 1-D"):
+        generate(model, [torch.tensor([[1, 2], [3, 4]])], max_new_tokens=2)
+    with pytest.raises(ValueError, match="input_ids must be a 2-D integer tensor or a list"):
+        generate(model, [["a", "b"]], max_new_tokens=2)
     with pytest.raises(ValueError, match="cuda_graph"):
         generate(model, prompts, max_new_tokens=4, cuda_graph=True)
     with pytest.raises(TypeError, match="R2LMForCausalLM"):
@@ -434,3 +441,6 @@ def test_demo_runs(capsys):
     assert "cache invariant on this run: HELD" in printed
     for method in ("R2LM", "autoregressive", "bidirectional"):
         assert method in printed
+    with pytest.raises(SystemExit):
+        demo.main(["--quick", "--device", "cpu", "--batch", "0"])
+    assert "--batch: must be a positive int, got 0" in capsys.readouterr().err

@@ -4,7 +4,7 @@ import functools
 import pytest
 import torch
 
-from r2lm_kernels import R2LMConfig, R2LMForCausalLM
+from r2lm_kernels import KVCache, R2LMConfig, R2LMForCausalLM
 
 @pytest.fixture
 def tiny_model(tiny_model):
@@ -158,6 +158,24 @@ def test_compiled_model_compiles_once(tiny_model, random_ids):
     assert counter.frame_count == 1
     model.cast(torch.bfloat16)
     assert model._rope_inv_freq.dtype == torch.float32
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float64])
+def test_cache_of_another_dtype(impl, tiny_model, random_ids, cache_dtype):
+    """A cache in another dtype than the model's (a bf16 cache for an fp32 model, say): K/V are stored in the
+    cache's dtype and the logits stay in the model's, near those of a cache in the model's dtype."""
+    model = tiny_model(impl, dtype=torch.float32)
+    bs = model.config.block_size
+    prompt, block = random_ids(model, 2, bs), random_ids(model, 2, bs)
+    logits = []
+    for dtype in (torch.float32, cache_dtype):
+        cache = KVCache.allocate(model.config, 2, 3 * bs, dtype=dtype, device="cpu")
+        with torch.no_grad():
+            model.hidden_states(prompt, cache=cache, prefill=True)
+            cache.seqlens.fill_(bs)
+            logits.append(model.logits(model.hidden_states(block, cache=cache)))
+    assert logits[1].dtype == torch.float32
+    assert (logits[1] - logits[0]).norm() < 0.02 * logits[0].norm()
 
 
 def test_block_step_under_autocast(impl, tiny_model, random_ids):
@@ -339,6 +357,11 @@ def test_bad_arguments(tiny_model, random_ids):
         R2LMConfig.tiny(rms_norm_eps=-1e-6)
     with pytest.raises(ValueError, match="rope_theta"):
         R2LMConfig.tiny(rope_theta=float("nan"))
+    for field, value in (("vocab_size", None), ("hidden_size", None), ("sidecar_layers", 5),
+                         ("sidecar_layers", ["x"]), ("block_size", True), ("rms_norm_eps", True),
+                         ("attention_bias", 1)):
+        with pytest.raises(ValueError, match=f"R2LMConfig.{field} must be"):
+            R2LMConfig.tiny(**{field: value})
     model = tiny_model("reference", dtype=torch.float32)
     with pytest.raises(ValueError, match="input_ids"):
         model(torch.rand(2, 5))
@@ -348,6 +371,13 @@ def test_bad_arguments(tiny_model, random_ids):
         model.hidden_states(random_ids(model, 3, 4), cache=model.allocate_cache(2, 16))
     with pytest.raises(ValueError, match="max_len"):
         model.hidden_states(random_ids(model, 2, 20), cache=model.allocate_cache(2, 16), prefill=True)
+    other = tiny_model("reference", dtype=torch.float32, num_hidden_layers=1)
+    for cache in (other.allocate_cache(2, 16), tiny_model("reference", num_key_value_heads=4).allocate_cache(2, 16)):
+        with pytest.raises(ValueError, match="cache must hold 2 layers of K and V"):
+            model.hidden_states(random_ids(model, 2, 8), cache=cache, prefill=True)
+    for lengths in (torch.tensor([1, 2, 3]), [2.5, 3.0]):
+        with pytest.raises(ValueError, match="lengths must hold one integer per sequence"):
+            model(random_ids(model, 2, 3), lengths=lengths)
     bs = model.config.block_size
     with pytest.raises(ValueError, match="must cover whole blocks"):
         model.hidden_states(random_ids(model, 2, bs + 1), cache=model.allocate_cache(2, 4 * bs), prefill=True)

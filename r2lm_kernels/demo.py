@@ -33,6 +33,13 @@ SIZES = {
 }
 
 
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {value}")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m r2lm_kernels.demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,11 +47,11 @@ def parse_args(argv=None):
     p.add_argument("--size", choices=sorted(SIZES), default=None, help="model shape (default: small on CPU, "
                    "medium on GPU)")
     p.add_argument("--quick", action="store_true", help="tiny model, short run (a few seconds)")
-    p.add_argument("--batch", type=int, default=None, help="sequences generated together (default 4; 16 on GPU)")
-    p.add_argument("--prompt-len", type=int, default=None, help="longest prompt; the others are shorter")
-    p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per sequence")
-    p.add_argument("--block-size", type=int, default=32)
-    p.add_argument("--tokens-per-step", type=int, default=4, help="k of the fixed policy")
+    p.add_argument("--batch", type=positive_int, default=None, help="sequences generated together (default 4; 16 on GPU)")
+    p.add_argument("--prompt-len", type=positive_int, default=None, help="longest prompt; the others are shorter")
+    p.add_argument("--new-tokens", type=positive_int, default=None, help="tokens generated per sequence")
+    p.add_argument("--block-size", type=positive_int, default=32)
+    p.add_argument("--tokens-per-step", type=positive_int, default=4, help="k of the fixed policy")
     p.add_argument("--threshold", type=float, default=None, help="use the confidence-threshold rule instead")
     p.add_argument("--impl", choices=["kernels", "reference"], default="kernels")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
@@ -130,7 +137,7 @@ def main(argv=None):
     size = args.size or ("tiny" if args.quick else ("medium" if on_gpu else "small"))
     dtype = {"auto": torch.bfloat16 if on_gpu else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    batch = args.batch or (16 if on_gpu else 4)
+    batch = args.batch or (16 if on_gpu else 4)  # the sizes are None or positive
     prompt_len = args.prompt_len or (256 if on_gpu else (20 if args.quick else 48))
     new_tokens = args.new_tokens or (256 if on_gpu else (32 if args.quick else 64))
     k = args.tokens_per_step

@@ -111,11 +111,17 @@ def _prompt_batch(input_ids: Prompts, device, mask_token_id: int, pad: int, voca
         prompts = input_ids.to(device=device, dtype=torch.int64, copy=True)
         lengths = torch.full((prompts.shape[0],), prompts.shape[1], dtype=torch.int64)
     else:
-        rows = [torch.as_tensor(r, device="cpu") for r in input_ids]
+        try:
+            rows = [torch.as_tensor(r, device="cpu") for r in input_ids]
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(f"input_ids must be a 2-D integer tensor or a list of token id sequences: {error}") \
+                from None
         if any(r.dim() == 0 for r in rows):
             raise ValueError("input_ids must be a 2-D tensor or a list of sequences, got a flat list of token ids: "
                              "wrap a single prompt as [ids]")
-        rows = [r.reshape(-1) for r in rows]
+        if any(r.dim() > 1 for r in rows):
+            raise ValueError(f"input_ids: each sequence in the list must be 1-D, got shapes "
+                             f"{[tuple(r.shape) for r in rows if r.dim() > 1]}")
         bad = next((r.dtype for r in rows if not _is_token_dtype(r.dtype) and r.numel()), None)
         if bad is not None:
             raise ValueError(f"input_ids: every prompt must hold integer token ids, got {bad} values")
@@ -138,16 +144,22 @@ def _prompt_batch(input_ids: Prompts, device, mask_token_id: int, pad: int, voca
     return prompts, lengths
 
 
+def _is_int(value) -> bool:
+    """An integer (numpy's included), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _check_common(model, max_new_tokens, min_per_step, pad_token_id, eos_token_id):
+    """Returns (padding token, max_new_tokens, min_per_step), the counts as Python ints."""
     if not isinstance(model, R2LMForCausalLM):
         raise TypeError(f"model must be an R2LMForCausalLM, got {type(model).__name__}")
-    if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
+    if not (_is_int(max_new_tokens) and max_new_tokens >= 1):
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    if not (isinstance(min_per_step, int) and min_per_step >= 1):
+    if not (_is_int(min_per_step) and min_per_step >= 1):
         raise ValueError(f"min_per_step must be an int >= 1 (every step must make progress), got {min_per_step!r}")
     vocab = model.config.vocab_size
     for name, value in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+        if value is not None and not _is_int(value):
             raise TypeError(f"{name} must be one token id (an int), got {value!r}")
         if value is not None and not 0 <= value < vocab:
             raise ValueError(f"{name} must be in [0, vocab_size={vocab}), got {value}")
@@ -159,7 +171,7 @@ def _check_common(model, max_new_tokens, min_per_step, pad_token_id, eos_token_i
     if pad == model.config.mask_token_id:
         raise ValueError("the padding token (pad_token_id, else eos_token_id, else 0) equals mask_token_id; "
                          "pass another pad_token_id")
-    return pad
+    return int(pad), int(max_new_tokens), int(min_per_step)
 
 
 def _sync(device):
@@ -264,7 +276,7 @@ def generate(model: R2LMForCausalLM, input_ids: Prompts, *, max_new_tokens: int,
     cache). sidecar=False gives the causal block-diffusion baseline. step_callback(StepInfo) is called
     before every commit.
     """
-    pad = _check_common(model, max_new_tokens, min_per_step, pad_token_id, eos_token_id)
+    pad, max_new_tokens, min_per_step = _check_common(model, max_new_tokens, min_per_step, pad_token_id, eos_token_id)
     _check_graph_args(model, cuda_graph, step_callback)
     if cuda_graph and not use_cache:
         raise ValueError("cuda_graph=True needs use_cache=True")
@@ -355,7 +367,7 @@ def autoregressive_generate(model: R2LMForCausalLM, input_ids: Prompts, *, max_n
     """Autoregressive decoding of the same network (no sidecar, causal attention, next-token reading of the
     logits), one token a step with a KV cache. Tokens are chosen by parallel_commit on a one-position block
     (greedy, or Gumbel-max sampling at temperature > 0, never the mask token). Stops at EOS or the budget."""
-    pad = _check_common(model, max_new_tokens, 1, pad_token_id, eos_token_id)
+    pad, max_new_tokens, _ = _check_common(model, max_new_tokens, 1, pad_token_id, eos_token_id)
     _check_graph_args(model, cuda_graph, step_callback)
     config, ops, device = model.config, model.ops, model.device
     mask = config.mask_token_id
@@ -437,11 +449,12 @@ def bidirectional_generate(model: R2LMForCausalLM, input_ids: Prompts, *, max_ne
     bidirectional attention (no sidecar) over the whole canvas (prompt + generated + masks, no cache) and
     commits inside the current block of block_size (default config.block_size) positions, counted from
     the end of the prompt. Same commit rule and stopping as `generate`."""
-    pad = _check_common(model, max_new_tokens, min_per_step, pad_token_id, eos_token_id)
+    pad, max_new_tokens, min_per_step = _check_common(model, max_new_tokens, min_per_step, pad_token_id, eos_token_id)
     config, ops, device = model.config, model.ops, model.device
     bs = block_size if block_size is not None else config.block_size
-    if not (isinstance(bs, int) and bs >= 1):
+    if not (_is_int(bs) and bs >= 1):
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    bs = int(bs)
     mask = config.mask_token_id
     start_time = time.perf_counter()
     prompts, prompt_len_host = _prompt_batch(input_ids, device, mask, pad, config.vocab_size)

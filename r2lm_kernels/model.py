@@ -141,10 +141,12 @@ class Attention(nn.Module):
         k = _rotate(self.k_norm(self.k_proj(x).view(batch, seqlen, self.n_kv, self.head_dim)), p.cos, p.sin)
         v = self.v_proj(x).view(batch, seqlen, self.n_kv, self.head_dim)
         if p.block_mode:
-            # The op takes one dtype; under autocast q and k leave their norms in fp32, v in the autocast's.
+            # The op takes the cache's dtype; under autocast q and k leave their norms in fp32, v in the
+            # autocast's. The output goes back to v's dtype, for o_proj.
+            dtype = v.dtype
             q, k, v = (t.to(p.cache.k[layer].dtype) for t in (q, k, v))
             out = p.ops.cache_attention(q, k, v, p.cache.k[layer], p.cache.v[layer], p.cache.seqlens,
-                                        causal=p.causal, write_kv=True)
+                                        causal=p.causal, write_kv=True).to(dtype)
         else:
             if p.cache is not None:  # prefill
                 p.cache.k[layer][:, :seqlen] = k
@@ -383,8 +385,20 @@ class R2LMForCausalLM(nn.Module):
                 raise ValueError(f"cache holds {cache.batch} sequences, input_ids {batch}")
             if prefill and seqlen > cache.max_len:
                 raise ValueError(f"prefill of {seqlen} positions exceeds the cache's max_len {cache.max_len}")
+            c = self.config
+            layer_shape = (c.num_key_value_heads, c.head_dim)
+            if not (len(cache.k) == len(cache.v) == c.num_hidden_layers
+                    and all(t.shape[2:] == layer_shape for t in cache.k + cache.v)):
+                raise ValueError(f"cache must hold {c.num_hidden_layers} layers of K and V with (n_kv_heads, head_dim) "
+                                 f"= {layer_shape}, got {len(cache.k)} / {len(cache.v)} layers of "
+                                 f"{[tuple(t.shape[2:]) for t in cache.k[:1]]} (allocate it with allocate_cache)")
         if lengths is not None and block_mode:
             raise ValueError("lengths applies to full-sequence mode only")
+        if lengths is not None:
+            lengths = torch.as_tensor(lengths, device=input_ids.device)
+            if lengths.shape != (batch,) or lengths.is_floating_point() or lengths.dtype == torch.bool:
+                raise ValueError(f"lengths must hold one integer per sequence, shape ({batch},), got shape "
+                                 f"{tuple(lengths.shape)} dtype {lengths.dtype}")
         device = input_ids.device
         offsets = torch.arange(seqlen, device=device)
         positions = cache.seqlens.long()[:, None] + offsets if block_mode else offsets[None, :]
@@ -395,18 +409,15 @@ class R2LMForCausalLM(nn.Module):
             raise ValueError(f"a prefill with the sidecar must cover whole blocks: seqlen {seqlen} is not a multiple "
                              f"of block_size {self.config.block_size} (prefill the whole blocks, then run the rest "
                              f"as a block; or pass sidecar=False)")
-        valid = None if lengths is None else offsets[None, :] < torch.as_tensor(lengths, device=device)[:, None]
+        valid = None if lengths is None else offsets[None, :] < lengths[:, None]
         seq_idx = None
         if run_sidecar:
             seq_idx = (positions // self.config.block_size).expand(batch, seqlen)
             if valid is not None:  # padding: a segment index past every block's, so no real position sees it
                 seq_idx = torch.where(valid, seq_idx, (seqlen - 1) // self.config.block_size + 1)
             seq_idx = seq_idx.to(torch.int32).contiguous()
-        key_mask = None
-        if valid is not None:
-            key_mask = valid[:, None, None, :]
-            if causal:
-                key_mask = key_mask & torch.ones(seqlen, seqlen, dtype=torch.bool, device=device).tril()
+        # Right padding is never a key of a real position under causal attention: no mask then.
+        key_mask = valid[:, None, None, :] if valid is not None and not causal else None
         p = _Pass(cos=cos, sin=sin, seq_idx=seq_idx, causal=causal, key_mask=key_mask, cache=cache,
                   block_mode=block_mode, ops=self.ops)
         for layer in self.model.layers:
