@@ -8,13 +8,12 @@ CPU: a small shape and small batches (--quick: smaller still, for CI).
 
 Two measurements per (method, batch):
 * full: one timed call of r2lm_kernels.generate / autoregressive_generate / bidirectional_generate (after a
-  one-block warm-up call at the same batch), CUDA-graphed decode steps for R2LM and AR on CUDA; tokens/s =
+  one-block warm-up call at the same batch), CUDA-graphed decode steps on CUDA; tokens/s =
   generated tokens / wall time of the call, prefill included. Run when its predicted time fits the budget.
 * step model (always): the decode step itself timed at the first and the last context length of the run
-  (CUDA-graph replays on CUDA, so the step's launch overhead is what generate(cuda_graph=True) pays; the
-  bidirectional step is timed eagerly, as bidirectional_generate runs it), plus the prefill; the total is
-  prefill + the sum of all steps, step cost linear in the context length (attention over the cache is the
-  only part that grows). Where the full run was skipped (too slow for the budget), the table reports this
+  (CUDA-graph replays on CUDA, so the step's launch overhead is what a cuda_graph=True call pays), plus
+  the prefill; the total is prefill + the sum of all steps, step cost linear in the context length
+  (attention over the cache is the only part that grows). Where the full run was skipped (too slow for the budget), the table reports this
   extrapolation and says so; where both exist it shows how well they agree.
 The per-step ratio is the R2LM block step (32 queries, sidecar, commit over 32 x vocab logits) over the AR
 step (1 query, no sidecar) at the prompt's context length.
@@ -98,12 +97,12 @@ def generate_call(method, model, prompts, new_tokens, setup, cuda_graph):
         return generate(model, prompts, max_new_tokens=new_tokens, cuda_graph=cuda_graph, **policy(setup))
     if method == "ar":
         return autoregressive_generate(model, prompts, max_new_tokens=new_tokens, cuda_graph=cuda_graph)
-    return bidirectional_generate(model, prompts, max_new_tokens=new_tokens, **policy(setup))
+    return bidirectional_generate(model, prompts, max_new_tokens=new_tokens, cuda_graph=cuda_graph, **policy(setup))
 
 
 def full_run(method, model, batch, setup, device) -> dict:
     """One warm-up call generating one block, then the timed call."""
-    cuda_graph = device == "cuda" and method != "bidirectional"
+    cuda_graph = device == "cuda"
     bs = model.config.block_size
     generate_call(method, model, random_prompts(model, batch, setup.prompt_len), bs, setup, cuda_graph)
     prompts = random_prompts(model, batch, setup.prompt_len)
@@ -120,8 +119,8 @@ def full_run(method, model, batch, setup, device) -> dict:
 
 
 class StepTimer:
-    """Times one decode step of each method at a given context, the way generate runs it: graph replays on
-    CUDA (eager for the bidirectional dLLM, which bidirectional_generate does not graph), eager on CPU."""
+    """Times one decode step of each method at a given context, the way the generators run it: graph replays
+    on CUDA, eager on CPU."""
 
     def __init__(self, model, batch, setup, device, budget):
         self.model, self.batch, self.setup, self.device, self.budget = model, batch, setup, device, budget
@@ -215,7 +214,7 @@ class StepTimer:
             logits = model.logits(hidden[:, pos])
             block.copy_(canvas[:, pos])
             model.ops.parallel_commit(logits, block, mask_token_id=self.mask, active=active, **policy(self.setup))
-        return self._time(step, graph=False)
+        return self._time(step, graph=self.device == "cuda")
 
     @torch.inference_mode()
     def prefill(self, sidecar: bool) -> harness.Timing:

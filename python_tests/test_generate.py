@@ -344,8 +344,9 @@ def test_bad_arguments(tiny_model, random_prompts):
         generate(model, [torch.tensor([[1, 2], [3, 4]])], max_new_tokens=2)
     with pytest.raises(ValueError, match="input_ids must be a 2-D integer tensor or a list"):
         generate(model, [["a", "b"]], max_new_tokens=2)
-    with pytest.raises(ValueError, match="cuda_graph"):
-        generate(model, prompts, max_new_tokens=4, cuda_graph=True)
+    for generator in (generate, autoregressive_generate, bidirectional_generate):
+        with pytest.raises(ValueError, match="cuda_graph"):
+            generator(model, prompts, max_new_tokens=4, cuda_graph=True)
     with pytest.raises(TypeError, match="R2LMForCausalLM"):
         generate(torch.nn.Linear(2, 2), prompts, max_new_tokens=4)
     flat = prompts[0].tolist()                      # one tokenized prompt, not wrapped in a list
@@ -419,6 +420,10 @@ def test_cuda_graph_matches_eager(dtype, tiny_model, random_prompts, run_or_skip
     ar_eager = autoregressive_generate(model, prompts, max_new_tokens=9, temperature=0.8, seed=seed)
     ar_graphed = autoregressive_generate(model, prompts, max_new_tokens=9, temperature=0.8, seed=seed, cuda_graph=True)
     assert torch.equal(ar_eager.sequences, ar_graphed.sequences)
+    bi_eager = bidirectional_generate(model, prompts, **kwargs)
+    bi_graphed = bidirectional_generate(model, prompts, cuda_graph=True, **kwargs)
+    assert torch.equal(bi_eager.sequences, bi_graphed.sequences)
+    assert torch.equal(bi_eager.stats.steps, bi_graphed.stats.steps)
 
 
 @needs_cuda

@@ -47,7 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--size", choices=sorted(SIZES), default=None, help="model shape (default: small on CPU, "
                    "medium on GPU)")
     p.add_argument("--quick", action="store_true", help="tiny model, short run (a few seconds)")
-    p.add_argument("--batch", type=positive_int, default=None, help="sequences generated together (default 4; 16 on GPU)")
+    p.add_argument("--batch", type=positive_int, default=None,
+                   help="sequences generated together (default 4; 16 on GPU)")
     p.add_argument("--prompt-len", type=positive_int, default=None, help="longest prompt; the others are shorter")
     p.add_argument("--new-tokens", type=positive_int, default=None, help="tokens generated per sequence")
     p.add_argument("--block-size", type=positive_int, default=32)
@@ -185,7 +186,8 @@ def main(argv=None):
     runs = {
         "R2LM (KV cache + sidecar)": lambda: generate(model, prompts, cuda_graph=use_graph, **r2lm_kwargs),
         "autoregressive (KV cache)": lambda: autoregressive_generate(model, prompts, cuda_graph=use_graph, **common),
-        "bidirectional dLLM (no cache)": lambda: bidirectional_generate(model, prompts, **r2lm_kwargs),
+        "bidirectional dLLM (no cache)": lambda: bidirectional_generate(model, prompts, cuda_graph=use_graph,
+                                                                         **r2lm_kwargs),
     }
     results = {}
     print("\ntimed runs:", flush=True)

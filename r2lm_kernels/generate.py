@@ -443,13 +443,15 @@ def bidirectional_generate(model: R2LMForCausalLM, input_ids: Prompts, *, max_ne
                            block_size: Optional[int] = None, threshold: float = 0.9, min_per_step: int = 1,
                            max_per_step: int = 0, temperature: float = 0.0, seed: int = 0,
                            eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None,
-                           score: str = "prob",
+                           score: str = "prob", cuda_graph: bool = False,
                            step_callback: Optional[Callable[[StepInfo], None]] = None) -> GenerationOutput:
     """A bidirectional dLLM (LLaDA-style semi-autoregressive blocks): every step runs the network with full
     bidirectional attention (no sidecar) over the whole canvas (prompt + generated + masks, no cache) and
     commits inside the current block of block_size (default config.block_size) positions, counted from
-    the end of the prompt. Same commit rule and stopping as `generate`."""
+    the end of the prompt. Same commit rule and stopping as `generate`; cuda_graph as there (every step has
+    the same shapes)."""
     pad, max_new_tokens, min_per_step = _check_common(model, max_new_tokens, min_per_step, pad_token_id, eos_token_id)
+    _check_graph_args(model, cuda_graph, step_callback)
     config, ops, device = model.config, model.ops, model.device
     bs = block_size if block_size is not None else config.block_size
     if not (_is_int(bs) and bs >= 1):
@@ -493,7 +495,7 @@ def bidirectional_generate(model: R2LMForCausalLM, input_ids: Prompts, *, max_ne
         done.copy_(done | finished)
 
     max_blocks = math.ceil(max_new_tokens / bs)
-    forward_passes = _run_loop(step, lambda: bool(done.all()), max_blocks * bs + 1, device, False,
+    forward_passes = _run_loop(step, lambda: bool(done.all()), max_blocks * bs + 1, device, cuda_graph,
                                "bidirectional_generate")
     sequences, lengths_out, num_generated = _finish(canvas[:, :width], prompt_len, gen_end, eos_token_id, pad, width)
     _sync(device)
