@@ -14,10 +14,11 @@ def _eager_commit(logits, tokens, mask_id, threshold, min_per_step, max_per_step
     """Commit as a framework would write it: softmax (mask included), the mask column zeroed for the
     argmax (or a Gumbel-max draw from torch.rand), a stable sort to rank positions, a scatter back to
     ranks, a where into the tokens."""
-    p = torch.softmax(logits.float(), dim=-1)
+    wide = logits.float()
+    p = torch.softmax(wide, dim=-1)
     p[..., mask_id] = 0.0
     if temperature > 0:
-        pick = logits.float() / temperature - torch.log(-torch.log(torch.rand_like(p)))
+        pick = wide / temperature - torch.log(-torch.log(torch.rand_like(p)))
         pick[..., mask_id] = -math.inf
         cand = pick.argmax(dim=-1)
         conf = p.gather(-1, cand[..., None])[..., 0]

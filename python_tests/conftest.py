@@ -61,15 +61,26 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture
 def poison_memory():
-    """poison_memory(device, *nbytes): fills and frees blocks of these sizes just before an op allocates
-    its outputs, so that the allocator hands them over as all-ones bytes (NaN in every float dtype, -1 in
-    the integer ones) rather than zeros or an earlier result: an element the op leaves unwritten then
-    shows. On CUDA the caching allocator reuses the blocks as they are; on CPU it is best effort (malloc
-    keeps its bookkeeping in a freed block's first bytes)."""
+    """poison_memory(device, *nbytes), called just before an op allocates its outputs, so that an element the
+    op leaves unwritten shows instead of holding zeros or an earlier result. On CUDA it fills and frees
+    blocks of these sizes, which the caching allocator hands over as they are: all-ones bytes (NaN in every
+    float dtype, -1 in the integer ones). On CPU, where malloc keeps its bookkeeping in a freed block's first
+    bytes and small blocks come from elsewhere, it turns on torch's fill of uninitialised memory until the
+    test ends: every empty tensor, the ops' outputs included, starts as NaN (float), the largest value
+    (integer) or True (bool)."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.utils.deterministic.fill_uninitialized_memory)
+
     def poison(device, *nbytes):
-        held = [torch.full((n,), 255, dtype=torch.uint8, device=device) for n in nbytes]
-        del held
-    return poison
+        if torch.device(device).type == "cpu":
+            torch.utils.deterministic.fill_uninitialized_memory = True
+            torch.use_deterministic_algorithms(True, warn_only=True)  # the fill comes with this mode
+        else:
+            held = [torch.full((n,), 255, dtype=torch.uint8, device=device) for n in nbytes]
+            del held
+    yield poison
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    torch.utils.deterministic.fill_uninitialized_memory = saved[2]
 
 
 @pytest.fixture

@@ -215,7 +215,8 @@ def test_selection_matches_reference(device, rule, block, score, temperature, ru
 
 @pytest.mark.parametrize("score", SCORES)
 def test_confidence_equal_to_the_threshold_commits(device, score, run_commit):
-    """The rule is confidence >= threshold: a position exactly at the threshold commits."""
+    """The rule is confidence >= threshold, compared exactly: a position at the threshold commits, one below a
+    threshold that rounds to its fp32 confidence does not."""
     logits = torch.full((1, 3, 5), -1e4, device=device)
     logits[0, :, 2] = 0.0                      # one token takes all the probability: prob exactly 1
     tokens = torch.full((1, 3), 4, device=device)
@@ -226,6 +227,11 @@ def test_confidence_equal_to_the_threshold_commits(device, score, run_commit):
     got, want = run_commit(logits, tokens, mask_token_id=4, threshold=threshold, min_per_step=0, score=score)
     _assert_same_outcome(got, want)
     assert got[0].all()
+    # Rounds to the confidence in fp32 (the larger of the kernel's and the reference's: neg_entropy's differ)
+    above = math.nextafter(max(threshold, float(want[1].max())), math.inf)
+    got, want = run_commit(logits, tokens, mask_token_id=4, threshold=above, min_per_step=0, score=score)
+    _assert_same_outcome(got, want)
+    assert not got[0].any()
 
 
 def test_strided_tokens_are_updated_in_place(device):

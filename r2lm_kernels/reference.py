@@ -293,7 +293,8 @@ def parallel_commit(logits, tokens, *, mask_token_id, threshold, min_per_step=1,
     confidence = torch.where(eligible, conf, torch.full_like(conf, float("-inf")))
     committed = torch.zeros(batch, block, dtype=torch.bool, device=logits.device)
     for b in range(batch):
-        chosen = [i for i in range(block) if eligible[b, i] and confidence[b, i] >= threshold]
+        # float(): compared exactly, not with the threshold rounded to the confidence's fp32
+        chosen = [i for i in range(block) if eligible[b, i] and float(confidence[b, i]) >= threshold]
         rest = [i for i in range(block) if eligible[b, i] and i not in chosen]
         rest.sort(key=lambda i: (-float(confidence[b, i]), i))
         while len(chosen) < min_per_step and rest:

@@ -87,7 +87,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> parallel_commit(
   p.seed = static_cast<uint64_t>(seed);
   p.step = static_cast<uint64_t>(step);
   p.mask_token_id = mask_token_id;
+  // Confidences are fp32: the threshold goes up to the first float not below it, so that the kernels' float
+  // comparison confidence >= p.threshold is exactly confidence >= threshold.
   p.threshold = static_cast<float>(threshold);
+  if (static_cast<double>(p.threshold) < threshold)
+    p.threshold = std::nextafter(p.threshold, std::numeric_limits<float>::infinity());
   p.min_per_step = min_per_step;
   p.max_per_step = max_per_step;
   p.temperature = temperature;

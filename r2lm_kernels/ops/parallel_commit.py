@@ -19,7 +19,8 @@ def parallel_commit(logits, tokens, *, mask_token_id, threshold, min_per_step=1,
     ties to the lower position) and at most max_per_step (0: no limit). With p = softmax(logits), the
     candidate is the argmax of the non-mask logits (greedy) or a Gumbel-max sample of logits / temperature,
     and score is its confidence: "prob" p[candidate], "margin" the gap between the two largest non-mask
-    p, "neg_entropy" sum(p log p).
+    p (+inf where the vocabulary holds one non-mask token), "neg_entropy" sum(p log p). The threshold is
+    compared exactly with the fp32 confidence (not rounded to fp32 first).
 
     `step` is an int or a one-element int64 tensor on the logits' device (fresh random numbers per
     replay of a captured CUDA graph; under torch.compile too, where an int is a constant of the compiled
