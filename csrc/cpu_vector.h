@@ -12,6 +12,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 
 #include "r2lm_common.h"
@@ -28,17 +30,20 @@
 
 namespace r2lm {
 
-// The widest width the CPU runs (64, 32 or 16 bytes). R2LM_CPU_VECTOR_BYTES (64, 32 or 16) caps it; it is
-// read per call so that the tests can cover every width on one machine.
+// The widest width the CPU runs (64, 32 or 16 bytes). R2LM_CPU_VECTOR_BYTES (64, 32 or 16; empty: unset)
+// caps it; it is read per call (outside parallel regions) so that the tests can cover every width on one
+// machine. Another value throws rather than quietly running the widest kernels.
 inline int cpu_vector_bytes() {
   int bytes = 16;
 #ifdef R2LM_X86_VECTOR_TARGETS
   static const int widest = __builtin_cpu_supports("x86-64-v4") ? 64 : __builtin_cpu_supports("x86-64-v3") ? 32 : 16;
   bytes = widest;
 #endif
-  if (const char* cap = std::getenv("R2LM_CPU_VECTOR_BYTES")) {
-    const int c = std::atoi(cap);
-    if (c == 16 || c == 32 || c == 64) bytes = std::min(bytes, c);
+  if (const char* cap = std::getenv("R2LM_CPU_VECTOR_BYTES"); cap && *cap) {
+    const std::string text = cap;
+    if (text != "16" && text != "32" && text != "64")
+      throw std::invalid_argument("R2LM_CPU_VECTOR_BYTES must be 64, 32 or 16 (or unset), got '" + text + "'");
+    bytes = std::min(bytes, std::stoi(text));
   }
   return bytes;
 }

@@ -190,6 +190,7 @@ def test_primary_failure_is_reported():
 def test_a_failing_primary_fails_the_benchmark(tmp_path):
     """A peer that raises is reported and the run goes on; the kernel under test raising fails the test
     (else a broken kernel would leave the benchmark run green)."""
+    pytest.importorskip("pytest_benchmark")  # the benchmarks' timer (pip install .[test])
     (tmp_path / "bench_failing.py").write_text(
         "def _broken():\n"
         "    raise RuntimeError('kernel crashed')\n\n"

@@ -1,4 +1,5 @@
 """The built extension loads, registers every op, and reports its backends."""
+import json
 import os
 import platform
 import shutil
@@ -103,9 +104,16 @@ def test_cpu_vector_bytes_and_its_cap(monkeypatch):
             assert widest == 64
         elif not {"avx2", "fma"} <= flags:
             assert widest == 16
-    for cap, expected in (("64", widest), ("32", min(widest, 32)), ("16", 16), ("8", widest), ("junk", widest)):
+    for cap, expected in (("64", widest), ("32", min(widest, 32)), ("16", 16), ("", widest)):
         monkeypatch.setenv("R2LM_CPU_VECTOR_BYTES", cap)
         assert r2lm_kernels.cpu_vector_bytes() == expected, cap
+    x, weight = torch.randn(1, 5, 3), torch.randn(3, 2)
+    for cap in ("8", "48", "junk"):  # refused, by the query and by the kernels that read it
+        monkeypatch.setenv("R2LM_CPU_VECTOR_BYTES", cap)
+        with pytest.raises(ValueError, match=f"R2LM_CPU_VECTOR_BYTES must be 64, 32 or 16 .*got '{cap}'"):
+            r2lm_kernels.cpu_vector_bytes()
+        with pytest.raises(ValueError, match="R2LM_CPU_VECTOR_BYTES must be 64, 32 or 16"):
+            r2lm_kernels.reverse_conv1d(x, weight)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None and not torch.cuda.is_available(), reason="no CUDA toolkit")
@@ -129,10 +137,39 @@ def test_extension_refuses_another_torch_release(monkeypatch):
         _ext._check_torch_release(_ext._C)
 
 
+REBUILD = "rebuild it against the installed torch"
+
+
+@pytest.mark.parametrize("loader_error,message", [
+    ("/site/r2lm_kernels/_C.so: undefined symbol: _ZN3c104cuda9SetDevice", f"does not link with torch.*{REBUILD}"),
+    ("libc10_cuda.so: cannot open shared object file: No such file or directory",
+     f"needs libc10_cuda.so, which torch .* does not have.*{REBUILD}"),
+    ("libfoo.so: cannot open shared object file", "^libfoo.so: cannot open shared object file$"),  # not torch's
+])
+def test_extension_loader_errors_say_to_rebuild(monkeypatch, loader_error, message):
+    """The dynamic loader's errors for an extension built against another torch become a rebuild message."""
+    from r2lm_kernels import _ext
+
+    def fail(path):
+        raise ImportError(loader_error)
+    monkeypatch.setattr(_ext, "_import", fail)
+    with pytest.raises(ImportError, match=message):
+        _ext._load()
+
+
 def test_version_matches_the_package_metadata():
     import tomllib
     pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
     assert tomllib.loads(pyproject.read_text())["project"]["version"] == r2lm_kernels.__version__
+
+
+def _editable_install():
+    from importlib import metadata
+    try:
+        direct_url = metadata.distribution("r2lm_kernels").read_text("direct_url.json")
+    except metadata.PackageNotFoundError:
+        return False
+    return bool(direct_url) and json.loads(direct_url).get("dir_info", {}).get("editable", False)
 
 
 def test_source_tree_without_extension_says_how_to_fix_the_import(tmp_path):
@@ -140,6 +177,8 @@ def test_source_tree_without_extension_says_how_to_fix_the_import(tmp_path):
     sources = Path(__file__).resolve().parent.parent
     if list((sources / "r2lm_kernels").glob("_C*.so")):
         pytest.skip("an extension was built into the source tree")
+    if _editable_install():
+        pytest.skip("an editable install maps r2lm_kernels._C to its build, whatever the path")
     env = {k: v for k, v in os.environ.items() if k != "R2LM_LIBRARY"}
     env["PYTHONPATH"] = str(sources)
     done = subprocess.run([sys.executable, "-c", "import r2lm_kernels"], cwd=tmp_path, env=env,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 
 import torch  # imported before the extension, which links against its libraries
 
@@ -20,10 +21,16 @@ def _load():
     try:
         return _import(path)
     except ImportError as error:
-        if "undefined symbol" not in str(error):
-            raise
-        raise ImportError(f"r2lm_kernels' compiled extension does not link with torch {torch.__version__}: it "
-                          f"was built against another torch release; {_REBUILD}") from error
+        message = str(error)
+        if "undefined symbol" in message:
+            raise ImportError(f"r2lm_kernels' compiled extension does not link with torch {torch.__version__}: it "
+                              f"was built against another torch release; {_REBUILD}") from error
+        missing = re.match(r"(lib(?:c10|torch)\w*\.so[.\d]*): cannot open shared object file", message)
+        if missing:  # e.g. built with CUDA, loaded beside a CPU-only torch
+            raise ImportError(f"r2lm_kernels' compiled extension needs {missing.group(1)}, which torch "
+                              f"{torch.__version__} does not have (a torch build without CUDA?): it was built "
+                              f"against another torch; {_REBUILD}") from error
+        raise
 
 
 def _import(path):

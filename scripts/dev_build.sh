@@ -2,7 +2,8 @@
 # Incremental developer build without pip: compiles the extension into a build folder of its own.
 #   scripts/dev_build.sh [BUILD_DIR] [R2LM_CUDA=AUTO|ON|OFF] [cmake configure options...]
 # then: R2LM_LIBRARY=$(ls BUILD_DIR/_C*.so) .venv/bin/pytest python_tests/...
-# The configure options apply when BUILD_DIR is new; R2LM_BUILD_TARGET builds one target (default: all).
+# The folder is configured again when R2LM_CUDA, PYTHON or the options differ from its last configure;
+# R2LM_BUILD_TARGET builds one target (default: all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build_dir=${1:-build/dev}
@@ -12,10 +13,14 @@ py=${PYTHON:-.venv/bin/python}
 export CCACHE_BASEDIR=$PWD CCACHE_NOHASHDIR=1
 gen=()
 command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)
-# A configure that failed leaves a cache but no build files: configure again then.
-if [ ! -f "$build_dir/build.ninja" ] && [ ! -f "$build_dir/Makefile" ]; then
-  cmake -S . -B "$build_dir" "${gen[@]}" -DR2LM_CUDA="$cuda" -DPython_EXECUTABLE="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")" \
-    "${@:3}" >/dev/null
+configure=(-DR2LM_CUDA="$cuda" -DPython_EXECUTABLE="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")" "${@:3}")
+stamp="$build_dir/.dev_build_configure"
+# A configure that failed leaves a cache but no build files (and no stamp): configure again then.
+if { [ ! -f "$build_dir/build.ninja" ] && [ ! -f "$build_dir/Makefile" ]; } ||
+   [ "$(cat "$stamp" 2>/dev/null)" != "${configure[*]}" ]; then
+  rm -f "$stamp"
+  cmake -S . -B "$build_dir" "${gen[@]}" "${configure[@]}" >/dev/null
+  echo "${configure[*]}" > "$stamp"
 fi
 target=()
 [ -n "${R2LM_BUILD_TARGET:-}" ] && target=(--target "$R2LM_BUILD_TARGET")
