@@ -13,8 +13,8 @@ Two measurements per (method, batch):
 * step model (always): the decode step itself timed at the first and the last context length of the run
   (CUDA-graph replays on CUDA, so the step's launch overhead is what a cuda_graph=True call pays), plus
   the prefill; the total is prefill + the sum of all steps, step cost linear in the context length
-  (attention over the cache is the only part that grows). Where the full run was skipped (too slow for the budget), the table reports this
-  extrapolation and says so; where both exist it shows how well they agree.
+  (attention over the cache is the only part that grows). Where the full run was skipped (too slow for the
+  budget), the table reports this extrapolation and says so; where both exist it shows how well they agree.
 The per-step ratio is the R2LM block step (32 queries, sidecar, commit over 32 x vocab logits) over the AR
 step (1 query, no sidecar) at the prompt's context length.
 
@@ -97,7 +97,8 @@ def generate_call(method, model, prompts, new_tokens, setup, cuda_graph):
         return generate(model, prompts, max_new_tokens=new_tokens, cuda_graph=cuda_graph, **policy(setup))
     if method == "ar":
         return autoregressive_generate(model, prompts, max_new_tokens=new_tokens, cuda_graph=cuda_graph)
-    return bidirectional_generate(model, prompts, max_new_tokens=new_tokens, cuda_graph=cuda_graph, **policy(setup))
+    return bidirectional_generate(model, prompts, max_new_tokens=new_tokens, cuda_graph=cuda_graph,
+                                  **policy(setup))
 
 
 def full_run(method, model, batch, setup, device) -> dict:

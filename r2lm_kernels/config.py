@@ -9,7 +9,7 @@ from typing import Optional
 __all__ = ["R2LMConfig"]
 
 
-def _is_int(value) -> bool:
+def _is_python_int(value) -> bool:
     """A Python int, not a bool (the fields are stored as given and saved to JSON)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -48,8 +48,8 @@ class R2LMConfig:
 
     def __post_init__(self):
         # The fields the defaults derive from are checked first, so that a bad one is named.
-        self._need(_is_int(self.vocab_size) and self.vocab_size >= 1, "vocab_size", "a positive int")
-        self._need(_is_int(self.hidden_size) and self.hidden_size >= 1, "hidden_size", "a positive int")
+        self._need(_is_python_int(self.vocab_size) and self.vocab_size >= 1, "vocab_size", "a positive int")
+        self._need(_is_python_int(self.hidden_size) and self.hidden_size >= 1, "hidden_size", "a positive int")
         if self.mask_token_id is None:
             self.mask_token_id = self.vocab_size - 1
         if self.sidecar_d_inner is None:
@@ -58,8 +58,9 @@ class R2LMConfig:
             self.sidecar_dt_rank = math.ceil(self.hidden_size / 16)
         if self.sidecar_layers is not None:
             layers = self.sidecar_layers
-            self._need(isinstance(layers, (list, tuple, set, frozenset, range)) and all(_is_int(i) for i in layers),
-                       "sidecar_layers", "None or a list of layer indices (ints)")
+            listed = isinstance(layers, (list, tuple, set, frozenset, range))
+            self._need(listed and all(_is_python_int(i) for i in layers), "sidecar_layers",
+                       "None or a list of layer indices (ints)")
             self.sidecar_layers = sorted({int(i) for i in layers})
         self.validate()
 
@@ -72,17 +73,17 @@ class R2LMConfig:
         for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                       "num_key_value_heads", "head_dim", "block_size", "sidecar_d_inner", "sidecar_d_state",
                       "sidecar_d_conv", "sidecar_dt_rank"):
-            need(_is_int(getattr(self, field)) and getattr(self, field) >= 1, field, "a positive int")
+            need(_is_python_int(getattr(self, field)) and getattr(self, field) >= 1, field, "a positive int")
         need(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
              f"a divisor of num_attention_heads={self.num_attention_heads}")
         need(self.head_dim % 2 == 0, "head_dim", "even (RoPE rotates pairs)")
-        need(_is_int(self.mask_token_id) and 0 <= self.mask_token_id < self.vocab_size, "mask_token_id",
+        need(_is_python_int(self.mask_token_id) and 0 <= self.mask_token_id < self.vocab_size, "mask_token_id",
              f"an int in [0, vocab_size={self.vocab_size})")
         for field in ("rms_norm_eps", "rope_theta"):
             value = getattr(self, field)
             need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
                  and value > 0, field, "a positive finite number")
-        need(_is_int(self.max_position_embeddings) and self.max_position_embeddings >= 1,
+        need(_is_python_int(self.max_position_embeddings) and self.max_position_embeddings >= 1,
              "max_position_embeddings", "a positive int")
         for field in ("attention_bias", "tie_word_embeddings"):
             need(isinstance(getattr(self, field), bool), field, "a bool")
