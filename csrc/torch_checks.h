@@ -3,6 +3,7 @@
 
 #include <torch/library.h>
 #include <ATen/MemoryOverlap.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -96,6 +97,10 @@ inline void check_last_dim_contiguous(const at::Tensor& t, const char* op, const
   TORCH_CHECK(t.numel() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, op, ": ", name,
               " must have unit stride in its last dimension, got strides ", c10::str(t.strides()));
 }
+
+// Before a CPU kernel: this thread's OpenMP team takes torch's thread count (torch.set_num_threads), as
+// ATen's own ops make it do; in a thread that has run no ATen parallel op it would be OpenMP's default.
+inline void use_torch_thread_count() { at::internal::lazy_init_num_threads(); }
 
 inline DType to_dtype(at::ScalarType s) {
   switch (s) {

@@ -92,6 +92,61 @@ def test_compiled_backends():
         assert backends["cuda_archs"]
 
 
+def _run_python(code):
+    """Runs code in a fresh interpreter (this one's environment and extension); returns its stdout."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or (os.cpu_count() or 1) < 2,
+                    reason="counts threads in /proc; needs more than one core")
+def test_cpu_kernels_follow_torch_thread_count():
+    """A thread that has run no ATen op calls an op after torch.set_num_threads(1) in the main thread: the
+    kernel runs on one thread (no OpenMP worker started), as ATen's ops would."""
+    _run_python("""
+import os, threading, torch, r2lm_kernels
+torch.set_num_threads(1)
+q, k, v = torch.randn(2, 16, 4, 64), torch.randn(2, 16, 2, 64), torch.randn(2, 16, 2, 64)
+cache = torch.randn(2, 64, 2, 64)
+lens = torch.full((2,), 40, dtype=torch.int32)
+counts = []
+def run():
+    before = len(os.listdir("/proc/self/task"))
+    torch.ops.r2lm.cache_attention(q, k, v, cache, cache, lens, write_kv=False)
+    counts.append((before, len(os.listdir("/proc/self/task"))))
+thread = threading.Thread(target=run)
+thread.start()
+thread.join()
+assert counts and counts[0][0] == counts[0][1], counts
+""")
+
+
+@pytest.mark.skipif("asan" in os.environ.get("LD_PRELOAD", ""), reason="AddressSanitizer dies on a failed allocation")
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the address space size from /proc")
+def test_failed_allocation_in_a_cpu_kernel_raises():
+    """Per-thread scratch is allocated inside the kernels' OpenMP regions: under an address-space limit the
+    scan's (d_state 20M: GBs per thread) fails there, and the op raises instead of ending the process."""
+    out = _run_python("""
+import resource, torch, r2lm_kernels
+N = 20_000_000
+u, delta = torch.randn(1, 1, 1), torch.randn(1, 1, 1)
+A, B, C = -torch.rand(1, N), torch.randn(1, 1, N), torch.randn(1, 1, N)
+size = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize"))
+resource.setrlimit(resource.RLIMIT_AS, (size + 2**30, resource.getrlimit(resource.RLIMIT_AS)[1]))
+try:
+    r2lm_kernels.reverse_selective_scan(u, delta, A, B, C)
+except (RuntimeError, MemoryError) as error:
+    print("forward raised", type(error).__name__)
+try:
+    torch.ops.r2lm.reverse_selective_scan_backward(torch.ones(1, 1, 1), u, delta, A, B, C, None, None,
+                                                   None, False, None)
+except (RuntimeError, MemoryError) as error:
+    print("backward raised", type(error).__name__)
+""")
+    assert "forward raised" in out and "backward raised" in out, out
+
+
 def test_cpu_vector_bytes_and_its_cap(monkeypatch):
     # The portable CPU kernels run at the CPU's widest vector width unless R2LM_CPU_VECTOR_BYTES caps it
     # (the kernel tests cap it to cover every width).

@@ -11,6 +11,7 @@
 //   R2LM_ATTENTION_CPU_GENERIC=1 forces the FMA kernel.
 #include "cache_attention/cache_attention.h"
 #include "cpu_half.h"
+#include "cpu_parallel.h"
 #include "cpu_vector.h"
 
 #include <algorithm>
@@ -919,17 +920,22 @@ void attend_all(const CacheAttnParams& p,
   while (group > 1 && p.batch * row_tiles * ((p.n_kv_heads + group - 1) / group) < threads) group = (group + 1) / 2;
   const int64_t groups = (p.n_kv_heads + group - 1) / group;
   const int64_t items = p.batch * groups * row_tiles;
+  ParallelErrors errors;  // the scratch allocates inside the region
 #pragma omp parallel
   {
-    W& scratch = thread_scratch<W>();
+    W* scratch = nullptr;
+    errors.capture([&] { scratch = &thread_scratch<W>(); });
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
-      const int64_t tile = item % row_tiles, bg = item / row_tiles;
-      const int64_t row0 = tile * kRowTile, kvh0 = bg % groups * group;
-      attend(p, bg / groups, kvh0, int(std::min<int64_t>(group, p.n_kv_heads - kvh0)), row0,
-             std::min<int64_t>(kRowTile, rows - row0), scratch);
+      errors.capture([&] {
+        const int64_t tile = item % row_tiles, bg = item / row_tiles;
+        const int64_t row0 = tile * kRowTile, kvh0 = bg % groups * group;
+        attend(p, bg / groups, kvh0, int(std::min<int64_t>(group, p.n_kv_heads - kvh0)), row0,
+               std::min<int64_t>(kRowTile, rows - row0), *scratch);
+      });
     }
   }
+  errors.rethrow();
 }
 
 // Stores the block's k/v at cache slots [len, len + q_len); slots without a valid page are skipped.
@@ -968,6 +974,7 @@ void cache_attention_cpu(const CacheAttnParams& p, bool write_kv) {
       case DType::kFloat64: at_dim(double{}); break;
     }
   };
+  cpu_vector_bytes();  // a bad R2LM_CPU_VECTOR_BYTES raises on the tile unit's path too, which ignores it
   bool attended = false;
 #ifdef R2LM_ATTENTION_AMX
   // Below one 16-row tile per kv head (plain decode) the tile unit computes padding rows; for fp32, where

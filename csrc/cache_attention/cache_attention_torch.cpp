@@ -192,6 +192,7 @@ std::tuple<at::Tensor, at::Tensor> cache_attention_cpu_impl(
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   p.num_splits = 1;
+  use_torch_thread_count();
   cache_attention_cpu(p, write_kv);
   return {out, lse};
 }

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cpu_half.h"
+#include "cpu_parallel.h"
 #include "cpu_vector.h"
 #include "parallel_commit/parallel_commit.h"
 
@@ -331,19 +332,24 @@ void run(const CommitParams& p) {
            p.tokens[b * p.tokens_batch_stride + i * p.tokens_pos_stride] == p.mask_token_id;
   };
 
+  ParallelErrors errors;  // the per-thread buffers allocate inside the region
 #pragma omp parallel
   {
-    std::vector<acc_t> buf(kChunk), picks(kChunk);
+    std::vector<acc_t> buf, picks;
+    errors.capture([&] { buf.resize(kChunk), picks.resize(kChunk); });
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t b = r / p.block, i = r % p.block;
       if (!is_masked(b, i)) continue;  // its logits are never read
-      const T* row = static_cast<const T*>(p.logits) + b * p.logits_batch_stride + i * p.logits_pos_stride;
-      const uint32_t key = sample ? commit_row_key(p.seed, step, uint32_t(b), uint32_t(i)) : 0u;
-      choice[r] = commit_finalize(row_stats_fn(row, p, sample, temperature, key, buf.data(), picks.data()), p.score,
-                                  p.vocab);
+      errors.capture([&] {
+        const T* row = static_cast<const T*>(p.logits) + b * p.logits_batch_stride + i * p.logits_pos_stride;
+        const uint32_t key = sample ? commit_row_key(p.seed, step, uint32_t(b), uint32_t(i)) : 0u;
+        choice[r] = commit_finalize(row_stats_fn(row, p, sample, temperature, key, buf.data(), picks.data()),
+                                    p.score, p.vocab);
+      });
     }
   }
+  errors.rethrow();
 
   // Selection, per sequence.
 #pragma omp parallel for schedule(static) if (p.batch * p.block > 4096)

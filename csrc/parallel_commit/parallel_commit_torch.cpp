@@ -119,6 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> parallel_commit(
     return {committed, confidence, n_masked};
   }
 #endif
+  use_torch_thread_count();
   parallel_commit_cpu(p);
   return {committed, confidence, n_masked};
 }

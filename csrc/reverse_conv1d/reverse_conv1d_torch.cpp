@@ -99,6 +99,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::opt
     return y;
   }
 #endif
+  use_torch_thread_count();
   reverse_conv1d_fwd_cpu(p);
   return y;
 }
@@ -145,6 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dy, co
     return {dx, dweight, dbias};
   }
 #endif
+  use_torch_thread_count();
   reverse_conv1d_bwd_cpu(p);
   return {dx, dweight, dbias};
 }

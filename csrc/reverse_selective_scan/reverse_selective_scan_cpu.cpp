@@ -14,6 +14,7 @@
 // order, so the gradients are bitwise reproducible whatever the thread count.
 #include "reverse_selective_scan/reverse_selective_scan.h"
 #include "cpu_half.h"
+#include "cpu_parallel.h"
 #include "cpu_vector.h"
 
 #include <algorithm>
@@ -672,29 +673,33 @@ void forward(const ScanParams& p) {
 #else
   constexpr bool avx512 = false;
 #endif
+  ParallelErrors errors;  // the per-thread buffers allocate inside the region
 #pragma omp parallel
   {
     Blk k;
     VecBuffer<Vec<Acc, kBytes>> h;
-    h.resize(p.d_state);
+    errors.capture([&] { h.resize(p.d_state); });
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < p.batch * n_blocks; ++item) {
-      k.load(p, item / n_blocks, (item % n_blocks) * Blk::kLanes);
+      errors.capture([&] {
+        k.load(p, item / n_blocks, (item % n_blocks) * Blk::kLanes);
 #if defined(__x86_64__)
-      if constexpr (std::is_same_v<T, float> && kBytes == 64) {
-        if (avx512) {
-          if (p.delta_softplus) {
-            p.z ? forward_f32_n16_avx512<true, true>(p, k) : forward_f32_n16_avx512<true, false>(p, k);
-          } else {
-            p.z ? forward_f32_n16_avx512<false, true>(p, k) : forward_f32_n16_avx512<false, false>(p, k);
+        if constexpr (std::is_same_v<T, float> && kBytes == 64) {
+          if (avx512) {
+            if (p.delta_softplus) {
+              p.z ? forward_f32_n16_avx512<true, true>(p, k) : forward_f32_n16_avx512<true, false>(p, k);
+            } else {
+              p.z ? forward_f32_n16_avx512<false, true>(p, k) : forward_f32_n16_avx512<false, false>(p, k);
+            }
+            return;
           }
-          continue;
         }
-      }
 #endif
-      BlockFns<T, kBytes>::forward(p, k, h.data());
+        BlockFns<T, kBytes>::forward(p, k, h.data());
+      });
     }
   }
+  errors.rethrow();
 }
 
 template <typename T, typename Acc, int kBytes>
@@ -707,23 +712,27 @@ void backward(const ScanParams& p) {
   std::vector<Acc> part_dB(p.batch * n_parts * L * N, Acc(0)), part_dC(p.batch * n_parts * L * N, Acc(0));
   std::vector<Acc> part_dA(p.batch * dim * N), part_dD(p.batch * dim), part_dbias(p.batch * dim);
 
+  ParallelErrors errors;  // the per-thread buffers allocate inside the region
 #pragma omp parallel
   {
     Blk k;
     BwdScratch<Vec<Acc, kBytes>> w;
-    w.init(L, N);
+    errors.capture([&] { w.init(L, N); });
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < p.batch * n_parts; ++item) {
-      const int64_t b = item / n_parts, part = item % n_parts;
-      Acc* dB_acc = part_dB.data() + item * L * N;
-      Acc* dC_acc = part_dC.data() + item * L * N;
-      for (int64_t blk = part * n_blocks / n_parts; blk < (part + 1) * n_blocks / n_parts; ++blk) {
-        k.load(p, b, blk * Blk::kLanes);
-        BlockFns<T, kBytes>::backward(p, k, w, dB_acc, dC_acc, part_dA.data() + b * dim * N, part_dD.data() + b * dim,
-                              part_dbias.data() + b * dim);
-      }
+      errors.capture([&] {
+        const int64_t b = item / n_parts, part = item % n_parts;
+        Acc* dB_acc = part_dB.data() + item * L * N;
+        Acc* dC_acc = part_dC.data() + item * L * N;
+        for (int64_t blk = part * n_blocks / n_parts; blk < (part + 1) * n_blocks / n_parts; ++blk) {
+          k.load(p, b, blk * Blk::kLanes);
+          BlockFns<T, kBytes>::backward(p, k, w, dB_acc, dC_acc, part_dA.data() + b * dim * N,
+                                        part_dD.data() + b * dim, part_dbias.data() + b * dim);
+        }
+      });
     }
   }
+  errors.rethrow();
 
 #pragma omp parallel for schedule(static)
   for (int64_t bt = 0; bt < p.batch * L; ++bt) {

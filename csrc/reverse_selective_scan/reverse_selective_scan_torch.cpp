@@ -136,6 +136,7 @@ at::Tensor scan_fwd_cpu(const at::Tensor& u, const at::Tensor& delta, const at::
                         const std::optional<at::Tensor>& seq_idx) {
   ScanParams p = check_and_fill(u, delta, A, B, C, D, z, delta_bias, delta_softplus, seq_idx);
   at::Tensor out = alloc_out(u, p);
+  use_torch_thread_count();
   if (out.numel() > 0) reverse_selective_scan_fwd_cpu(p);
   return out;
 }
@@ -146,6 +147,7 @@ Grads scan_bwd_cpu(const at::Tensor& dout, const at::Tensor& u, const at::Tensor
                    bool delta_softplus, const std::optional<at::Tensor>& seq_idx) {
   ScanParams p = check_and_fill(u, delta, A, B, C, D, z, delta_bias, delta_softplus, seq_idx);
   Grads grads = alloc_grads(dout, u, A, B, D, z, delta_bias, p);
+  use_torch_thread_count();
   if (!zero_grads_if_empty(u, grads)) reverse_selective_scan_bwd_cpu(p);
   return grads;
 }
