@@ -334,6 +334,17 @@ def test_16_bit_qwen3_conversion_keeps_the_scan_parameters_in_fp32():
     check_16_bit_cast(model, fp32, torch.bfloat16)
 
 
+def test_model_built_on_meta_runs_after_assigned_weights(tiny_model, random_ids):
+    """The usual meta-device recipe: build without storage, load_state_dict(assign=True), run."""
+    source = tiny_model("kernels", dtype=torch.float32)
+    with torch.device("meta"):
+        model = R2LMForCausalLM(source.config)
+    model.load_state_dict(source.state_dict(), assign=True)
+    ids = random_ids(source, 2, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), source(ids), atol=0, rtol=0)
+
+
 def test_load_rejects_foreign_file(tmp_path):
     safetensors_torch = pytest.importorskip("safetensors.torch")
     path = tmp_path / "other.safetensors"

@@ -341,8 +341,9 @@ class R2LMForCausalLM(nn.Module):
 
     def _rope_inverse_frequencies(self):
         """RoPE's inverse frequencies in fp32, computed on the CPU as Qwen3 does, on the model's device. A plain
-        attribute, not a buffer, so that a dtype cast leaves it fp32; _apply moves it with the model. (Looked up
-        per device on the first call, it made a compiled model recompile on its second call.)"""
+        attribute, not a buffer, so that a dtype cast leaves it fp32; _apply moves it with the model, and _rope
+        redoes it for a model built on meta and given its weights by assignment. (Looked up per device on the
+        first call, it made a compiled model recompile on its second call.)"""
         d = self.config.head_dim
         inv = 1.0 / (self.config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
         return inv.to(self.device)
@@ -354,6 +355,8 @@ class R2LMForCausalLM(nn.Module):
 
     def _rope(self, positions, dtype):
         """cos, sin of shape (batch or 1, seqlen, 1, head_dim), computed in fp32 as Qwen3 does."""
+        if self._rope_inv_freq.device != positions.device:  # built on meta, then given weights by assignment
+            self._rope_inv_freq = self._rope_inverse_frequencies()
         freqs = positions[..., None].float() * self._rope_inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)[..., None, :]
         return emb.cos().to(dtype), emb.sin().to(dtype)

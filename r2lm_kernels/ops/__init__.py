@@ -16,4 +16,4 @@ def refuse_tangents(op, **tensors):
     for name, tensor in tensors.items():
         if tensor is not None and forward_ad.unpack_dual(tensor).tangent is not None:
             raise NotImplementedError(f"{op} has no forward-mode AD: {name} carries a tangent (a dual tensor, or "
-                                      f"torch.func.jvp); use reverse mode (backward, torch.func.vjp or grad)")
+                                      f"torch.func.jvp); use reverse mode (backward or torch.autograd.grad)")
