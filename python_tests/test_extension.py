@@ -92,16 +92,22 @@ def test_compiled_backends():
         assert backends["cuda_archs"]
 
 
-def _run_python(code):
-    """Runs code in a fresh interpreter (this one's environment and extension); returns its stdout."""
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+def _run_python(code, folder):
+    """Runs code in a fresh interpreter (this one's environment and extension) in `folder`, away from the
+    repository root, whose source tree would hide an installed package; returns its stdout."""
+    env = dict(os.environ)
+    for name in ("R2LM_LIBRARY", "PYTHONPATH"):  # relative paths would not survive the change of folder
+        if env.get(name):
+            env[name] = os.pathsep.join(os.path.abspath(path) for path in env[name].split(os.pathsep))
+    done = subprocess.run([sys.executable, "-c", code], cwd=folder, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task") or (os.cpu_count() or 1) < 2,
                     reason="counts threads in /proc; needs more than one core")
-def test_cpu_kernels_follow_torch_thread_count():
+def test_cpu_kernels_follow_torch_thread_count(tmp_path):
     """A thread that has run no ATen op calls an op after torch.set_num_threads(1) in the main thread: the
     kernel runs on one thread (no OpenMP worker started), as ATen's ops would."""
     _run_python("""
@@ -119,12 +125,12 @@ thread = threading.Thread(target=run)
 thread.start()
 thread.join()
 assert counts and counts[0][0] == counts[0][1], counts
-""")
+""", tmp_path)
 
 
 @pytest.mark.skipif("asan" in os.environ.get("LD_PRELOAD", ""), reason="AddressSanitizer dies on a failed allocation")
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the address space size from /proc")
-def test_failed_allocation_in_a_cpu_kernel_raises():
+def test_failed_allocation_in_a_cpu_kernel_raises(tmp_path):
     """Per-thread scratch is allocated inside the kernels' OpenMP regions: under an address-space limit the
     scan's (d_state 20M: GBs per thread) fails there, and the op raises instead of ending the process."""
     out = _run_python("""
@@ -143,7 +149,7 @@ try:
                                                    None, False, None)
 except (RuntimeError, MemoryError) as error:
     print("backward raised", type(error).__name__)
-""")
+""", tmp_path)
     assert "forward raised" in out and "backward raised" in out, out
 
 

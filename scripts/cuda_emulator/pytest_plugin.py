@@ -16,6 +16,9 @@ CPU_ONLY = {
     "test_gradcheck": "gradcheck runs in float64",
     "test_kernels_path_gradients_match_reference": "compares float64 gradients",
     "test_matches_conv1d_composition": "compares in float64",
+    "test_cpu_vector_bytes_and_its_cap": "the CPU kernels' vector widths",
+    "test_cpu_kernels_follow_torch_thread_count": "the CPU kernels' OpenMP teams",
+    "test_failed_allocation_in_a_cpu_kernel_raises": "the CPU kernels' per-thread buffers",
 }
 # Model and generation tests on a float64 model (tiny_model's default, for bitwise-stable decisions).
 CPU_ONLY.update(dict.fromkeys([
