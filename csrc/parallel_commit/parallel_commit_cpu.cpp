@@ -336,7 +336,10 @@ void run(const CommitParams& p) {
 #pragma omp parallel
   {
     std::vector<acc_t> buf, picks;
-    errors.capture([&] { buf.resize(kChunk), picks.resize(kChunk); });
+    errors.capture([&] {
+      buf.resize(kChunk);
+      picks.resize(kChunk);
+    });
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t b = r / p.block, i = r % p.block;
