@@ -143,6 +143,44 @@ def test_compiled_block_step_writes_each_layers_cache(tiny_model, random_ids):
         close(compiled.v[layer], eager.v[layer])
 
 
+class BlockStep(torch.nn.Module):
+    """A model's block step as a module, for torch.export."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, block, cache):
+        return self.model.logits(self.model.hidden_states(block, cache=cache))
+
+
+def test_exported_block_step_takes_the_cache(tiny_model, random_ids, tmp_path):
+    """torch.export takes a KVCache argument (a pytree node): the exported block step, saved and loaded, gives
+    eager's logits and writes each layer's cache as eager does; a KVCache loads with weights_only=True."""
+    model = tiny_model("kernels")
+    bs = model.config.block_size
+    prompt, block = random_ids(model, 2, bs), random_ids(model, 2, bs)
+    step = BlockStep(model)
+
+    def prefilled():
+        cache = model.allocate_cache(2, 3 * bs)
+        model.hidden_states(prompt, cache=cache, prefill=True)
+        cache.seqlens.copy_(torch.tensor([bs, 0], dtype=torch.int32))
+        return cache
+    with torch.no_grad():
+        torch.export.save(torch.export.export(step, (block, prefilled())), tmp_path / "step.pt2")
+        exported = torch.export.load(tmp_path / "step.pt2").module()
+        eager_cache, exported_cache = prefilled(), prefilled()
+        want, got = step(block, eager_cache), exported(block, exported_cache)
+    torch.testing.assert_close(got, want)
+    for layer in range(model.config.num_hidden_layers):
+        torch.testing.assert_close(exported_cache.k[layer], eager_cache.k[layer])
+        torch.testing.assert_close(exported_cache.v[layer], eager_cache.v[layer])
+    torch.save(eager_cache, tmp_path / "cache.pt")
+    loaded = torch.load(tmp_path / "cache.pt", weights_only=True)
+    assert isinstance(loaded, KVCache) and torch.equal(loaded.k[1], eager_cache.k[1])
+
+
 def test_compiled_model_compiles_once(tiny_model, random_ids):
     """Repeated calls of a compiled model reuse its first graph (no state first filled in by a call), and RoPE's
     frequencies stay fp32 through a cast."""

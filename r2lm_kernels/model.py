@@ -82,6 +82,12 @@ class KVCache:
         return self.k[0].shape[1]
 
 
+# A pytree node, so that torch.export takes a KVCache argument (a block step exported with its cache), and allowed
+# in a weights-only torch.load (torch.export.save stores the example inputs with the program).
+torch.export.register_dataclass(KVCache, serialized_type_name="r2lm_kernels.KVCache")
+torch.serialization.add_safe_globals([KVCache])
+
+
 class RMSNorm(nn.Module):
     """Qwen3's RMSNorm: normalise in fp32 (fp64 stays fp64), cast back, then scale."""
 
