@@ -83,6 +83,27 @@ def test_forward_mode_ad_raises(name):
             op(**{first: forward_ad.make_dual(primal, tangent)}, **kwargs)
 
 
+@pytest.mark.parametrize("name", ["reverse_selective_scan", "reverse_conv1d", "cache_attention", "parallel_commit"])
+def test_vmap(name):
+    """torch.func.vmap of the scan and the conv (PyTorch's per-sample fallback) equals calls one sample at a
+    time; the ops that write their arguments in place refuse it (README)."""
+    _, first, tensors, others = next(call for call in _small_op_calls() if call[0] == name)
+    if name == "parallel_commit":
+        tensors["step"] = tensors.pop("step_tensor")
+    op = getattr(r2lm_kernels, name)
+    samples = torch.stack([torch.randn_like(tensors[first]) for _ in range(3)])
+    rest = {n: t for n, t in tensors.items() if n != first}
+
+    def one(x):
+        return op(**{first: x}, **rest, **others)
+    if name in ("cache_attention", "parallel_commit"):
+        with pytest.raises(RuntimeError, match=f"Batching rule not implemented for r2lm::{name}"):
+            torch.func.vmap(one)(samples)
+        return
+    torch.testing.assert_close(torch.func.vmap(one)(samples), torch.stack([one(x) for x in samples]),
+                               atol=0, rtol=0)
+
+
 def test_compiled_backends():
     backends = r2lm_kernels.compiled_backends()
     assert backends["cpu"] is True

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Incremental developer build without pip: compiles the extension into a build folder of its own.
 #   scripts/dev_build.sh [BUILD_DIR] [R2LM_CUDA=AUTO|ON|OFF] [cmake configure options...]
-# then: R2LM_LIBRARY=$(ls BUILD_DIR/_C*.so) .venv/bin/pytest python_tests/...
+# then, from the repository root: R2LM_LIBRARY=$(ls BUILD_DIR/_C*.so) .venv/bin/python -m pytest python_tests/...
 # The folder is configured again when R2LM_CUDA, PYTHON or the options differ from its last configure;
 # R2LM_BUILD_TARGET builds one target (default: all).
 set -euo pipefail
