@@ -410,6 +410,22 @@ def test_inputs_that_require_grad_raise(name, op):
     assert (out if isinstance(out, torch.Tensor) else out[0]).shape == q.shape
 
 
+@pytest.mark.parametrize("pages", [None, 2, 4], ids=["contiguous", "paged-2", "paged-4"])
+def test_capacity_past_32_bits_raises(device, pages):
+    """Slots are indexed in 32 bits: a larger cache is refused, also where page_size * pages overflows int64
+    (an empty pool of 2^62-slot pages: the product wraps to INT64_MIN for 2 pages, to 0 for 4)."""
+    q, k, v = (torch.randn(1, 3, n, 64, device=device) for n in (2, 1, 1))
+    if pages is None:
+        k_cache = torch.randn(1, 1, 1, 64, device=device).expand(1, 2**31, 1, 64)
+        table = None
+    else:
+        k_cache = torch.empty(0, device=device).as_strided((0, 2**62, 1, 64), (64, 64, 64, 1))
+        table = torch.zeros(1, pages, dtype=torch.int32, device=device)
+    with pytest.raises(RuntimeError, match="cache capacity .* must fit in 32 bits"):
+        torch.ops.r2lm.cache_attention(q, k, v, k_cache, k_cache, torch.zeros(1, dtype=torch.int32, device=device),
+                                       block_table=table, write_kv=False)
+
+
 @pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("op", [r2lm_kernels.cache_attention, ref.cache_attention], ids=["op", "reference"])
 def test_bad_values_raise_on_cpu(paged, op, monkeypatch):

@@ -426,6 +426,51 @@ def test_cuda_graph_matches_eager(dtype, tiny_model, random_prompts, run_or_skip
     assert torch.equal(bi_eager.stats.steps, bi_graphed.stats.steps)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_cuda_graph_on_another_device_than_the_current_one(tiny_model, random_prompts):
+    """A model on cuda:1 while cuda:0 is current, after a capture on cuda:0 (which makes PyTorch's default capture
+    stream there): the graphed generation captures on the model's device and matches the eager one."""
+    warm = torch.cuda.CUDAGraph()
+    with torch.cuda.device(0), torch.cuda.graph(warm):
+        torch.ones(4, device="cuda:0").add_(1)
+    model = tiny_model("kernels", torch.float32, "cuda:1")
+    prompts = random_prompts(model, LENGTHS, "cuda:1")
+    kwargs = dict(max_new_tokens=19, threshold=0.4, min_per_step=1, max_per_step=4)
+    with torch.cuda.device(0):
+        assert torch.equal(generate(model, prompts, **kwargs).sequences,
+                           generate(model, prompts, cuda_graph=True, **kwargs).sequences)
+
+
+@needs_cuda
+def test_cuda_graph_generators_in_threads(tiny_model, random_prompts, run_or_skip):
+    """Generators in several threads (a serving process) capture their graphs in turn and give the tokens of
+    calls made one at a time."""
+    import threading
+
+    model = tiny_model("kernels", torch.float32, "cuda")
+    prompts = random_prompts(model, LENGTHS, "cuda")
+    kwargs = [dict(max_new_tokens=17 + 2 * i, threshold=0.4, min_per_step=1, max_per_step=4, temperature=0.8,
+                   seed=i, cuda_graph=True) for i in range(4)]
+    want = [run_or_skip(lambda: generate(model, prompts, **kw)).sequences for kw in kwargs]
+    got, errors = [None] * len(kwargs), []
+    start = threading.Barrier(len(kwargs))
+
+    def run(i):
+        try:
+            start.wait()
+            got[i] = generate(model, prompts, **kwargs[i]).sequences
+        except Exception as error:  # noqa: BLE001 - reported by the main thread
+            errors.append(error)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(kwargs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
 @needs_cuda
 def test_bf16_fixed_policy_on_cuda(tiny_model, run_or_skip):
     model = tiny_model("kernels", torch.bfloat16, "cuda", head_dim=128)

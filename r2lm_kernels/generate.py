@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
@@ -191,11 +192,19 @@ def _finish(canvas, prompt_len, gen_end, eos_token_id, pad, width):
     return sequences, end, end - prompt_len
 
 
+# PyTorch allows one CUDA graph capture at a time in a process; generators in several threads take turns.
+_capture_lock = threading.Lock()
+
+
 def _run_loop(step_fn, done_fn, max_iters, device, cuda_graph, what):
     """Runs step_fn until done_fn() (one host read per step); optionally as a replayed CUDA graph.
     Returns the number of steps run."""
     iters = 0
     graph = None
+    # The warm-up and the capture run on a stream of the model's device: PyTorch's default capture stream
+    # belongs to whichever device was current when it was made, and a capture there records nothing of a
+    # model on another GPU.
+    side = torch.cuda.Stream(device) if cuda_graph else None
     while not done_fn():
         if iters >= max_iters:
             raise RuntimeError(f"{what}: no progress after {max_iters} steps (non-finite logits?)")
@@ -204,15 +213,15 @@ def _run_loop(step_fn, done_fn, max_iters, device, cuda_graph, what):
         elif cuda_graph and iters >= 1:
             # The first step ran eagerly (warm-up: kernels loaded, workspaces allocated); capture the next
             # one (capture records without running), then replay it for this and every later step.
+            # (torch.cuda.graph synchronises the device first.) thread_local: CUDA calls that other threads of a
+            # serving process make meanwhile (allocations, host reads of their own steps) neither break this
+            # capture nor fail themselves.
             graph = torch.cuda.CUDAGraph()
-            torch.cuda.synchronize(device)
-            # thread_local: CUDA calls that other threads of a serving process make meanwhile (allocations,
-            # host reads of their own steps) neither break this capture nor fail themselves.
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            with _capture_lock, torch.cuda.device(device), \
+                    torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
                 step_fn()
             graph.replay()
         elif cuda_graph:
-            side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
                 step_fn()

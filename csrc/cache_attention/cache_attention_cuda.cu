@@ -407,7 +407,7 @@ __global__ void __launch_bounds__(128) write_kv_kernel(const CacheAttnParams p, 
   const char* v = static_cast<const char*>(p.v);
   char* kc = static_cast<char*>(p.k_cache);
   char* vc = static_cast<char*>(p.v_cache);
-  for (int c = threadIdx.x; c < p.n_kv_heads * chunks_per_head; c += blockDim.x) {
+  for (int64_t c = threadIdx.x; c < p.n_kv_heads * chunks_per_head; c += blockDim.x) {
     const int64_t h = c / chunks_per_head, off = int64_t(c % chunks_per_head) * 16;
     *reinterpret_cast<uint4*>(kc + (ko + h * p.k_cache_head_stride) * elem_bytes + off) =
         *reinterpret_cast<const uint4*>(k + (b * p.k_batch_stride + i * p.k_seq_stride + h * p.k_head_stride) * elem_bytes + off);

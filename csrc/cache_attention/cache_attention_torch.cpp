@@ -91,6 +91,10 @@ CacheAttnParams check_and_fill(const at::Tensor& q, const at::Tensor& k, const a
     TORCH_CHECK(p.page_size > 0, kOp, ": k_cache page_size (k_cache.size(1)) must be positive");
     p.block_table = table.data_ptr<int32_t>();
     p.block_table_batch_stride = table.stride(0);
+    // Bounded before the product, which could overflow int64 for an empty pool of huge pages.
+    TORCH_CHECK(table.size(1) == 0 || p.page_size <= ((int64_t(1) << 31) - 1) / table.size(1), kOp,
+                ": cache capacity k_cache.size(1) * block_table.size(1) = ", p.page_size, " * ", table.size(1),
+                " must fit in 32 bits");
     p.capacity = p.page_size * table.size(1);
   }
   TORCH_CHECK(p.capacity + q_len < (int64_t(1) << 31), kOp, ": cache capacity ", p.capacity,
