@@ -140,7 +140,9 @@ _flushers: dict = {}
 
 def _time_cuda(fn: Callable, budget: Budget, flush_l2: bool, setup: Callable) -> Timing:
     device = torch.device("cuda", torch.cuda.current_device())
-    flush = _flushers.setdefault(device, _L2Flusher(device)) if flush_l2 else (lambda: None)
+    if flush_l2 and device not in _flushers:
+        _flushers[device] = _L2Flusher(device)
+    flush = _flushers[device] if flush_l2 else (lambda: None)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     # Estimate one call's time from a short batch, then size warm-up and measurement from it.
     torch.cuda.synchronize()

@@ -6,7 +6,8 @@ benchmarks/results/history.jsonl, and the series they form over time (per op, sh
     python benchmarks/plot_history.py --add benchmarks/results/<run>   # add a report folder (e.g. a GPU run's)
 
 run_all.py adds its report folder itself when it writes into benchmarks/results/ (not under --quick).
---add also takes a gpu_run.sh bundle, whose reports are in its bench/ folder. Adding is idempotent: a run
+--add also takes an unpacked gpu_run.sh bundle (`tar -xzf gpu_run.tar.gz`, then its gpu_run/ folder), whose
+reports are in its bench/ folder. Adding is idempotent: a run
 already in the history (same date, commit and device, whatever its folder is called) is left as it is.
 """
 from __future__ import annotations

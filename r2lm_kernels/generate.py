@@ -176,8 +176,10 @@ def _check_common(model, max_new_tokens, min_per_step, pad_token_id, eos_token_i
 
 
 def _sync(device):
+    """Waits for the generator's work (all of it on the current stream). Not the whole device: a device-wide
+    synchronisation would invalidate a graph capture that another thread's generator has under way."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
 
 
 def _finish(canvas, prompt_len, gen_end, eos_token_id, pad, width):
