@@ -9,6 +9,8 @@
 #   scripts/gpu_run.sh OUT_DIR [BUNDLE]      e.g. scripts/gpu_run.sh /tmp/gpu_run "$OUT/gpu_run.tar.gz"
 # Stage budgets (seconds; environment): R2LM_BUILD_S=240 R2LM_TEST_S=170 R2LM_MICRO_S=200 (at most half of
 # what is left), the e2e gets the rest of R2LM_TOTAL_S=530. PYTHON=python3 picks the interpreter.
+# R2LM_TEST_K="not cpu" selects the tests (pytest -k): the CUDA ones and those of no device; the CPU kernels'
+# are CI's on every commit, and run here they would double the stage (R2LM_TEST_K="" runs all).
 # A dry run of the script's plumbing on a machine without a GPU: R2LM_DEVICE=cpu R2LM_LIBRARY=<dev build .so>
 # (skips the pip build and uses the source tree with that extension).
 set -uo pipefail
@@ -76,7 +78,7 @@ if "$py" -c "import xdist" 2>/dev/null; then
 fi
 rm -f "$out/tests-junit.xml"
 stage tests "${R2LM_TEST_S:-170}" "$py" -m pytest "$repo/python_tests" -q -rfE -p no:cacheprovider \
-  "${parallel[@]}" --junitxml "$out/tests-junit.xml"
+  -k "${R2LM_TEST_K-not cpu}" "${parallel[@]}" --junitxml "$out/tests-junit.xml"
 unset OMP_NUM_THREADS
 
 # The benchmarks get what is left: the microbenchmarks up to R2LM_MICRO_S (less when time is short; a cut
