@@ -428,7 +428,7 @@ def test_capacity_past_32_bits_raises(device, pages):
 
 @pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("op", [r2lm_kernels.cache_attention, ref.cache_attention], ids=["op", "reference"])
-def test_bad_values_raise_on_cpu(paged, op, monkeypatch):
+def test_bad_values_raise(paged, op, monkeypatch):
     # Value checks need the data: always on CPU; on CUDA only with R2LM_VALIDATE=1 (they sync) or in the
     # reference (which reads every length on the host anyway).
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

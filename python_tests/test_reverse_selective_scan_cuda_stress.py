@@ -167,7 +167,7 @@ def test_backward_bitwise_deterministic(dtype, d_state):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CPU tensors run the CUDA kernels here")
-def test_agrees_with_cpu_kernel():
+def test_cuda_and_host_kernels_agree():
     batch, seqlen, dim, d_state = 2, 333, 70, 16
     args = _inputs(batch, seqlen, dim, d_state, torch.float32, _boundary_segments(batch, seqlen))
     cpu = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}

@@ -11,7 +11,7 @@ CPU_VARIANTS = {"cpu_kernel": "auto", "vector_width": "widest"}
 
 CPU_ONLY = {
     "test_tile_unit_kernel_runs_where_the_cpu_has_it": "the choice between the CPU kernels",
-    "test_bad_values_raise_on_cpu": "the CPU layer reads cache_seqlens / block_table; CUDA clamps instead",
+    "test_bad_values_raise": "the CPU layer reads cache_seqlens / block_table; CUDA clamps instead",
     "test_cuda_kernels_built_where_nvcc_exists": "the emulated build is a CPU build",
     "test_gradcheck": "gradcheck runs in float64",
     "test_kernels_path_gradients_match_reference": "compares float64 gradients",
