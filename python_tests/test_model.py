@@ -53,6 +53,23 @@ def test_qwen3_conversion_rejects_unsupported_rope():
         R2LMForCausalLM.from_qwen3(transformers.Qwen3ForCausalLM(config))
 
 
+def test_qwen3_conversion_rejects_what_it_cannot_represent():
+    """Sliding windows (also from a transformers release without layer_types, which windows every layer) and
+    attention dropout are refused, not dropped."""
+    from types import SimpleNamespace
+    transformers = pytest.importorskip("transformers")
+    fields = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16)
+    for extra, match in [(dict(use_sliding_window=True, sliding_window=4, max_window_layers=0), "sliding"),
+                         (dict(attention_dropout=0.1), "attention_dropout")]:
+        hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**fields, **extra))
+        with pytest.raises(ValueError, match=match):
+            R2LMForCausalLM.from_qwen3(hf)
+    older = SimpleNamespace(**fields, use_sliding_window=True, sliding_window=4, max_window_layers=28)
+    with pytest.raises(ValueError, match="sliding"):
+        R2LMForCausalLM.from_qwen3(SimpleNamespace(config=older))
+
+
 # -- segment rules ------------------------------------------------------------------------------------------
 
 def test_sidecar_is_block_local_and_sees_right_context(impl, tiny_model, random_ids, run_or_skip):
@@ -119,6 +136,17 @@ def test_block_mode_equals_full_forward(impl, tiny_model, random_ids, run_or_ski
     assert torch.equal(cache.seqlens, torch.tensor(committed, dtype=torch.int32))
 
 
+def test_prefill_under_grad_mode_keeps_no_graph_in_the_cache(tiny_model, random_ids):
+    """A prefill with grad mode on stores plain K/V: a cache holding the forward's graph would keep its
+    activations alive and, reused, chain one graph onto the next call after call."""
+    model = tiny_model("kernels", torch.float32)
+    bs = model.config.block_size
+    cache = model.allocate_cache(2, 2 * bs)
+    logits = model.logits(model.hidden_states(random_ids(model, 2, bs), cache=cache, prefill=True))
+    assert logits.requires_grad
+    assert all(t.grad_fn is None and not t.requires_grad for t in cache.k + cache.v)
+
+
 def test_compiled_block_step_writes_each_layers_cache(tiny_model, random_ids):
     """A block step under torch.compile (inductor, dynamic shapes) gives eager's logits and caches: each
     layer's K/V land in that layer's cache."""
@@ -157,7 +185,7 @@ class BlockStep(torch.nn.Module):
 def test_exported_block_step_takes_the_cache(tiny_model, random_ids, tmp_path):
     """torch.export takes a KVCache argument (a pytree node): the exported block step, saved and loaded, gives
     eager's logits and writes each layer's cache as eager does; a KVCache loads with weights_only=True."""
-    model = tiny_model("kernels")
+    model = tiny_model("kernels", torch.float32)
     bs = model.config.block_size
     prompt, block = random_ids(model, 2, bs), random_ids(model, 2, bs)
     step = BlockStep(model)

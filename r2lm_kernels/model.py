@@ -154,9 +154,9 @@ class Attention(nn.Module):
             out = p.ops.cache_attention(q, k, v, p.cache.k[layer], p.cache.v[layer], p.cache.seqlens,
                                         causal=p.causal, write_kv=True).to(dtype)
         else:
-            if p.cache is not None:  # prefill
-                p.cache.k[layer][:, :seqlen] = k
-                p.cache.v[layer][:, :seqlen] = v
+            if p.cache is not None:  # prefill; detached: a cache written under grad mode would hold this graph
+                p.cache.k[layer][:, :seqlen] = k.detach()
+                p.cache.v[layer][:, :seqlen] = v.detach()
             gqa = self.n_kv != self.n_heads
             if gqa and p.key_mask is not None:
                 # The fused SDPA kernel that takes a mask has no GQA: give it one K/V head per query head.
@@ -454,8 +454,14 @@ class R2LMForCausalLM(nn.Module):
         rope = dict(getattr(hc, "rope_parameters", None) or getattr(hc, "rope_scaling", None) or {})
         if rope.get("rope_type", rope.get("type", "default")) != "default":
             raise ValueError(f"from_qwen3: only default RoPE is supported, got rope parameters {rope}")
-        if "sliding_attention" in (getattr(hc, "layer_types", None) or []):
+        # Releases of transformers without layer_types apply the window to every layer.
+        sliding = ("sliding_attention" in hc.layer_types if getattr(hc, "layer_types", None) is not None else
+                   bool(getattr(hc, "use_sliding_window", False)) and getattr(hc, "sliding_window", None) is not None)
+        if sliding:
             raise ValueError("from_qwen3: sliding-window attention layers are not supported")
+        if getattr(hc, "attention_dropout", 0.0):
+            raise ValueError(f"from_qwen3: attention_dropout must be 0 (R2LM's attention has no dropout), got "
+                             f"{hc.attention_dropout}")
         if getattr(hc, "hidden_act", "silu") != "silu":
             raise ValueError(f"from_qwen3: hidden_act must be 'silu', got {hc.hidden_act!r}")
         rope_theta = rope.get("rope_theta", getattr(hc, "rope_theta", None))
