@@ -449,7 +449,9 @@ class R2LMForCausalLM(nn.Module):
         """An R2LM model from a `transformers` Qwen3ForCausalLM: its embeddings, attention, norms and MLP
         weights, plus freshly initialised sidecars with a zero out_proj (the result computes the Qwen3
         model's logits exactly until the sidecars are trained). The new model has the HF model's dtype (see
-        cast) and device. mask_token_id=None takes the last vocabulary id."""
+        cast) and device. mask_token_id=None takes the last vocabulary id. Refused (ValueError): RoPE other than
+        the default, sliding-window layers, attention dropout, an activation other than SiLU. The embedding has
+        no padding_idx: the pad token's row is trained like the others."""
         hc = hf_model.config
         rope = dict(getattr(hc, "rope_parameters", None) or getattr(hc, "rope_scaling", None) or {})
         if rope.get("rope_type", rope.get("type", "default")) != "default":
