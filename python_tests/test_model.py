@@ -14,12 +14,12 @@ def tiny_model(tiny_model):
 
 # -- Qwen3 parity -------------------------------------------------------------------------------------------
 
-def hf_qwen3(tied, bias, device):
+def hf_qwen3(tied, bias, device, **extra):
     transformers = pytest.importorskip("transformers")
     config = transformers.Qwen3Config(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                       max_position_embeddings=256, tie_word_embeddings=tied, attention_bias=bias,
-                                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+                                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **extra)
     hf = transformers.Qwen3ForCausalLM(config).eval()
     with torch.no_grad():  # every weight random (norms and biases included), so a mis-mapped one shows
         for name, p in hf.named_parameters():
@@ -42,6 +42,17 @@ def test_qwen3_parity(device, impl, tied, bias, run_or_skip):
     torch.testing.assert_close(with_zero_sidecar, expected, atol=1e-5, rtol=1e-5)
     assert all(layer.sidecar is not None for layer in model.model.layers)
     assert all(float(layer.sidecar.out_proj.weight.detach().abs().max()) == 0 for layer in model.model.layers)
+
+
+def test_qwen3_conversion_takes_swish_as_silu():
+    """transformers names SiLU both "silu" and "swish"; any other activation is refused."""
+    hf = hf_qwen3(False, False, "cpu", hidden_act="swish")
+    ids = torch.randint(0, 100, (2, 19))
+    with torch.no_grad():
+        torch.testing.assert_close(R2LMForCausalLM.from_qwen3(hf, block_size=8, impl="reference")(ids, sidecar=False),
+                                   hf(ids).logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="hidden_act"):
+        R2LMForCausalLM.from_qwen3(hf_qwen3(False, False, "cpu", hidden_act="gelu"))
 
 
 def test_qwen3_conversion_rejects_unsupported_rope():

@@ -464,8 +464,8 @@ class R2LMForCausalLM(nn.Module):
         if getattr(hc, "attention_dropout", 0.0):
             raise ValueError(f"from_qwen3: attention_dropout must be 0 (R2LM's attention has no dropout), got "
                              f"{hc.attention_dropout}")
-        if getattr(hc, "hidden_act", "silu") != "silu":
-            raise ValueError(f"from_qwen3: hidden_act must be 'silu', got {hc.hidden_act!r}")
+        if getattr(hc, "hidden_act", "silu") not in ("silu", "swish"):  # transformers' two names for SiLU
+            raise ValueError(f"from_qwen3: hidden_act must be 'silu' (or 'swish'), got {hc.hidden_act!r}")
         rope_theta = rope.get("rope_theta", getattr(hc, "rope_theta", None))
         head_dim = getattr(hc, "head_dim", None) or hc.hidden_size // hc.num_attention_heads
         config = R2LMConfig(
