@@ -32,12 +32,17 @@ def strided(shape, dtype, device, pad=64):
 
 def make_case(device, dtype, *, batch, q_len, n_heads, n_kv, head_dim, max_len, paged, page_size=16,
               lens=None, contiguous=False):
-    """Random inputs; cache lengths random in [0, max_len - q_len] with 0 and full caches included."""
-    make = (lambda *s: torch.randn(*s, device=device).to(dtype)) if contiguous else \
-        (lambda *s: strided(s, dtype, device))
+    """Random inputs; cache lengths random in [0, max_len - q_len] with 0 and full caches included. Strided
+    inputs pad k / k_cache and v / v_cache differently, so that a kernel taking one's strides for the other's
+    shows."""
+    def maker(pad):
+        return (lambda *s: torch.randn(*s, device=device).to(dtype)) if contiguous else \
+            (lambda *s: strided(s, dtype, device, pad))
+
+    make, make_v = maker(64), maker(32)
     q = make(batch, q_len, n_heads, head_dim)
     k = make(batch, q_len, n_kv, head_dim)
-    v = make(batch, q_len, n_kv, head_dim)
+    v = make_v(batch, q_len, n_kv, head_dim)
     if lens is None:
         lens = torch.randint(0, max_len - q_len + 1, (batch,))
         lens[0] = 0
@@ -56,7 +61,7 @@ def make_case(device, dtype, *, batch, q_len, n_heads, n_kv, head_dim, max_len, 
     else:
         block_table = None
         cache_shape = (batch, max_len, n_kv, head_dim)
-    k_cache, v_cache = make(*cache_shape), make(*cache_shape)
+    k_cache, v_cache = make(*cache_shape), make_v(*cache_shape)
     return q, k, v, k_cache, v_cache, cache_seqlens, block_table
 
 
@@ -158,13 +163,23 @@ def test_full_cache_without_write_kv(device, cpu_kernel, paged, check_against_re
                             q_len=5, n_heads=4, n_kv=2, head_dim=64, max_len=32, page_size=8, lens=[32, 17])
 
 
-def test_long_cache_small_batch_split_kv(device, cpu_kernel, check_against_reference):
-    # Batch 1 with a long cache: the CUDA kernel splits the keys across CTAs and combines by lse.
-    for dtype in (torch.bfloat16, torch.float32):
-        for paged in (False, True):
-            check_against_reference(device, dtype, True, paged, batch=1, q_len=16,
-                                    n_heads=8, n_kv=2, head_dim=128, max_len=4096, page_size=256,
-                                    lens=[int(torch.randint(3000, 4080, ()))])
+@pytest.mark.parametrize("batch,dtype,head_dim", [(1, torch.bfloat16, 128), (1, torch.float32, 128),
+                                                  (2, torch.bfloat16, 128), (2, torch.float16, 64)])
+def test_long_cache_small_batch_split_kv(device, cpu_kernel, batch, dtype, head_dim, check_against_reference):
+    # Small batches with long caches: the CUDA kernel splits the keys across CTAs and combines by lse; with two
+    # sequences of different lengths the partials of one must not land on the other's.
+    lens = [int(torch.randint(3000, 4080, ())), int(torch.randint(1000, 2000, ()))][:batch]
+    for paged in (False, True):
+        check_against_reference(device, dtype, True, paged, batch=batch, q_len=16, n_heads=8, n_kv=2,
+                                head_dim=head_dim, max_len=4096, page_size=256, lens=lens)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_long_causal_block_over_split_keys(device, cpu_kernel, dtype, check_against_reference):
+    """A block of 129 queries (three CUDA row tiles) over a cache split across CTAs, one sequence with an empty
+    cache: a split may hold only block keys that lie past some of its queries (rows with no visible key)."""
+    check_against_reference(device, dtype, True, False, batch=2, q_len=129, n_heads=2, n_kv=1, head_dim=64,
+                            max_len=900, lens=[0, 700])
 
 
 def test_random_shapes(device, cpu_kernel, check_against_reference):
@@ -217,6 +232,22 @@ def test_fp16_subnormal_values(device, cpu_kernel, rel_err, tol):
     lowp = low_precision_error(q, k, v, k_cache, v_cache, lens, None, True, want)
     err = rel_err(out, want)
     assert err <= 3 * lowp + 1e-4 and err <= tol[torch.float16], (err, lowp)
+
+
+def test_fp16_output_rounds_half_to_even(device, cpu_kernel):
+    """A zero query weighs its two keys equally: each output is the exact mean of two neighbouring fp16 values,
+    halfway between them, and must round to the even one as torch does (not away from zero)."""
+    q, k, v, k_cache, v_cache, _, _ = make_case(device, torch.float16, batch=2, q_len=1, n_heads=4, n_kv=2,
+                                                head_dim=64, max_len=8, paged=False, contiguous=True)
+    q.zero_()
+    lens = torch.ones(2, dtype=torch.int32, device=device)
+    low = (1 + torch.randint(0, 1024, v.shape, device=device) / 1024) * torch.where(
+        torch.rand(v.shape, device=device) < 0.5, -1.0, 1.0)               # fp16 values of [1, 2) and (-2, -1]
+    v_cache[:, :1] = low.to(torch.float16)
+    v.copy_((low + low.sign() / 1024).to(torch.float16))                  # the next fp16 value away from zero
+    out = r2lm_kernels.cache_attention(q, k, v, k_cache, v_cache, lens, write_kv=False)
+    want = ((v_cache[:, :1].float() + v.float()) / 2).repeat_interleave(2, 2).half()
+    assert torch.equal(out, want)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -323,6 +354,7 @@ def test_bad_inputs_raise_naming_the_argument(device):
     raises("q must have dtype", q=torch.randint(0, 5, (2, 4, 4, 64), device=device))
     raises("cache_seqlens must have dtype", cache_seqlens=torch.zeros(2, dtype=torch.int64, device=device))
     raises("cache_seqlens must have shape", cache_seqlens=torch.zeros(3, dtype=torch.int32, device=device))
+    raises("cache_seqlens must be contiguous", cache_seqlens=torch.zeros(4, dtype=torch.int32, device=device)[::2])
     raises("v must have shape", v=f32(2, 5, 2, 64))
     raises("v_cache must have shape", v_cache=f32(2, 31, 2, 64))
     raises("k_cache must have shape", k_cache=f32(3, 32, 2, 64))

@@ -102,24 +102,27 @@ def test_sidecar_is_block_local_and_sees_right_context(impl, tiny_model, random_
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_right_padding_is_hidden_from_real_positions(impl, tiny_model, random_ids, run_or_skip, causal):
+@pytest.mark.parametrize("real_blocks", [1, 2])   # sequence 0's padding starts in a middle block / the last
+def test_right_padding_is_hidden_from_real_positions(impl, tiny_model, random_ids, run_or_skip, causal,
+                                                     real_blocks):
     """lengths: padding that shares a block with real tokens reaches them neither as keys nor through the
     right-to-left sidecar."""
     model = tiny_model(impl)
     bs = model.config.block_size
     ids = random_ids(model, 2, 2 * bs + 5)
-    lengths = torch.tensor([bs + 2, 2 * bs + 5])          # sequence 0: 2 real tokens in block 1, then padding
+    n = real_blocks * bs + 2                               # sequence 0: 2 real tokens in a block, then padding
+    lengths = torch.tensor([n, 2 * bs + 5])
     changed = ids.clone()
-    changed[0, bs + 2:] = (changed[0, bs + 2:] + 1) % (model.config.vocab_size - 1)
+    changed[0, n:] = (changed[0, n:] + 1) % (model.config.vocab_size - 1)
     with torch.no_grad():
         a, b = run_or_skip(lambda: (model(ids, lengths=lengths, causal=causal),
                                     model(changed, lengths=lengths, causal=causal)))
-    torch.testing.assert_close(a[0, :bs + 2], b[0, :bs + 2], atol=1e-12, rtol=0)
+    torch.testing.assert_close(a[0, :n], b[0, :n], atol=1e-12, rtol=0)
     torch.testing.assert_close(a[1], b[1], atol=0, rtol=0)
-    assert (a[0, bs + 2:] - b[0, bs + 2:]).abs().amax() > 1e-6   # the padding itself did change
+    assert (a[0, n:] - b[0, n:]).abs().amax() > 1e-6   # the padding itself did change
     with torch.no_grad():   # and the padded sequence is the one run alone (same causality, same segments)
-        alone = model(ids[:1, :bs + 2], causal=causal)
-    torch.testing.assert_close(a[0, :bs + 2], alone[0], atol=1e-12, rtol=0)
+        alone = model(ids[:1, :n], causal=causal)
+    torch.testing.assert_close(a[0, :n], alone[0], atol=1e-12, rtol=0)
 
 
 def test_block_mode_equals_full_forward(impl, tiny_model, random_ids, run_or_skip):

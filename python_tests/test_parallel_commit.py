@@ -248,18 +248,21 @@ def test_strided_tokens_are_updated_in_place(device):
     assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
 
 
-def test_ties_go_to_the_lower_position_and_token(device, vector_width, run_commit):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_ties_go_to_the_lower_position_and_token(device, dtype, vector_width, run_commit):
     batch, block, vocab, mask_id = 2, 8, 64, 0
     logits = torch.randn(batch, block, vocab, device=device)
     logits[:, 5] = logits[:, 2]                                  # equal rows: equal confidence
-    logits[:, :, 10] = logits[:, :, 20] = logits.amax(-1) + 1.0  # tokens 10 and 20 tie for the argmax
+    top = logits.amax(-1) + 1.0
+    logits[0, :, 10] = logits[0, :, 20] = top[0]                 # tokens 10 and 20 tie for the argmax (apart)
+    logits[1, :, 5] = logits[1, :, 6] = top[1]                   # tokens 5 and 6 (side by side in a vector)
     tokens = torch.full((batch, block), mask_id, device=device)
     kwargs = dict(mask_token_id=mask_id, threshold=math.inf, min_per_step=1, max_per_step=1)
     logits[:, 2] = logits[:, 2] * 3                              # positions 2 and 5 the most confident
     logits[:, 5] = logits[:, 2]
-    got, want = run_commit(logits, tokens, **kwargs)
+    got, want = run_commit(logits.to(dtype), tokens, **kwargs)
     assert got[0].nonzero().tolist() == [[0, 2], [1, 2]]
-    assert (got[3][:, 2] == 10).all()
+    assert got[3][:, 2].tolist() == [10, 5]
     assert got[1][:, 2].equal(got[1][:, 5])
     _assert_same_outcome(got, want)
 
@@ -287,6 +290,8 @@ def test_non_finite_rows_are_never_committed(device, vector_width, run_commit):
             assert (confidence[~committed] == -math.inf).all()
             assert int(n_masked) == 5
             assert torch.equal(committed, want[0]) and torch.equal(got_tokens, want[3])
+            # Rows 0 and 5 are dominated by the mask token's logit: their scores stay finite all the same.
+            torch.testing.assert_close(confidence[committed], want[1][committed], atol=1e-6, rtol=1e-5)
 
 
 def test_margin_with_a_single_candidate_token_is_infinite(device, run_commit):
@@ -296,11 +301,13 @@ def test_margin_with_a_single_candidate_token_is_infinite(device, run_commit):
     assert (got[1] == math.inf).all() and torch.equal(got[1], want[1]) and (got[3] == 0).all()
 
 
-def test_inactive_sequences_are_untouched(device, run_commit):
+@pytest.mark.parametrize("strided", [False, True])
+def test_inactive_sequences_are_untouched(device, strided, run_commit):
     batch, block, vocab, mask_id = 4, 16, 100, 99
     logits = _logits(batch, block, vocab, torch.float32, device)
     tokens = torch.full((batch, block), mask_id, device=device)
-    active = torch.tensor([True, False, True, False], device=device)
+    active = torch.tensor([True, True, False, False, True, True, False, False], device=device)[::2] if strided \
+        else torch.tensor([True, False, True, False], device=device)
     got, want = run_commit(logits, tokens, mask_token_id=mask_id, threshold=0.0, min_per_step=2, active=active)
     committed, confidence, n_masked, got_tokens = got
     assert not committed[~active].any() and (confidence[~active] == -math.inf).all()

@@ -142,20 +142,28 @@ def test_segments_are_runs_of_equal_seq_idx(device, width, vector_width):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("view", ["slice", "slice_misaligned", "transposed"])
+@pytest.mark.parametrize("weight_view", ["transposed", "every_other_tap"])
+@pytest.mark.parametrize("view", ["slice", "slice_misaligned", "transposed", "odd_batch_stride"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_views(device, dtype, view, tol, rel_err, make_segments):
-    """Strided views with unit last-dim stride are taken as they are (no copies) and give the same result."""
+def test_views(device, dtype, view, weight_view, tol, rel_err, make_segments):
+    """Strided views with unit last-dim stride are taken as they are (no copies) and give the same result;
+    a weight with gaps between its elements gets a dense gradient."""
     batch, seqlen, dim, width = 3, 77, 48, 4
     if view == "transposed":
         x = torch.randn(seqlen, batch, dim, device=device).to(dtype).transpose(0, 1)
         dy = torch.randn(seqlen, batch, dim, device=device).to(dtype).transpose(0, 1)
+    elif view == "odd_batch_stride":  # aligned start and token stride; every sequence after the first is not
+        x, dy = (torch.randn(batch * (seqlen * dim + 1), device=device).to(dtype)
+                 .as_strided((batch, seqlen, dim), (seqlen * dim + 1, dim, 1)) for _ in range(2))
     else:
         offset = 8 if view == "slice" else 1  # 1: not 16-byte aligned, takes the scalar CUDA path
         x = torch.randn(batch, seqlen, dim + 16, device=device).to(dtype)[..., offset:offset + dim]
         dy = torch.randn(batch, seqlen, dim + 16, device=device).to(dtype)[..., offset:offset + dim]
     assert not x.is_contiguous() and x.stride(-1) == 1
-    weight = torch.randn(width + 3, dim, device=device).t()[:, 1:1 + width]  # strided in both dims
+    if weight_view == "transposed":
+        weight = torch.randn(width + 3, dim, device=device).t()[:, 1:1 + width]  # strided in both dims
+    else:
+        weight = torch.randn(dim, 2 * width, device=device)[:, ::2]
     bias = torch.randn(2 * dim, device=device)[::2]
     seq_idx = make_segments(batch, 2 * seqlen, device, "random")[:, ::2]
     y = r2lm_kernels.reverse_conv1d(x, weight, bias, seq_idx, True)
@@ -166,6 +174,30 @@ def test_views(device, dtype, view, tol, rel_err, make_segments):
     grads = torch.autograd.grad(reference.reverse_conv1d(*leaves, seq_idx, True), leaves, dy.double())
     for got, want in zip((dx, dweight, dbias), grads):
         assert rel_err(got, want) <= max(tol[dtype], 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("weight_dtype,bias_dtype", [("x", "fp32"), ("fp32", "x")])
+def test_bias_dtype_apart_from_the_weight_dtype(device, dtype, weight_dtype, bias_dtype, tol, rel_err, vector_width,
+                                               make_segments):
+    """weight and bias each take x's dtype or fp32, independently: each is read, and its gradient written, in
+    its own dtype."""
+    batch, seqlen, dim, width = 2, 45, 40, 4
+    x, weight, bias = _inputs(batch, seqlen, dim, width, dtype, torch.float32, device)
+    weight = weight.to(dtype if weight_dtype == "x" else torch.float32)
+    bias = bias.to(dtype if bias_dtype == "x" else torch.float32)
+    seq_idx = make_segments(batch, seqlen, device, "random")
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
+    y = r2lm_kernels.reverse_conv1d(*leaves, seq_idx, True)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, dy)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    y64 = reference.reverse_conv1d(*leaves64, seq_idx, True)
+    grads64 = torch.autograd.grad(y64, leaves64, dy.double())
+    assert rel_err(y, y64) <= tol[dtype]
+    for g, g64, leaf in zip(grads, grads64, leaves):
+        assert g.dtype == leaf.dtype
+        assert rel_err(g, g64) <= tol[leaf.dtype if leaf.dtype in HALF else dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -184,6 +216,19 @@ def test_long_sequence(device, dtype, tol, rel_err, make_segments):
     assert rel_err(y.detach(), y64.detach()) <= tol[dtype]
     for g, g64 in zip(grads, grads64):
         assert rel_err(g, g64) <= max(tol[dtype], 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_outputs_round_half_to_even(device, dtype, vector_width):
+    """y = x + bias with the bias half a unit in the last place of x: every output lies halfway between two
+    values of x's dtype and must round to the even one, as torch does (37 channels: whole vectors and tails)."""
+    batch, seqlen, dim = 2, 19, 37
+    ulp = torch.finfo(dtype).eps                                         # spacing of the values in [1, 2)
+    sign = torch.where(torch.rand(dim, device=device) < 0.5, -1.0, 1.0)
+    x = ((1 + torch.randint(0, int(1 / ulp), (batch, seqlen, dim), device=device) * ulp) * sign).to(dtype)
+    weight, bias = torch.ones(dim, 1, device=device), sign * ulp / 2
+    y = r2lm_kernels.reverse_conv1d(x, weight, bias)
+    assert torch.equal(y, (x.float() + bias).to(dtype))
 
 
 def test_matches_conv1d_composition(device, rel_err):

@@ -236,13 +236,17 @@ def test_matches_forward_scan_composition(scan_inputs, device, rel_err):
     assert rel_err(out, expected) <= 1e-5
 
 
-# Views with unit stride in the last dim: slices of wider tensors, sequence-major storage, A sliced
-# from a wider parameter. None of them may be copied behind the caller's back.
+# Views with unit stride in the last dim: slices of wider tensors (each padded by its own amount, so that a
+# kernel taking one tensor's strides for another's shows), sequence-major storage, A sliced from a wider
+# parameter. None of them may be copied behind the caller's back.
+PADS = {"u": 5, "delta": 3, "A": 5, "B": 7, "C": 9, "z": 11}
+
+
 def _views(args, kind):
-    def widen(t):  # the same values inside a wider tensor
+    def widen(t, pad):  # the same values inside a wider tensor
         if t is None:
             return None
-        wide = torch.full((*t.shape[:-1], t.shape[-1] + 5), float("nan"), dtype=t.dtype, device=t.device)
+        wide = torch.full((*t.shape[:-1], t.shape[-1] + pad), float("nan"), dtype=t.dtype, device=t.device)
         wide[..., : t.shape[-1]] = t
         return wide[..., : t.shape[-1]]
 
@@ -252,8 +256,8 @@ def _views(args, kind):
     out = dict(args)
     for name in ("u", "delta", "B", "C", "z"):
         if args[name] is not None:
-            out[name] = widen(args[name]) if kind == "sliced" else seq_major(args[name])
-    out["A"] = widen(args["A"])
+            out[name] = widen(args[name], PADS[name]) if kind == "sliced" else seq_major(args[name])
+    out["A"] = widen(args["A"], PADS["A"])
     if args["seq_idx"] is not None:
         wide = torch.zeros(args["seq_idx"].shape[0], args["seq_idx"].shape[1] + 3, dtype=torch.int32,
                            device=args["seq_idx"].device)
@@ -422,16 +426,18 @@ def test_double_backward_raises(scan_inputs):
         (du ** 2).sum().backward()
 
 
-def test_segments_are_runs_of_equal_seq_idx(scan_inputs, device, cpu_kernel):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("d_state", [4, 16])  # 16: the model's, with kernels of its own
+def test_segments_are_runs_of_equal_seq_idx(scan_inputs, device, cpu_kernel, d_state, dtype):
     """A seq_idx value that comes back after another one starts a new segment (DESIGN 3.1: h = 0 wherever
     seq_idx[t] != seq_idx[t + 1], in either direction): labels drawn from two values give exactly the result
     of their run numbers, forward and backward."""
-    args = scan_inputs(3, 45, 6, 4, torch.float32, device)
+    args = scan_inputs(3, 45, 20, d_state, dtype, device)  # 20 channels: a whole CPU block of 16 and a tail
     labels = torch.randint(0, 2, (3, 45), dtype=torch.int32, device=device)
     changes = torch.cat([torch.zeros(3, 1, dtype=torch.int32, device=device),
                          (labels[:, 1:] != labels[:, :-1]).int()], 1)
     runs = changes.cumsum(1, dtype=torch.int32)
-    dout = torch.randn(3, 45, 6, device=device)
+    dout = torch.randn(3, 45, 20, device=device).to(dtype)
     for scan in (r2lm_kernels.reverse_selective_scan, reference.reverse_selective_scan):
         assert torch.equal(scan(**{**args, "seq_idx": labels}), scan(**{**args, "seq_idx": runs})), scan
     values = [v for k, v in args.items() if k != "seq_idx"]
