@@ -186,7 +186,15 @@ def test_bias_dtype_apart_from_the_weight_dtype(device, dtype, weight_dtype, bia
     x, weight, bias = _inputs(batch, seqlen, dim, width, dtype, torch.float32, device)
     weight = weight.to(dtype if weight_dtype == "x" else torch.float32)
     bias = bias.to(dtype if bias_dtype == "x" else torch.float32)
-    seq_idx = make_segments(batch, seqlen, device, "random")
+    (y, y64), grads, grads64 = _silu_conv_and_grads(x, weight, bias, make_segments(batch, seqlen, device, "random"))
+    assert rel_err(y, y64) <= tol[dtype]
+    for g, g64, leaf in zip(grads, grads64, (x, weight, bias)):
+        assert g.dtype == leaf.dtype
+        assert rel_err(g, g64) <= tol[leaf.dtype if leaf.dtype in HALF else dtype]
+
+
+def _silu_conv_and_grads(x, weight, bias, seq_idx):
+    """(y, fp64 reference y), the gradients of x, weight, bias for a random dy, and the reference's in fp64."""
     leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
     y = r2lm_kernels.reverse_conv1d(*leaves, seq_idx, True)
     dy = torch.randn_like(y)
@@ -194,10 +202,7 @@ def test_bias_dtype_apart_from_the_weight_dtype(device, dtype, weight_dtype, bia
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
     y64 = reference.reverse_conv1d(*leaves64, seq_idx, True)
     grads64 = torch.autograd.grad(y64, leaves64, dy.double())
-    assert rel_err(y, y64) <= tol[dtype]
-    for g, g64, leaf in zip(grads, grads64, leaves):
-        assert g.dtype == leaf.dtype
-        assert rel_err(g, g64) <= tol[leaf.dtype if leaf.dtype in HALF else dtype]
+    return (y.detach(), y64.detach()), grads, grads64
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -206,14 +211,8 @@ def test_long_sequence(device, dtype, tol, rel_err, make_segments):
     batch, seqlen, dim, width = 2, 16411, 24, 4
     x, weight, bias = _inputs(batch, seqlen, dim, width, dtype, torch.float32, device)
     seq_idx = torch.cat([make_segments(1, seqlen, device, "blocks"), make_segments(1, seqlen, device, "random")])
-    leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
-    y = r2lm_kernels.reverse_conv1d(*leaves, seq_idx, True)
-    dy = torch.randn_like(y)
-    grads = torch.autograd.grad(y, leaves, dy)
-    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
-    y64 = reference.reverse_conv1d(*leaves64, seq_idx, True)
-    grads64 = torch.autograd.grad(y64, leaves64, dy.double())
-    assert rel_err(y.detach(), y64.detach()) <= tol[dtype]
+    (y, y64), grads, grads64 = _silu_conv_and_grads(x, weight, bias, seq_idx)
+    assert rel_err(y, y64) <= tol[dtype]
     for g, g64 in zip(grads, grads64):
         assert rel_err(g, g64) <= max(tol[dtype], 1e-4)
 
