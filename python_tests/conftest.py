@@ -26,6 +26,13 @@ def device(request):
 
 
 @pytest.fixture
+def cuda_kernels(request, device):
+    """Whether the device's tensors run the CUDA kernels: on a GPU, or on CPU tensors under the warp emulator
+    (scripts/emulate_cuda.sh)."""
+    return device == "cuda" or request.config.pluginmanager.hasplugin("cuda_emulator.pytest_plugin")
+
+
+@pytest.fixture
 def rel_err():
     """‖a − b‖ / ‖b‖ in float64."""
     def rel(a, b):

@@ -174,6 +174,24 @@ def test_long_cache_small_batch_split_kv(device, cpu_kernel, batch, dtype, head_
                                 head_dim=head_dim, max_len=4096, page_size=256, lens=lens)
 
 
+@pytest.mark.parametrize("q_len", [1, 4])
+@pytest.mark.parametrize("causal", [True, False])
+def test_caches_ending_around_a_key_tile_end(device, cpu_kernel, causal, q_len, check_against_reference):
+    """Caches ending 2, 1 and 0 keys before the end of a 64-key tile: the tile holding the cache's end is the
+    one that needs masking (block keys past a query, or slots past the block)."""
+    for dtype in dtypes_for(device):
+        check_against_reference(device, dtype, causal, False, batch=4, q_len=q_len, n_heads=4, n_kv=2, head_dim=64,
+                                max_len=192, lens=[62, 126, 63, 64])
+
+
+def test_pages_of_a_size_not_a_power_of_two(device, cpu_kernel, check_against_reference):
+    """12-slot pages: a position's page and slot come from a division, not a shift; caches and blocks end
+    inside pages."""
+    for dtype in dtypes_for(device):
+        check_against_reference(device, dtype, True, True, batch=3, q_len=5, n_heads=4, n_kv=2, head_dim=64,
+                                max_len=96, page_size=12, lens=[7, 50, 91])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_long_causal_block_over_split_keys(device, cpu_kernel, dtype, check_against_reference):
     """A block of 129 queries (three CUDA row tiles) over a cache split across CTAs, one sequence with an empty
@@ -232,6 +250,23 @@ def test_fp16_subnormal_values(device, cpu_kernel, rel_err, tol):
     lowp = low_precision_error(q, k, v, k_cache, v_cache, lens, None, True, want)
     err = rel_err(out, want)
     assert err <= 3 * lowp + 1e-4 and err <= tol[torch.float16], (err, lowp)
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v", "k_cache", "v_cache"])
+def test_16bit_head_strides_the_cuda_kernels_cannot_stream(device, name, cuda_kernels, rel_err, tol):
+    """The CUDA kernels copy 16-bit rows in 16-byte chunks: a head stride that is not a multiple of 8 elements
+    is refused there, naming the tensor; the CPU kernels take it."""
+    case = dict(zip(("q", "k", "v", "k_cache", "v_cache", "cache_seqlens"), make_case(
+        device, torch.bfloat16, batch=2, q_len=3, n_heads=4, n_kv=2, head_dim=64, max_len=16, paged=False,
+        contiguous=True)))
+    case[name] = torch.nn.functional.pad(case[name], (0, 4))[..., :64]  # head stride 68, the others multiples of 8
+    args = [case[n] for n in ("q", "k", "v", "k_cache", "v_cache", "cache_seqlens")]
+    if cuda_kernels:
+        with pytest.raises(RuntimeError, match=f"{name} must be 16-byte aligned"):
+            r2lm_kernels.cache_attention(*args)
+    else:
+        want = ref.cache_attention(*(t.double() for t in args[:5]), args[5], write_kv=False)
+        assert rel_err(r2lm_kernels.cache_attention(*args), want) <= tol[torch.bfloat16]
 
 
 def test_fp16_output_rounds_half_to_even(device, cpu_kernel):

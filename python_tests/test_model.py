@@ -150,6 +150,37 @@ def test_block_mode_equals_full_forward(impl, tiny_model, random_ids, run_or_ski
     assert torch.equal(cache.seqlens, torch.tensor(committed, dtype=torch.int32))
 
 
+def test_bidirectional_block_mode_equals_full_forward_of_one_layer(impl, tiny_model, random_ids, run_or_skip):
+    """causal=False in block mode: the block attends to the cache and to all of itself. With one layer the cached
+    K/V do not depend on how the prefix attended, so the block's logits equal those of the bidirectional
+    cache-free forward of prefix + block."""
+    model = tiny_model(impl, num_hidden_layers=1)
+    bs = model.config.block_size
+    committed = [0, bs, 3 * bs]
+    ids = random_ids(model, len(committed), 3 * bs)
+    cache = model.allocate_cache(len(committed), 4 * bs)
+    block = random_ids(model, len(committed), bs)
+    with torch.no_grad():
+        def cached():
+            model.hidden_states(ids, cache=cache, prefill=True)
+            cache.seqlens.copy_(torch.tensor(committed, dtype=torch.int32))
+            return model.logits(model.hidden_states(block, cache=cache, causal=False))
+        got = run_or_skip(cached)
+        for b, n in enumerate(committed):
+            canvas = torch.cat([ids[b, :n], block[b]])[None]
+            torch.testing.assert_close(got[b], model(canvas, causal=False)[0, n:], atol=1e-9, rtol=1e-9)
+
+
+def test_rms_norm_of_float64_stays_float64():
+    from r2lm_kernels.model import RMSNorm
+    norm = RMSNorm(24, 1e-6).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, 24, dtype=torch.float64)
+    want = norm.weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(norm(x), want, atol=1e-14, rtol=1e-13)
+
+
 def test_prefill_under_grad_mode_keeps_no_graph_in_the_cache(tiny_model, random_ids):
     """A prefill with grad mode on stores plain K/V: a cache holding the forward's graph would keep its
     activations alive and, reused, chain one graph onto the next call after call."""
@@ -462,6 +493,7 @@ def test_bad_arguments(tiny_model, random_ids):
         model.hidden_states(random_ids(model, 3, 4), cache=model.allocate_cache(2, 16))
     with pytest.raises(ValueError, match="max_len"):
         model.hidden_states(random_ids(model, 2, 20), cache=model.allocate_cache(2, 16), prefill=True)
+    model.hidden_states(random_ids(model, 2, 16), cache=model.allocate_cache(2, 16), prefill=True)  # fills it: fine
     other = tiny_model("reference", dtype=torch.float32, num_hidden_layers=1)
     for cache in (other.allocate_cache(2, 16), tiny_model("reference", num_key_value_heads=4).allocate_cache(2, 16)):
         with pytest.raises(ValueError, match="cache must hold 2 layers of K and V"):

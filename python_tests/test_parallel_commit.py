@@ -142,6 +142,20 @@ def test_large_vocab(device, dtype, temperature, vocab, rel_err, vector_width, r
     _assert_confidence_close(confidence, want[1], got_tokens, logits, tokens, kwargs, rel_err)
 
 
+@pytest.mark.parametrize("temperature,scale,center", [(0.1, 2.0, 0.0), (2.0, 1.0, -100.0)])
+def test_sampling_at_temperatures_far_from_one(device, temperature, scale, center, vector_width, run_commit):
+    """The kernels skip a vector of logits whose largest, divided by the temperature, plus a bound on the noise
+    cannot beat the pick so far: logits spread far past that bound (T 0.1) or far below zero (T 2) show a
+    bound applied to the undivided logits."""
+    batch, block, vocab = 2, 16, 8000
+    logits = torch.randn(batch, block, vocab, device=device) * scale + center
+    tokens = torch.full((batch, block), vocab - 1, device=device)
+    seed, step = int(torch.randint(0, 2**31, ())), 5
+    got, want = run_commit(logits, tokens, mask_token_id=vocab - 1, threshold=-math.inf, temperature=temperature,
+                           seed=seed, step=step)
+    _assert_candidates_equal(got[3], want[3], logits, temperature, seed, step)
+
+
 # The largest rounding differences between kernel and reference scores seen in fp32 (CPU and emulated CUDA
 # kernels, vocab 101 and 301) are ~5e-7 relative for prob, ~5e-7 absolute for margin and ~2e-6 absolute for
 # neg_entropy (xsum / sum - log(sum) cancels near 0); scores 10x that apart rank the same in both.
@@ -499,11 +513,11 @@ def test_seeds_take_all_64_bits(device):
         commit(logits, tokens, mask_token_id=0, threshold=-math.inf, temperature=1.0, seed=seed, step=3)
         return tokens.cpu()
 
-    seed = 2**64 - 12345
-    ours = draw(r2lm_kernels.parallel_commit, seed)
-    assert torch.equal(ours, draw(ref.parallel_commit, seed))
-    assert torch.equal(ours, draw(r2lm_kernels.parallel_commit, seed - 2**64))
-    assert not torch.equal(ours, draw(r2lm_kernels.parallel_commit, seed - 2**63))
+    for seed in (2**64 - 12345, 2**63):
+        ours = draw(r2lm_kernels.parallel_commit, seed)
+        assert torch.equal(ours, draw(ref.parallel_commit, seed))
+        assert torch.equal(ours, draw(r2lm_kernels.parallel_commit, seed - 2**64))
+        assert not torch.equal(ours, draw(r2lm_kernels.parallel_commit, seed - 2**63 + 1))
 
 
 def test_writes_are_visible_to_autograd(device):

@@ -27,7 +27,8 @@ CPU_ONLY.update(dict.fromkeys([
     "test_fixed_tokens_per_step_statistics", "test_autoregressive_baseline_matches_naive_loop",
     "test_autoregressive_eos_and_sampling", "test_sidecar_is_block_local_and_sees_right_context",
     "test_block_mode_equals_full_forward", "test_right_padding_is_hidden_from_real_positions",
-    "test_autoregressive_step_info", "test_compiled_block_step_writes_each_layers_cache"], "runs a float64 model"))
+    "test_autoregressive_step_info", "test_compiled_block_step_writes_each_layers_cache",
+    "test_bidirectional_block_mode_equals_full_forward_of_one_layer"], "runs a float64 model"))
 
 
 def _float32_on_cpu(original):
