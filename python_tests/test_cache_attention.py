@@ -259,7 +259,7 @@ def test_16bit_head_strides_the_cuda_kernels_cannot_stream(device, name, cuda_ke
     case = dict(zip(("q", "k", "v", "k_cache", "v_cache", "cache_seqlens"), make_case(
         device, torch.bfloat16, batch=2, q_len=3, n_heads=4, n_kv=2, head_dim=64, max_len=16, paged=False,
         contiguous=True)))
-    case[name] = torch.nn.functional.pad(case[name], (0, 4))[..., :64]  # head stride 68, the others multiples of 8
+    case[name] = F.pad(case[name], (0, 4))[..., :64]  # head stride 68, the other strides multiples of 8
     args = [case[n] for n in ("q", "k", "v", "k_cache", "v_cache", "cache_seqlens")]
     if cuda_kernels:
         with pytest.raises(RuntimeError, match=f"{name} must be 16-byte aligned"):
