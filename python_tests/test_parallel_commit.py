@@ -308,6 +308,33 @@ def test_non_finite_rows_are_never_committed(device, vector_width, run_commit):
             torch.testing.assert_close(confidence[committed], want[1][committed], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("vocab", [8, 5000])
+def test_logits_further_apart_than_the_float_range(device, dtype, vocab, vector_width, run_commit):
+    """Rows of the dtype's lowest value (a usual masking value; the mask token's too) with one huge logit:
+    x - max overflows to -inf, and the entropy's e^(x - max) (x - max) must count 0 there, not NaN, in every
+    merge of partial sums (CPU chunks of the vocab, CUDA threads and splits). A NaN score would also break the
+    ranking of the sequence's other positions."""
+    mask_id, lowest = 3, torch.finfo(dtype).min
+    huge = 1e300 if dtype == torch.float64 else 1e32
+    logits = _logits(1, 6, vocab, torch.float64, device)
+    for row, index in [(1, 0), (3, vocab - 1), (4, vocab // 2)]:  # the huge logit before and after the others
+        logits[0, row] = lowest
+        logits[0, row, index] = huge
+    logits = logits.to(dtype)
+    tokens = torch.full((1, 6), mask_id, device=device)
+    for score in SCORES:
+        for quota in (1, 2, 4):
+            kwargs = dict(mask_token_id=mask_id, threshold=math.inf, min_per_step=quota, max_per_step=quota,
+                          score=score)
+            got, want = run_commit(logits, tokens, **kwargs)
+            assert torch.isfinite(got[1]).all(), (score, got[1])
+            # A one-hot softmax, exactly: the three rows tie, and ties go to the lower position.
+            assert got[1][0, [1, 3, 4]].tolist() == ([0.0] * 3 if score == "neg_entropy" else [1.0] * 3)
+            assert int(got[0].sum()) == quota
+            _assert_same_outcome(got, want, atol=1e-5)
+
+
 def test_margin_with_a_single_candidate_token_is_infinite(device, run_commit):
     logits = torch.randn(2, 3, 2, device=device)
     tokens = torch.ones(2, 3, dtype=torch.long, device=device)

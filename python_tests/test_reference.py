@@ -80,6 +80,26 @@ def test_scan_equals_quadratic_form():
     assert error.max() < 1e-13, f"error {error.max():.3g} of the summands' magnitude"
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_scan_segments_are_independent_sequences(bad):
+    """Each segment scans as a sequence of its own, output and input gradients, also when another segment
+    holds a non-finite input (the reset sets the state to 0, it does not multiply it by 0)."""
+    inputs = _scan_inputs(1, 29, 5, 3)
+    seq_idx = torch.tensor([[0] * 9 + [1] * 11 + [2] * 9], dtype=torch.int32)
+    inputs[0][0, 12, 1] = bad                                    # u, in the middle segment
+    u, delta, A, B, C, D, z, delta_bias = [t.requires_grad_() for t in inputs]
+    got = ref.reverse_selective_scan(u, delta, A, B, C, D, z, delta_bias, True, seq_idx)
+    got.sum().backward()
+    for part in (slice(0, 9), slice(20, 29)):
+        alone = [t.detach()[:, part].requires_grad_() for t in (u, delta, B, C, z)]
+        want = ref.reverse_selective_scan(*alone[:2], A.detach(), *alone[2:4], D.detach(), alone[4],
+                                          delta_bias.detach(), True)
+        want.sum().backward()
+        torch.testing.assert_close(got[:, part], want, rtol=1e-12, atol=1e-12)
+        for full, piece in zip((u, delta, B, C, z), alone):
+            torch.testing.assert_close(full.grad[:, part], piece.grad, rtol=1e-12, atol=1e-12)
+
+
 def test_scan_low_precision_keeps_fp32_state():
     u, delta, A, B, C, D, z, delta_bias = _scan_inputs(1, 40, 6, 4)
     want = ref.reverse_selective_scan(u, delta, A, B, C, D, z, delta_bias, True)
@@ -121,14 +141,28 @@ def test_conv_gradients_equal_flipped_causal_conv_gradients(seqlen):
         torch.testing.assert_close(g, h, rtol=1e-12, atol=1e-12)
 
 
-def test_conv_segments_are_independent_sequences():
+@pytest.mark.parametrize("bad", [None, math.nan, math.inf])
+def test_conv_segments_are_independent_sequences(bad):
+    """Also when one segment holds a non-finite input: a tap past a segment's end is 0, not a product with 0.
+    The weight gradient is the sum of the segments' (each x[t + k] paired only with dy[t] of its segment)."""
     x = torch.randn(1, 29, 5, dtype=torch.float64)
-    w = torch.randn(5, 4, dtype=torch.float64)
-    seq_idx = _random_segments(1, 29, max_segments=6)
+    w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    seq_idx = torch.tensor([[0] * 9 + [1] * 11 + [2] * 9], dtype=torch.int32)
+    if bad is not None:
+        x[0, 9, 1] = bad                                         # the middle segment's first position
+    x.requires_grad_()
     got = ref.reverse_conv1d(x, w, None, seq_idx)
-    for s in seq_idx.unique():
+    got.sum().backward()
+    dw = torch.zeros_like(w)
+    for s in range(3):
         part = seq_idx[0] == s
-        torch.testing.assert_close(got[:, part], ref.reverse_conv1d(x[:, part], w), rtol=1e-12, atol=1e-12)
+        piece, w_piece = x.detach()[:, part].requires_grad_(), w.detach().clone().requires_grad_()
+        want = ref.reverse_conv1d(piece, w_piece)
+        want.sum().backward()
+        torch.testing.assert_close(got[:, part], want, rtol=1e-12, atol=1e-12, equal_nan=True)
+        torch.testing.assert_close(x.grad[:, part], piece.grad, rtol=1e-12, atol=1e-12)
+        dw += w_piece.grad
+    torch.testing.assert_close(w.grad, dw, rtol=1e-12, atol=1e-12, equal_nan=True)
 
 
 def _paged(cache, page_size, table):

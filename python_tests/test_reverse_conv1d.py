@@ -7,6 +7,8 @@ CPU). Tolerances: fp64 / fp32 from the conftest table against an fp64 reference;
 the reference-relative rule (the kernel's error against fp64 at most 2x + eps the error of the
 reference run at that precision).
 """
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -140,6 +142,38 @@ def test_segments_are_runs_of_equal_seq_idx(device, width, vector_width):
     want = torch.ops.r2lm.reverse_conv1d_backward(dy, x, weight, bias, runs, True)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("segments", [True, False])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_non_finite_input_stays_in_its_segment(device, bad, segments, vector_width):
+    """A NaN or inf in x at a segment's first position, which the windows of the previous segment's last
+    positions would reach (also at the CUDA kernels' run and block bounds), and in dy at a segment's and at the
+    sequence's second-last position, whose windows reach past their ends: non-finite outputs and gradients
+    exactly where the reference (fp64) has them, the rest equal to it."""
+    batch, seqlen, dim, width = 2, 300, 40, 4
+    x, weight, bias = _inputs(batch, seqlen, dim, width, torch.float32, torch.float32, device)
+    seq_idx = (torch.arange(seqlen, device=device) // 37).int().expand(batch, -1).contiguous() if segments else None
+    x[0, 148, 5] = bad                                           # segment 4 starts at 148
+    x[1, 259, 2] = bad                                           # segment 7 at 259, past a 256-token block
+    dy = torch.randn(batch, seqlen, dim, device=device)
+    dy[1, 72, 9] = bad                                           # segment 1 ends at 73
+    dy[0, 298, 11] = bad
+    got = [r2lm_kernels.reverse_conv1d(x, weight, bias, seq_idx, True),
+           *torch.ops.r2lm.reverse_conv1d_backward(dy, x, weight, bias, seq_idx, True)]
+    leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    out = reference.reverse_conv1d(*leaves, seq_idx, True)
+    out.backward(dy.double())
+    want = [out.detach()] + [leaf.grad for leaf in leaves]
+    for name, g, w in zip(["y", "dx", "dweight", "dbias"], got, want):
+        finite = torch.isfinite(w)
+        assert torch.equal(torch.isfinite(g), finite), f"{name}: non-finite at {(~torch.isfinite(g)).nonzero()}"
+        assert float((g[finite].double() - w[finite]).norm() / w[finite].norm()) < 1e-5, name
+    assert not torch.isfinite(got[2][11, :2]).any() and torch.isfinite(got[2][11, 2:]).all()  # dweight
+    if segments:
+        assert torch.isfinite(got[0][0, :148]).all() and not torch.isfinite(got[0][0, 148, 5])
+        assert not torch.isfinite(got[1][1, 72:74, 9]).any() and torch.isfinite(got[1][1, 74:259]).all()  # dx
+        assert not torch.isfinite(got[2][9, :2]).any() and torch.isfinite(got[2][9, 2:]).all()
 
 
 @pytest.mark.parametrize("weight_view", ["transposed", "every_other_tap"])

@@ -7,6 +7,8 @@ CPU). Tolerances: fp64 / fp32 from the conftest table against an fp64 reference;
 the reference-relative rule (the kernel's error against fp64 at most 3x + eps the error of the
 reference run at that precision).
 """
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -445,6 +447,34 @@ def test_segments_are_runs_of_equal_seq_idx(scan_inputs, device, cpu_kernel, d_s
     want = torch.ops.r2lm.reverse_selective_scan_backward(dout, *values, runs)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_non_finite_input_stays_in_its_segment(scan_inputs, device, cpu_kernel, bad):
+    """A NaN or inf in one position's u (the forward's state) and in another's output gradient (the adjoint):
+    non-finite outputs and gradients exactly where the reference (fp64) has them, the rest equal to it. No
+    state or adjoint carried across a segment's start (nor across the kernels' chunk, warp and channel-block
+    bounds) may bring them elsewhere, not even multiplied by 0."""
+    batch, seqlen, dim = 2, 150, 20
+    args = scan_inputs(batch, seqlen, dim, 16, torch.float32, device)
+    args["seq_idx"] = (torch.arange(seqlen, device=device) // 37).int().expand(batch, -1).contiguous()
+    args["u"][0, 60, 3] = bad                                    # in segment 1 (positions 37-73)
+    dout = torch.randn(batch, seqlen, dim, device=device)
+    dout[1, 100, 7] = bad                                        # in segment 2 (positions 74-110)
+    values = [v for k, v in args.items() if k != "seq_idx"]
+    got = [r2lm_kernels.reverse_selective_scan(**args),
+           *torch.ops.r2lm.reverse_selective_scan_backward(dout, *values, args["seq_idx"])]
+    args64 = {k: v.requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+              for k, v in _f64(args).items()}
+    out = reference.reverse_selective_scan(**args64)
+    out.backward(dout.double())
+    want = [out.detach()] + [args64[name].grad for name in GRAD_NAMES]
+    for name, g, w in zip(["out"] + GRAD_NAMES, got, want):
+        finite = torch.isfinite(w)
+        assert torch.equal(torch.isfinite(g), finite), f"{name}: non-finite at {(~torch.isfinite(g)).nonzero()}"
+        assert float((g[finite].double() - w[finite]).norm() / w[finite].norm()) < 1e-5, name
+    assert not torch.isfinite(got[0][0, 37:61, 3]).any() and torch.isfinite(got[0][:, :37]).all()
+    assert not torch.isfinite(got[1][1, 100:111, 7]).any() and torch.isfinite(got[1][1, 111:]).all()  # du
 
 
 def test_no_channels_gives_zero_gradients(scan_inputs, device):

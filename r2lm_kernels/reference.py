@@ -41,8 +41,9 @@ def reverse_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     ys = []
     for t in range(seqlen - 1, -1, -1):
         if seq_idx is not None and t < seqlen - 1:
-            keep = (seq_idx[:, t] == seq_idx[:, t + 1]).to(ct)[:, None, None]
-            h = h * keep
+            # A select, not a product: 0 * inf and 0 * NaN would carry one segment's non-finite state on.
+            keep = (seq_idx[:, t] == seq_idx[:, t + 1])[:, None, None]
+            h = torch.where(keep, h, 0.0)
         dA = torch.exp(dt[:, t, :, None] * A_)                          # (batch, dim, d_state)
         dBu = dt[:, t, :, None] * B_[:, t, None, :] * u_[:, t, :, None]
         h = dA * h + dBu
@@ -66,16 +67,19 @@ def reverse_conv1d(x, weight, bias=None, seq_idx=None, silu=False):
     y = torch.zeros(batch, seqlen, dim, dtype=ct, device=x.device)
     if bias is not None:
         y = y + bias.to(ct)
-    same = torch.ones(batch, seqlen, dtype=torch.bool, device=x.device)  # positions t .. t + k in one run
+    # Positions t .. t + k inside the sequence and in one run.
+    same = torch.ones(batch, seqlen, dtype=torch.bool, device=x.device)
     # Taps at k >= seqlen read nothing; at seqlen 0 tap 0 still runs so that the result keeps its graph.
     for k in range(max(min(width, seqlen), 1)):
         tap = torch.zeros_like(x_)
         tap[:, : seqlen - k] = x_[:, k:]
+        same[:, seqlen - k:] = False
         if seq_idx is not None:
-            same[:, seqlen - k:] = False
             same[:, : seqlen - k] &= seq_idx[:, k:] == seq_idx[:, : seqlen - k]
-            tap = tap * same[..., None].to(ct)
-        y = y + w_[:, k] * tap
+        # Selects, not products with 0, which would carry a NaN past a cut tap: x from another segment never
+        # enters the product, and the gradient of a position whose tap is cut never reaches the weight.
+        cut = ~same[..., None]
+        y = y + torch.where(cut, 0.0, w_[:, k] * torch.where(cut, 0.0, tap))
     if silu:
         y = F.silu(y)
     return y.to(x.dtype)

@@ -150,6 +150,14 @@ R2LM_HD acc_t commit_exp_offset(acc_t max) {
   return max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : max;
 }
 
+// One logit's entropy term e^d d, with d = x - max <= 0 and e = e^d: 0 wherever e is 0, also where d is
+// -inf (a -inf logit, or x - max overflowing for logits further apart than the float range) and e * d
+// would be 0 * -inf = NaN.
+template <typename acc_t>
+R2LM_HD acc_t commit_entropy_term(acc_t e, acc_t d) {
+  return e == acc_t(0) ? acc_t(0) : e * d;
+}
+
 // Re-expresses sum and xsum, accumulated against old_max, against new_max >= old_max.
 template <typename acc_t>
 R2LM_HD void commit_rescale(acc_t& sum, acc_t& xsum, acc_t old_max, acc_t new_max) {
@@ -157,7 +165,8 @@ R2LM_HD void commit_rescale(acc_t& sum, acc_t& xsum, acc_t old_max, acc_t new_ma
   const bool empty = old_max == -std::numeric_limits<acc_t>::infinity();
   const acc_t shift = empty ? acc_t(0) : old_max - new_max;
   const acc_t scale = empty ? acc_t(0) : commit_exp(shift);
-  xsum = scale * (xsum + sum * shift);
+  // sum e^(x - new_max) (x - new_max) = scale (xsum + sum shift); shift may be -inf where scale is 0.
+  xsum = commit_entropy_term(scale, xsum + sum * shift);
   sum = sum * scale;  // keeps a NaN
 }
 

@@ -44,12 +44,13 @@ R2LM_INLINE F load_lanes(const float* p) {
   return v;
 }
 
-// e^x for x <= 0 in fp32 (Cody-Waite reduction, degree-6 polynomial, ~1 ulp); x below -87 gives
-// ~1e-38 rather than 0, which no sum here can notice.
+// e^x for x <= 0 in fp32 (Cody-Waite reduction, degree-6 polynomial, ~1 ulp); 0 for x below -87 (off by
+// at most 1.6e-38), so that a one-hot softmax has an entropy of exactly 0, as in the reference, and ties
+// with the others.
 template <typename F>
 R2LM_INLINE F exp_nonpositive(const F& x_in) {
-  F x = x_in;
-  x = x < splat<F>(-87.0f) ? splat<F>(-87.0f) : x;
+  const auto cut = x_in < splat<F>(-87.0f);
+  const F x = cut ? splat<F>(-87.0f) : x_in;
   const F round_magic = splat<F>(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
   const F n = (x * 1.44269504088896341f + round_magic) - round_magic;
   F r = x - n * 0.693359375f;
@@ -62,7 +63,7 @@ R2LM_INLINE F exp_nonpositive(const F& x_in) {
   poly = poly * r + 5.0000001201e-1f;
   const F y = poly * r * r + r + 1.0f;
   const IntLanes<F> scale_bits = (__builtin_convertvector(n, IntLanes<F>) + 127) << 23;
-  return y * __builtin_bit_cast(F, scale_bits);
+  return cut ? splat<F>(0.0f) : y * __builtin_bit_cast(F, scale_bits);
 }
 
 // Max of buf[0, n) (n a multiple of kMaxLanes); returns whether a NaN or +inf is among them.
@@ -94,11 +95,10 @@ R2LM_INLINE void chunk_sums(const float* buf, int64_t n, float off, bool want_xs
   F vsum = splat<F>(0.0f), vxsum = splat<F>(0.0f);
   if (want_xsum) {
     for (int64_t j = 0; j < n; j += L::count) {
-      F d = load_lanes<F>(buf + j) - off;
-      d = d < splat<F>(-87.0f) ? splat<F>(-87.0f) : d;  // -inf logits: e ~ 1e-38 and e * d ~ 0, not NaN
+      const F d = load_lanes<F>(buf + j) - off;
       const F e = exp_nonpositive(d);
       vsum += e;
-      vxsum += e * d;
+      vxsum += e * (d < splat<F>(-87.0f) ? splat<F>(-87.0f) : d);  // -inf logits: e = 0, and 0 * -inf is NaN
     }
   } else {
     for (int64_t j = 0; j < n; j += L::count) vsum += exp_nonpositive(load_lanes<F>(buf + j) - off);
@@ -181,10 +181,9 @@ template <int kBytes>
 R2LM_INLINE void chunk_sums(const double* buf, int64_t n, double off, bool want_xsum, double& sum, double& xsum) {
   sum = xsum = 0.0;
   for (int64_t j = 0; j < n; ++j) {
-    if (buf[j] == -std::numeric_limits<double>::infinity()) continue;
     const double d = buf[j] - off, e = std::exp(d);
     sum += e;
-    if (want_xsum) xsum += e * d;
+    if (want_xsum) xsum += commit_entropy_term(e, d);
   }
 }
 
@@ -287,7 +286,7 @@ R2LM_INLINE CommitRowStats<acc_t> row_stats(const T* row, const CommitParams& p,
       const acc_t d = mask_logit - off;
       const acc_t e = commit_exp(d);
       sum += e;
-      xsum += e * d;
+      xsum += commit_entropy_term(e, d);
     }
     s.sum += sum;
     s.xsum += xsum;

@@ -157,7 +157,7 @@ __device__ __forceinline__ void absorb(CommitRowStats<acc_t>& s, const acc_t (&x
       const acc_t d = x[j] - off;
       const acc_t e = exp_sum_term(d);
       sum += e;
-      xsum += e * fmax(d, -std::numeric_limits<acc_t>::max());  // -inf logits: e = 0, not 0 * -inf
+      xsum += commit_entropy_term(e, d);
     }
     s.xsum += xsum;
   } else {

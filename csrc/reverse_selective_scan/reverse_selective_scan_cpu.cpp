@@ -485,7 +485,6 @@ R2LM_INLINE void block_backward(const ScanParams& p, const Block<Acc, kBytes>& k
     dD += dy * u;
     V du = dy * k.D, ddt{};
     const bool carry = carries(p, k.b, t);
-    const Acc carry_scale = carry ? Acc(1) : Acc(0);
     const V* h = w.states.data() + t * N;
     const V* h_next = w.states.data() + (carry ? t + 1 : L) * N;
     const StateRow<T>* B_row = row_ptr<StateRow<T>>(p.B, p.B_batch_stride, p.B_seq_stride, k.b, t, 0);
@@ -495,7 +494,7 @@ R2LM_INLINE void block_backward(const ScanParams& p, const Block<Acc, kBytes>& k
       const V decay = vec_exp2(dt * k.A_log2e[n]);
       V db{};
       scan_step_bwd(g, h_next[n], dt, k.A[n], splat<V>(to_compute(B_row[n])), u, decay, ddt, w.dA[n], db, du);
-      w.g[n] = decay * g * carry_scale;
+      w.g[n] = carry ? decay * g : V{};  // a select: a product with 0 would carry a NaN into the next segment
       dB_acc[t * N + n] += lane_sum(db);
       dC_acc[t * N + n] += lane_sum(dy * h[n]);
     }

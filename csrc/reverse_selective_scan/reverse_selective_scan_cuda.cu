@@ -421,6 +421,10 @@ __global__ void __launch_bounds__(BwdConfig<N, kCompact>::kThreads) scan_bwd_ker
         const int64_t t = T0 + r;
         if (t >= L) continue;  // uniform
         const bool keep = carries(s_seq, r, t, L, has_seq);
+        if (!keep) {  // zeroed, as in the forward: a decay of 0 times a NaN state would keep the NaN
+#pragma unroll
+          for (int n = 0; n < N; ++n) hs[n] = 0.f;
+        }
         const float ut = to_float(lu[i]);
         const float dt = scan_dt(to_float(ldl[i]), bias, p.delta_softplus);
         const float dtu = dt * ut;
@@ -495,6 +499,7 @@ __global__ void __launch_bounds__(BwdConfig<N, kCompact>::kThreads) scan_bwd_ker
         const float ut = to_float(lu[i]), dlt = to_float(ldl[i]), go = to_float(ldo[i]);
         const float dt = scan_dt(dlt, bias, p.delta_softplus);
         const float dtu = dt * ut;
+        const bool keep = carries(s_seq, r, t, L, has_seq);
         float g = go, dzt = 0.f;
         if (has_z) {
           const float zt = to_float(lz[i]);
@@ -526,7 +531,7 @@ __global__ void __launch_bounds__(BwdConfig<N, kCompact>::kThreads) scan_bwd_ker
             if constexpr (Cfg::kParamsInSmem) dAv[k] += dt * aw;
             else dA_reg[n] += dt * aw;
             v[n] = adj * dtu;
-            carry[n] = ev[k] * adj;
+            carry[n] = keep ? ev[k] * adj : 0.f;  // a select: 0 * NaN would cross into the next segment
           }
           if constexpr (Cfg::kParamsInSmem) s_dA[q * kThreads + tid] = make_float4(dAv[0], dAv[1], dAv[2], dAv[3]);
         }
