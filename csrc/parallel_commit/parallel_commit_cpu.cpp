@@ -214,7 +214,7 @@ R2LM_INLINE CommitRowStats<acc_t> row_stats(const T* row, const CommitParams& p,
   CommitRowStats<acc_t> s = commit_stats_empty<acc_t>();
   for (int64_t c0 = 0; c0 < p.vocab; c0 += kChunk) {
     const int64_t n = std::min(kChunk, p.vocab - c0);
-    // Padded with -inf to whole lanes, which changes no statistic (e^(-87) per pad is below any ulp).
+    // Padded with -inf to whole lanes, which changes no statistic (exp_nonpositive gives 0 for them).
     const int64_t n_padded = (n + kMaxLanes - 1) / kMaxLanes * kMaxLanes;
     convert_chunk<kBytes>(row + c0, n, is_bf16, buf);
     for (int64_t j = n; j < n_padded; ++j) buf[j] = ninf;
