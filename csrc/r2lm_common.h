@@ -7,10 +7,31 @@
 #define R2LM_HD inline
 #endif
 
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 
 namespace r2lm {
+
+// exp and log1p in the argument's own precision on host and device. In host code that sees the CUDA
+// headers (the warp emulator) an unqualified exp of a float takes the double function, which would hide
+// the overflow and underflow of the float math a GPU does.
+template <typename T>
+R2LM_HD T exp_same_type(T x) {
+#if defined(__CUDA_ARCH__)
+  return exp(x);
+#else
+  return std::exp(x);
+#endif
+}
+template <typename T>
+R2LM_HD T log1p_same_type(T x) {
+#if defined(__CUDA_ARCH__)
+  return log1p(x);
+#else
+  return std::log1p(x);
+#endif
+}
 
 // Element dtypes a kernel is instantiated for; the torch layer maps ScalarType onto these.
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };

@@ -197,6 +197,37 @@ def test_backward_partial_options(check_device, scan_inputs, device, dtype, shap
                      poison_memory)
 
 
+@pytest.mark.parametrize("regime", ["softplus_identity", "softplus_underflow", "large_gate", "tiny_gate"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_softplus_and_gate_at_extremes(scan_inputs, device, dtype, regime, tol, cpu_kernel, poison_memory):
+    """Steps and gates where the fp32 math of softplus and sigmoid overflows or loses everything unless written
+    as the reference is: delta + delta_bias past softplus's threshold of 20 (softplus(x) = x, derivative 1), up
+    to 100 where e^x overflows; far below 0 (softplus(x) = log1p(e^x) ~ e^x, which log(1 + e^x) rounds to 0;
+    no D or z, so the output is made of those steps alone); gates z of 90-100 (e^z overflows); gates of
+    -100 to -90 (the output ~1e-40: finite, no relative error)."""
+    options = "softplus" if regime == "softplus_underflow" else "all"
+    args = scan_inputs(2, 40, 20, 16, dtype, device, options=options)
+    uniform = lambda low, high: torch.empty(args["u"].shape, device=device).uniform_(low, high)  # noqa: E731
+    if regime == "softplus_identity":
+        args["delta"] = torch.where(torch.rand_like(args["u"], dtype=torch.float32) < 0.2, uniform(90, 100),
+                                    uniform(20.5, 30)).to(dtype)
+        args["delta_bias"] = torch.empty(20, device=device).uniform_(-0.2, 0.2)
+    elif regime == "softplus_underflow":
+        args["delta"] = uniform(-36, -20).to(dtype)
+    else:
+        args["z"] = (uniform(90, 100) if regime == "large_gate" else uniform(-100, -90)).to(dtype)
+    out = _run_forward(args, poison_memory)
+    if regime == "tiny_gate":
+        assert torch.isfinite(out).all() and out.abs().max() < 1e-30
+        dout = torch.randn(args["u"].shape, device=device).to(dtype)
+        assert all(torch.isfinite(g).all() for g in _grads_through_op(args, dout, poison_memory).values())
+        return
+    ref64 = reference.reverse_selective_scan(**_f64(args))
+    ref_low = reference.reverse_selective_scan(**args) if dtype in HALF else None
+    _assert_close("out", out, ref64, ref_low, dtype, tol, reference.reverse_selective_scan(**_f64(_magnitudes(args))))
+    _check_gradients(args, dtype, poison_memory)
+
+
 def test_absent_optional_grads_are_empty(scan_inputs, device):
     args = scan_inputs(2, 9, 5, 3, torch.float32, device, options="none")
     dout = torch.randn_like(args["u"])

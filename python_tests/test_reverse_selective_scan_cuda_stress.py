@@ -222,6 +222,20 @@ def test_compact_backward(d_state, seqlen, monkeypatch, poison_memory):
 
 
 @pytest.mark.parametrize("compact", [False, True], ids=["full", "compact"])
+@pytest.mark.parametrize("d_state", [16, 32])
+@pytest.mark.parametrize("dim", [1, 33, 65, 129])
+def test_channel_counts_one_past_a_block(dim, d_state, compact, monkeypatch, poison_memory):
+    """One channel past the blocks of the grids (forward: 128 channels; backward: 64 at d_state 16, else 32,
+    and 32 in the compact configuration), and a single channel: a grid one block short leaves the last
+    channels unwritten or reads partial sums no block wrote."""
+    if compact:
+        monkeypatch.setenv("R2LM_SCAN_CUDA_COMPACT", "1")
+    batch, seqlen = 2, 20
+    args = _inputs(batch, seqlen, dim, d_state, torch.float32, _boundary_segments(batch, seqlen))
+    _check(args, torch.randn(batch, seqlen, dim, device=DEVICE), poison_memory)
+
+
+@pytest.mark.parametrize("compact", [False, True], ids=["full", "compact"])
 @pytest.mark.parametrize("d_state", [1, 16, 64])
 def test_fast_decays_keep_dA_accurate(d_state, compact, monkeypatch, poison_memory):
     """Decays of e^-15 to e^-30: dA sums dt * adj * decay * h_{t+1}, which the backward must keep as such;

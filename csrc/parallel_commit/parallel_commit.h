@@ -95,15 +95,6 @@ R2LM_HD acc_t commit_log(acc_t x) {
 #endif
 }
 
-template <typename acc_t>
-R2LM_HD acc_t commit_exp(acc_t x) {
-#if defined(__CUDA_ARCH__)
-  return exp(x);
-#else
-  return std::exp(x);
-#endif
-}
-
 // x / temperature rounded as IEEE division (fast-math builds would approximate a plain fp32 '/').
 template <typename acc_t>
 R2LM_HD acc_t commit_div(acc_t x, acc_t y) {
@@ -164,7 +155,7 @@ R2LM_HD void commit_rescale(acc_t& sum, acc_t& xsum, acc_t old_max, acc_t new_ma
   // Nothing but -inf (or NaN) accumulated yet: sum and xsum are 0 (or NaN) and stay so.
   const bool empty = old_max == -std::numeric_limits<acc_t>::infinity();
   const acc_t shift = empty ? acc_t(0) : old_max - new_max;
-  const acc_t scale = empty ? acc_t(0) : commit_exp(shift);
+  const acc_t scale = empty ? acc_t(0) : exp_same_type(shift);
   // sum e^(x - new_max) (x - new_max) = scale (xsum + sum shift); shift may be -inf where scale is 0.
   xsum = commit_entropy_term(scale, xsum + sum * shift);
   sum = sum * scale;  // keeps a NaN
@@ -212,12 +203,12 @@ R2LM_HD CommitChoice commit_finalize(const CommitRowStats<acc_t>& s, CommitScore
   const acc_t off = s.max;  // finite here: some non-mask logit is finite and none is +inf
   acc_t conf;
   if (score == CommitScore::kProb) {
-    conf = commit_exp(s.pick_logit - off) / s.sum;
+    conf = exp_same_type(s.pick_logit - off) / s.sum;
   } else if (score == CommitScore::kMargin) {
     // Fewer than two non-mask tokens: the runner-up probability is -inf (as topk over the masked
     // probabilities has it), so the margin is +inf.
     if (vocab < 3) return {s.pick_index, std::numeric_limits<float>::infinity()};
-    conf = (commit_exp(s.top1 - off) - commit_exp(s.top2 - off)) / s.sum;
+    conf = (exp_same_type(s.top1 - off) - exp_same_type(s.top2 - off)) / s.sum;
   } else {
     // sum p log p with p = e^(x - max) / sum: xsum / sum - log(sum).
     conf = s.xsum / s.sum - commit_log(s.sum);

@@ -284,7 +284,7 @@ R2LM_INLINE CommitRowStats<acc_t> row_stats(const T* row, const CommitParams& p,
     chunk_sums<kBytes>(buf, n_padded, off, want_xsum, sum, xsum);
     if (has_mask && mask_logit > ninf) {
       const acc_t d = mask_logit - off;
-      const acc_t e = commit_exp(d);
+      const acc_t e = exp_same_type(d);
       sum += e;
       xsum += commit_entropy_term(e, d);
     }

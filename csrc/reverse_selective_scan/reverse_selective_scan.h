@@ -41,11 +41,11 @@ struct ScanParams {
 template <typename T>
 R2LM_HD T scan_softplus(T x) {
   // log1p(exp(x)), exact to rounding for large x as in torch.nn.functional.softplus (threshold 20).
-  return x > T(20) ? x : log1p(exp(x));
+  return x > T(20) ? x : log1p_same_type(exp_same_type(x));
 }
 
 template <typename T>
-R2LM_HD T scan_sigmoid(T x) { return T(1) / (T(1) + exp(-x)); }
+R2LM_HD T scan_sigmoid(T x) { return T(1) / (T(1) + exp_same_type(-x)); }
 
 template <typename T>
 R2LM_HD T scan_silu(T x) { return x * scan_sigmoid(x); }
@@ -62,10 +62,6 @@ R2LM_HD T scan_dt_grad(T delta, T bias, bool softplus) {
   return softplus ? (x > T(20) ? T(1) : scan_sigmoid(x)) : T(1);
 }
 
-// One step of the recurrence for one (channel, state) pair: h <- exp(dt * a) * h + dt * b * u.
-template <typename T>
-R2LM_HD T scan_step(T h, T dt, T a, T b, T u) { return exp(dt * a) * h + dt * b * u; }
-
 // d silu(z) / dz.
 template <typename T>
 R2LM_HD T scan_silu_grad(T z) {
@@ -73,9 +69,10 @@ R2LM_HD T scan_silu_grad(T z) {
   return s * (T(1) + z * (T(1) - s));
 }
 
-// Adjoint of scan_step for one (channel, state) pair. g = dL/dh_t for the state the step produced;
-// h_next = the state it started from (h_{t+1}, zero after a reset); decay = exp(dt * a). Adds this
-// pair's contributions to ddt, da, db and du; the adjoint carried on to h_{t+1} is decay * g.
+// Adjoint of one step of the recurrence, h_t = exp(dt * a) * h_{t+1} + dt * b * u, for one (channel, state)
+// pair. g = dL/dh_t; h_next = the state the step started from (h_{t+1}, zero after a reset); decay =
+// exp(dt * a). Adds this pair's contributions to ddt, da, db and du; the adjoint carried on to h_{t+1} is
+// decay * g.
 template <typename T>
 R2LM_HD void scan_step_bwd(T g, T h_next, T dt, T a, T b, T u, T decay, T& ddt, T& da, T& db, T& du) {
   T g_decay_h = g * decay * h_next;
