@@ -499,7 +499,6 @@ __global__ void __launch_bounds__(BwdConfig<N, kCompact>::kThreads) scan_bwd_ker
         const float ut = to_float(lu[i]), dlt = to_float(ldl[i]), go = to_float(ldo[i]);
         const float dt = scan_dt(dlt, bias, p.delta_softplus);
         const float dtu = dt * ut;
-        const bool keep = carries(s_seq, r, t, L, has_seq);
         float g = go, dzt = 0.f;
         if (has_z) {
           const float zt = to_float(lz[i]);
@@ -531,9 +530,13 @@ __global__ void __launch_bounds__(BwdConfig<N, kCompact>::kThreads) scan_bwd_ker
             if constexpr (Cfg::kParamsInSmem) dAv[k] += dt * aw;
             else dA_reg[n] += dt * aw;
             v[n] = adj * dtu;
-            carry[n] = keep ? ev[k] * adj : 0.f;  // a select: 0 * NaN would cross into the next segment
+            carry[n] = ev[k] * adj;
           }
           if constexpr (Cfg::kParamsInSmem) s_dA[q * kThreads + tid] = make_float4(dAv[0], dAv[1], dAv[2], dAv[3]);
+        }
+        if (!carries(s_seq, r, t, L, has_seq)) {  // zeroed, not ev = 0 times adj: 0 * NaN would cross the reset
+#pragma unroll
+          for (int n = 0; n < N; ++n) carry[n] = 0.f;
         }
         const float ddt = ut * aB + kLn2 * a2w;
         const float ddelta_t = ddt * scan_dt_grad(dlt, bias, p.delta_softplus);
