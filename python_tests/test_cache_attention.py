@@ -87,10 +87,14 @@ def low_precision_error(q, k, v, k_cache, v_cache, cache_seqlens, block_table, c
 
 @pytest.fixture
 def check_against_reference(rel_err, tol, poison_memory):
-    """check_against_reference(device, dtype, causal, paged, write_kv=True, **shape): a random case (make_case)
-    through the op, out and lse against the fp64 reference, and the caches' slots written as expected."""
-    def check(device, dtype, causal, paged, write_kv=True, **shape):
+    """check_against_reference(device, dtype, causal, paged, write_kv=True, unused=None, **shape): a random case
+    (make_case) through the op, out and lse against the fp64 reference, and the caches' slots written as
+    expected. unused: a value for every cache slot past cache_seqlens (draft slots and unused pages too)."""
+    def check(device, dtype, causal, paged, write_kv=True, unused=None, **shape):
         q, k, v, k_cache, v_cache, lens, table = make_case(device, dtype, paged=paged, **shape)
+        if unused is not None:
+            fill_unused_slots(k_cache, lens, table, unused)
+            fill_unused_slots(v_cache, lens, table, unused)
         k_before, v_before = k_cache.clone(), v_cache.clone()
         want, want_lse = ref.cache_attention(*(t.double().cpu() for t in (q, k, v, k_cache, v_cache)), lens.cpu(),
                                              block_table=None if table is None else table.cpu(), causal=causal,
@@ -114,13 +118,26 @@ def check_against_reference(rel_err, tol, poison_memory):
     return check
 
 
+def fill_unused_slots(cache, lens, table, value):
+    """Every slot of the cache (a view, filled in place) but those of positions [0, lens[b]) holds value."""
+    used = torch.zeros(cache.shape[:2], dtype=torch.bool, device=cache.device)
+    for b in range(len(lens)):
+        pos = torch.arange(int(lens[b]), device=cache.device)
+        if table is None:
+            used[b, pos] = True
+        else:
+            used[table[b, pos // cache.shape[1]].long(), pos % cache.shape[1]] = True
+    cache[~used] = value
+
+
 def check_cache_writes(cache, before, block, lens, table, write_kv):
     """Draft slots hold the block exactly (with write_kv); every other slot is bit-for-bit unchanged."""
     expected = before.clone()
     if write_kv:
         for b in range(block.shape[0]):
             ref._scatter_cache(expected, b, int(lens[b]), block[b], table)
-    assert torch.equal(cache, expected)
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[cache.element_size()]  # NaN slots compare too
+    assert torch.equal(cache.view(bits), expected.view(bits))
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -131,6 +148,20 @@ def test_matches_reference(device, cpu_kernel, causal, paged, q_len, head_dim, c
     for dtype in dtypes_for(device):
         check_against_reference(device, dtype, causal, paged, batch=5, q_len=q_len,
                                 n_heads=6, n_kv=2, head_dim=head_dim, max_len=160)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_unused_cache_slots_never_reach_the_output(device, cpu_kernel, value, paged, check_against_reference):
+    """A cache from torch.empty may hold NaN or inf anywhere it was never written: slots past cache_seqlens
+    (the draft slots, which the block's k / v stand for, included), the last page's tail and unused pages
+    must not reach the output, not even as 0 * NaN in a masked product. The 1200-slot cache takes the CUDA
+    kernels' split-KV path."""
+    for dtype in dtypes_for(device):
+        for causal, write_kv, q_len, max_len in [(True, True, 17, 160), (False, False, 17, 160),
+                                                 (True, False, 1, 160), (False, True, 1, 1200)]:
+            check_against_reference(device, dtype, causal, paged, write_kv, unused=value, batch=3, q_len=q_len,
+                                    n_heads=4, n_kv=2, head_dim=64, max_len=max_len)
 
 
 # (20, 10) and (10, 10): more kv heads than one CPU work item takes (8, in the AMX kernel, and in the FMA
