@@ -91,6 +91,16 @@ def compile_budget(pytestconfig, quick) -> dict:
     return dict(limit_s=limit, spent_s=0.0)
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Compiled peers of different tests wrap the same functions, and Dynamo keeps its compiled code per
+    function: without a reset, later tests (other shapes, dtypes, seq_idx or requires_grad) would first be
+    recompiled with dynamic shapes, then hit the recompile limit and silently time eager code under a
+    "compile" name."""
+    torch._dynamo.reset()
+    yield
+
+
 def _is_compiled(name: str) -> bool:
     return "compile" in name.lower() or "flex" in name.lower()
 
