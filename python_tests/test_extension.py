@@ -83,6 +83,30 @@ def test_forward_mode_ad_raises(name):
             op(**{first: forward_ad.make_dual(primal, tangent)}, **kwargs)
 
 
+@pytest.mark.parametrize("transform", ["grad", "vjp", "jacrev"])
+@pytest.mark.parametrize("name", ["reverse_selective_scan", "reverse_conv1d", "cache_attention", "parallel_commit"])
+def test_func_reverse_mode_transforms_raise(name, transform):
+    """torch.func.grad / vjp / jacrev cannot run an autograd registered by torch.library: the differentiable
+    ops say so and point to torch.autograd (PyTorch's own message would speak of autograd.Function), the
+    others refuse an input that requires grad."""
+    _, first, tensors, others = next(call for call in _small_op_calls() if call[0] == name)
+    if name == "parallel_commit":
+        tensors["step"] = tensors.pop("step_tensor")
+    rest = {n: t for n, t in tensors.items() if n != first}
+    op = getattr(r2lm_kernels, name)
+
+    def loss(x):
+        out = op(**{first: x}, **rest, **others)
+        return (out[1] if name == "parallel_commit" else out).sum()
+    run = {"grad": lambda x: torch.func.grad(loss)(x), "vjp": lambda x: torch.func.vjp(loss, x),
+           "jacrev": lambda x: torch.func.jacrev(loss)(x)}[transform]
+    expected = (f"{name} does not support torch.func.grad / vjp / jacrev / hessian: {first} is differentiated by "
+                f"one; use backward or torch.autograd.grad" if name in ("reverse_selective_scan", "reverse_conv1d")
+                else f"r2lm::{name} has no backward: {first} requires grad")
+    with pytest.raises((NotImplementedError, RuntimeError), match=expected):
+        run(tensors[first])
+
+
 @pytest.mark.parametrize("name", ["reverse_selective_scan", "reverse_conv1d", "cache_attention", "parallel_commit"])
 def test_vmap(name):
     """torch.func.vmap of the scan and the conv (PyTorch's per-sample fallback) equals calls one sample at a
@@ -102,6 +126,48 @@ def test_vmap(name):
         return
     torch.testing.assert_close(torch.func.vmap(one)(samples), torch.stack([one(x) for x in samples]),
                                atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("view_taken_inside", [
+    False, pytest.param(True, marks=pytest.mark.xfail(
+        reason="PyTorch's inductor, with dynamic shapes, misplaces the write into a view taken inside the "
+               "compiled function (pytorch/pytorch#198068); when this passes, the README's advice can go",
+        strict=False))])
+@pytest.mark.parametrize("name", ["cache_attention", "parallel_commit"])
+def test_compiled_write_into_a_view_of_a_larger_buffer(name, view_taken_inside):
+    """The caches / tokens that the op writes are one slice of a larger buffer (a stacked per-layer cache),
+    compiled with inductor and dynamic shapes: the write must land in that slice, as in eager. It does when
+    the slice is the compiled function's argument (the README's advice); a slice taken inside is PyTorch's
+    open bug."""
+    _, first, tensors, others = next(call for call in _small_op_calls() if call[0] == name)
+    written = ["k_cache", "v_cache"] if name == "cache_attention" else ["tokens"]
+    if name == "parallel_commit":
+        tensors["step"] = tensors.pop("step_tensor")
+        tensors["tokens"][:, ::2] = 3                   # some positions already committed
+    stacks = {n: torch.stack([torch.randn_like(tensors[n].float()).to(tensors[n].dtype) if n != "tokens" else
+                              torch.randint_like(tensors[n], 0, 10) for _ in range(3)]) for n in written}
+    for n in written:
+        stacks[n][1] = tensors[n]
+    rest = {n: t for n, t in tensors.items() if n not in written}
+    op = getattr(r2lm_kernels, name)
+    if view_taken_inside:
+        def step(stacks):
+            return op(**{n: stacks[n][1] for n in written}, **rest, **others)
+
+        def args(stacks):
+            return (stacks,)
+    else:
+        def step(*slices):
+            return op(**dict(zip(written, slices)), **rest, **others)
+
+        def args(stacks):
+            return tuple(stacks[n][1] for n in written)
+    want = {n: t.clone() for n, t in stacks.items()}
+    step(*args(want))
+    torch._dynamo.reset()
+    torch.compile(step, backend="inductor", dynamic=True, fullgraph=True)(*args(stacks))
+    for n in written:
+        assert torch.equal(stacks[n], want[n]), f"{name}: {n} written in the wrong place"
 
 
 def test_compiled_backends():

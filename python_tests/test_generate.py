@@ -68,6 +68,21 @@ def test_cache_invariant(device, impl, monkeypatch, tiny_model, random_prompts, 
     assert all(int(n) == 19 for n in out.stats.num_generated)
 
 
+def test_compiled_network_generates_the_same(tiny_model, random_prompts):
+    """The README's way to compile generation (the model's hidden_states under torch.compile, inductor,
+    dynamic shapes) gives eager's tokens, sampled ones included."""
+    model = tiny_model("kernels")
+    prompts = random_prompts(model, LENGTHS)
+    kwargs = dict(max_new_tokens=19, threshold=0.5, max_per_step=3, temperature=0.7,
+                  seed=int(torch.randint(0, 2**62, ())))
+    eager = generate(model, prompts, **kwargs)
+    torch._dynamo.reset()
+    model.hidden_states = torch.compile(model.hidden_states, fullgraph=True, dynamic=True)
+    compiled = generate(model, prompts, **kwargs)
+    assert torch.equal(compiled.sequences, eager.sequences)
+    assert torch.equal(compiled.stats.steps, eager.stats.steps)
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
 def test_cache_free_recompute_generates_the_same(impl, temperature, tiny_model, random_prompts, run_or_skip):
     model = tiny_model(impl)
@@ -349,6 +364,9 @@ def test_bad_arguments(tiny_model, random_prompts):
             generator(model, prompts, max_new_tokens=4, cuda_graph=True)
     with pytest.raises(TypeError, match="R2LMForCausalLM"):
         generate(torch.nn.Linear(2, 2), prompts, max_new_tokens=4)
+    with pytest.raises(TypeError, match=r"got OptimizedModule \(torch.compile\(model\) wraps forward.*compile "
+                                        r"model.hidden_states instead"):
+        generate(torch.compile(model), prompts, max_new_tokens=4)
     flat = prompts[0].tolist()                      # one tokenized prompt, not wrapped in a list
     for generator in (generate, autoregressive_generate, bidirectional_generate):
         with pytest.raises(ValueError, match="flat list of token ids"):

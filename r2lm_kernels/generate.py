@@ -153,7 +153,9 @@ def _is_int(value) -> bool:
 def _check_common(model, max_new_tokens, min_per_step, pad_token_id, eos_token_id):
     """Returns (padding token, max_new_tokens, min_per_step), the counts as Python ints."""
     if not isinstance(model, R2LMForCausalLM):
-        raise TypeError(f"model must be an R2LMForCausalLM, got {type(model).__name__}")
+        hint = (" (torch.compile(model) wraps forward, which the generators do not call: compile "
+                "model.hidden_states instead, see the README)" if hasattr(model, "_orig_mod") else "")
+        raise TypeError(f"model must be an R2LMForCausalLM, got {type(model).__name__}{hint}")
     if not (_is_int(max_new_tokens) and max_new_tokens >= 1):
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if not (_is_int(min_per_step) and min_per_step >= 1):
@@ -284,8 +286,9 @@ def generate(model: R2LMForCausalLM, input_ids: Prompts, *, max_new_tokens: int,
     the padding token (pad_token_id, else eos_token_id, else 0) in the output and in StepInfo.block, and
     are [MASK] to the model, as in any active block, so that the padding does not change what is generated.
     use_cache=False recomputes the whole canvas each step under the same rules and schedule (a test of the
-    cache). sidecar=False gives the causal block-diffusion baseline. step_callback(StepInfo) is called
-    before every commit.
+    cache: the same tokens in fp32 / fp64; 16-bit roundings may resolve a near tie differently).
+    sidecar=False gives the causal block-diffusion baseline. step_callback(StepInfo) is called before every
+    commit.
     """
     pad, max_new_tokens, min_per_step = _check_common(model, max_new_tokens, min_per_step, pad_token_id, eos_token_id)
     _check_graph_args(model, cuda_graph, step_callback)
@@ -377,7 +380,8 @@ def autoregressive_generate(model: R2LMForCausalLM, input_ids: Prompts, *, max_n
                             step_callback: Optional[Callable[[StepInfo], None]] = None) -> GenerationOutput:
     """Autoregressive decoding of the same network (no sidecar, causal attention, next-token reading of the
     logits), one token a step with a KV cache. Tokens are chosen by parallel_commit on a one-position block
-    (greedy, or Gumbel-max sampling at temperature > 0, never the mask token). Stops at EOS or the budget."""
+    (greedy, or Gumbel-max sampling at temperature > 0 with random numbers keyed by (seed, step, batch index),
+    never the mask token). Stops at EOS or the budget."""
     pad, max_new_tokens, _ = _check_common(model, max_new_tokens, 1, pad_token_id, eos_token_id)
     _check_graph_args(model, cuda_graph, step_callback)
     config, ops, device = model.config, model.ops, model.device
@@ -459,8 +463,8 @@ def bidirectional_generate(model: R2LMForCausalLM, input_ids: Prompts, *, max_ne
     """A bidirectional dLLM (LLaDA-style semi-autoregressive blocks): every step runs the network with full
     bidirectional attention (no sidecar) over the whole canvas (prompt + generated + masks, no cache) and
     commits inside the current block of block_size (default config.block_size) positions, counted from
-    the end of the prompt. Same commit rule and stopping as `generate`; cuda_graph as there (every step has
-    the same shapes)."""
+    the end of the prompt. Same commit rule (random numbers keyed by (seed, step, batch index, position))
+    and stopping as `generate`; cuda_graph as there (every step has the same shapes)."""
     pad, max_new_tokens, min_per_step = _check_common(model, max_new_tokens, min_per_step, pad_token_id, eos_token_id)
     _check_graph_args(model, cuda_graph, step_callback)
     config, ops, device = model.config, model.ops, model.device

@@ -1,4 +1,5 @@
 """Python side of each op: the public wrapper, its fake (meta) implementation and its autograd."""
+import torch
 import torch.autograd.forward_ad as forward_ad
 
 
@@ -10,10 +11,21 @@ def check_same_device(op, first, **tensors):
             raise RuntimeError(f"{op}: {name} must be on {first.device} like the first input, got {tensor.device}")
 
 
-def refuse_tangents(op, **tensors):
-    """The differentiable ops have reverse-mode AD only: an input carrying a forward-mode tangent (a dual
-    tensor, torch.func.jvp) is refused rather than its tangent silently dropped."""
+# torch.func's grad transform wraps the tensors it differentiates (a private query; absent: never wrapped).
+_is_func_grad_tensor = getattr(torch._C._functorch, "is_gradtrackingtensor", lambda tensor: False)
+
+
+def refuse_unsupported_autodiff(op, **tensors):
+    """The differentiable ops have reverse-mode AD through torch.autograd only: an input carrying a
+    forward-mode tangent (a dual tensor, torch.func.jvp) is refused rather than its tangent silently dropped,
+    and one that torch.func.grad / vjp / jacrev differentiate is refused with this advice instead of
+    PyTorch's message about autograd.Function (an autograd registered by torch.library cannot run there)."""
     for name, tensor in tensors.items():
-        if tensor is not None and forward_ad.unpack_dual(tensor).tangent is not None:
+        if tensor is None:
+            continue
+        if forward_ad.unpack_dual(tensor).tangent is not None:
             raise NotImplementedError(f"{op} has no forward-mode AD: {name} carries a tangent (a dual tensor, or "
                                       f"torch.func.jvp); use reverse mode (backward or torch.autograd.grad)")
+        if not torch.compiler.is_compiling() and _is_func_grad_tensor(tensor):   # Dynamo cannot trace the query
+            raise NotImplementedError(f"{op} does not support torch.func.grad / vjp / jacrev / hessian: {name} is "
+                                      f"differentiated by one; use backward or torch.autograd.grad")

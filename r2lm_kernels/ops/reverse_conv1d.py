@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext  # noqa: F401  (registers torch.ops.r2lm)
-from . import check_same_device, refuse_tangents
+from . import check_same_device, refuse_unsupported_autodiff
 
 
 def reverse_conv1d(x, weight, bias=None, seq_idx=None, silu=False):
@@ -19,7 +19,7 @@ def reverse_conv1d(x, weight, bias=None, seq_idx=None, silu=False):
     the parameter gradients are reduced in a fixed order, so they are bitwise reproducible), in reverse
     mode only: an input carrying a forward-mode tangent raises.
     """
-    refuse_tangents("reverse_conv1d", x=x, weight=weight, bias=bias)
+    refuse_unsupported_autodiff("reverse_conv1d", x=x, weight=weight, bias=bias)
     return torch.ops.r2lm.reverse_conv1d(x, weight, bias, seq_idx, silu)
 
 

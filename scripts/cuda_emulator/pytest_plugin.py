@@ -28,7 +28,8 @@ CPU_ONLY.update(dict.fromkeys([
     "test_autoregressive_eos_and_sampling", "test_sidecar_is_block_local_and_sees_right_context",
     "test_block_mode_equals_full_forward", "test_right_padding_is_hidden_from_real_positions",
     "test_autoregressive_step_info", "test_compiled_block_step_writes_each_layers_cache",
-    "test_bidirectional_block_mode_equals_full_forward_of_one_layer"], "runs a float64 model"))
+    "test_bidirectional_block_mode_equals_full_forward_of_one_layer", "test_compiled_network_generates_the_same"],
+    "runs a float64 model"))
 
 
 def _float32_on_cpu(original):
