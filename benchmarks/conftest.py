@@ -188,6 +188,9 @@ def pytest_sessionfinish(session, exitstatus):
     env = session.config.stash.get(_ENV_KEY, None)
     if not rows or env is None:
         return
+    # A second copy measurement shows whether the machine's bandwidth moved during the run (a shared machine's
+    # load does), which the rows' % copy, all against the first, would hide.
+    env["copy_bandwidth_end"] = harness.measure_copy_bandwidth(env["device"], harness.bench_quick(session.config))
     out = results_dir(session.config)
     harness.write_results(out, env, rows)
     session.config.stash[_ENV_KEY]["written_to"] = str(out)

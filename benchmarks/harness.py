@@ -375,7 +375,9 @@ def markdown(env: dict, rows: list[dict]) -> str:
         f"- torch {env['torch']}, CUDA {env['cuda']}, Python {env['python']}, CPU threads {env['cpu_threads']}; "
         f"r2lm backends: {env['r2lm_backends']}",
         f"- device copy bandwidth (read + write, measured in this run): "
-        f"{bw.get('gbps', float('nan')):.1f} GB/s",
+        f"{bw.get('gbps', float('nan')):.1f} GB/s"
+        + (f" (measured again at the end: {env['copy_bandwidth_end']['gbps']:.1f} GB/s; % copy uses the first)"
+           if env.get("copy_bandwidth_end") else ""),
         "- time: median (spread = (p90 - p10) / median); GB/s = bytes that must move once / median time; "
         "GPU calls each start from a cold L2 unless noted; speedup = peer time / primary time",
         "",
