@@ -65,10 +65,11 @@ R2LM_HD float exp2_poly(float x) {
   // Measured max relative error 9.1e-8 over [-126, 127], with or without FMA (reverse_selective_scan/NOTES.md).
   float p = exp2_fraction(r);
   // Scale by 2^j: add j to the exponent field (the clamp keeps the result's exponent field in [0, 254]).
-  int32_t shifted_bits, p_bits;
+  // Unsigned: a NaN x passes the clamp, and its bits would overflow signed arithmetic (the result is NaN).
+  uint32_t shifted_bits, p_bits;
   __builtin_memcpy(&shifted_bits, &shifted, 4);
   __builtin_memcpy(&p_bits, &p, 4);
-  p_bits += (shifted_bits - 0x4B400000) * (1 << 23);
+  p_bits += (shifted_bits - 0x4B400000u) << 23;
   __builtin_memcpy(&p, &p_bits, 4);
   return p;
 }
