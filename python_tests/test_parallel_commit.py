@@ -206,6 +206,7 @@ RULES = {  # (threshold, min_per_step, max_per_step)
     "topk": lambda q: (math.inf, 3, 3),
     "quota": lambda q: (q, 4, 0),
     "threshold_capped": lambda q: (q, 1, 2),
+    "min_above_max": lambda q: (q, 4, 2),          # the cap wins: at most 2
     "nothing_passes": lambda q: (1.5, 1, 0),       # above every score (prob, margin <= 1, neg_entropy <= 0)
     "nothing_passes_min0": lambda q: (1.5, 0, 0),
     "all_pass": lambda q: (-10.0, 1, 0),           # below every score (neg_entropy >= -log(vocab))
@@ -216,7 +217,7 @@ RULES = {  # (threshold, min_per_step, max_per_step)
 # the candidate, and every score at temperature > 0 is checked by test_candidates_and_scores_match_reference.
 @pytest.mark.parametrize("score,temperature", [(score, 0.0) for score in SCORES] + [("prob", 0.8)])
 @pytest.mark.parametrize("rule", list(RULES))
-@pytest.mark.parametrize("block", [1, 17, 32, 128])
+@pytest.mark.parametrize("block", [1, 17, 32, 128, 1024])
 def test_selection_matches_reference(device, rule, block, score, temperature, run_commit):
     """Threshold, min-fill and max-cap all go by the chosen score."""
     batch, vocab = 5, 101

@@ -185,6 +185,21 @@ def test_backward(check_device, scan_inputs, device, dtype, shape, segments, opt
     _check_gradients(scan_inputs(*shape, dtype, device, options=options, segments=segments), dtype, poison_memory)
 
 
+@pytest.mark.parametrize("d_state", [65, 130])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_d_state_beyond_the_cuda_limit(scan_inputs, cuda_kernels, dtype, d_state, tol, cpu_kernel,
+                                           poison_memory):
+    """The CPU kernels take any d_state (CUDA stops at 64): forward and gradients against the reference."""
+    if cuda_kernels:
+        pytest.skip("the CUDA kernels stop at d_state 64 (test_large_d_state_rejected)")
+    args = scan_inputs(2, 37, 19, d_state, dtype, "cpu")
+    out = _run_forward(args, poison_memory)
+    ref_low = reference.reverse_selective_scan(**args) if dtype in HALF else None
+    _assert_close("out", out, reference.reverse_selective_scan(**_f64(args)), ref_low, dtype, tol,
+                  reference.reverse_selective_scan(**_f64(_magnitudes(args))))
+    _check_gradients(args, dtype, poison_memory)
+
+
 @pytest.mark.parametrize("options", PARTIAL)
 @pytest.mark.parametrize("shape", SHAPES[1:3], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -307,8 +322,9 @@ def _copies_made(fn):
 
 
 @pytest.mark.parametrize("kind", ["sliced", "seq_major"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_views(scan_inputs, device, dtype, kind, tol, poison_memory):
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_views(check_device, scan_inputs, device, dtype, kind, tol, poison_memory):
+    check_device(device, dtype)
     args = scan_inputs(2, 37, 19, 16, dtype, device)
     views = _views(args, kind)
     assert not views["u"].is_contiguous() and not views["A"].is_contiguous()
