@@ -6,7 +6,7 @@ up to each sequence's length, the block's q/k/v and the output.
 order) that also stores the block's k/v, as a model's step does: its ratio to "r2lm" is what paging and the
 write cost.
 
-SDPA peers: with enable_gqa (no copy; on CUDA an explicit mask and GQA leave it the math backend), and on K/V
+SDPA peers: with enable_gqa (on CUDA an explicit mask and GQA leave it the math backend), and on K/V
 expanded to every query head before timing (the memory-efficient backend takes the mask there; the
 expansion itself is not timed, so this peer is SDPA's best case with a mask)."""
 import pytest

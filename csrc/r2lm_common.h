@@ -65,7 +65,9 @@ R2LM_HD float exp2_poly(float x) {
   // Measured max relative error 9.1e-8 over [-126, 127], with or without FMA (reverse_selective_scan/NOTES.md).
   float p = exp2_fraction(r);
   // Scale by 2^j: add j to the exponent field (the clamp keeps the result's exponent field in [0, 254]).
-  // Unsigned: a NaN x passes the clamp, and its bits would overflow signed arithmetic (the result is NaN).
+  // Unsigned: a NaN x passes the clamp, and its bits would overflow signed arithmetic. Its result is then
+  // NaN on the host but FLT_MAX where NaN arithmetic gives the canonical NaN (GPUs); the scan, its one user,
+  // takes it for one state in eight, and the other seven (sfu_exp2) turn the output NaN as the reference's.
   uint32_t shifted_bits, p_bits;
   __builtin_memcpy(&shifted_bits, &shifted, 4);
   __builtin_memcpy(&p_bits, &p, 4);

@@ -107,6 +107,26 @@ def test_func_reverse_mode_transforms_raise(name, transform):
         run(tensors[first])
 
 
+@pytest.mark.parametrize("name", ["reverse_selective_scan", "reverse_conv1d"])
+def test_func_grad_runs_the_ops_on_what_it_does_not_differentiate(name):
+    """Under torch.func.grad the scan and the conv run on detached inputs and under no_grad: only an input
+    being differentiated is refused."""
+    _, first, tensors, others = next(call for call in _small_op_calls() if call[0] == name)
+    rest = {n: t for n, t in tensors.items() if n != first}
+    op = getattr(r2lm_kernels, name)
+
+    def detached(x):
+        return (op(**{first: x.detach()}, **rest, **others) * x).sum()
+
+    def under_no_grad(x):
+        with torch.no_grad():
+            y = op(**{first: x}, **rest, **others)
+        return (y * x).sum()
+    want = op(**{first: tensors[first]}, **rest, **others)
+    for loss in (detached, under_no_grad):
+        torch.testing.assert_close(torch.func.grad(loss)(tensors[first]), want, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("name", ["reverse_selective_scan", "reverse_conv1d", "cache_attention", "parallel_commit"])
 def test_vmap(name):
     """torch.func.vmap of the scan and the conv (PyTorch's per-sample fallback) equals calls one sample at a
@@ -131,8 +151,8 @@ def test_vmap(name):
 @pytest.mark.parametrize("view_taken_inside", [
     False, pytest.param(True, marks=pytest.mark.xfail(
         reason="PyTorch's inductor, with dynamic shapes, misplaces the write into a view taken inside the "
-               "compiled function (pytorch/pytorch#198068); when this passes, the README's advice can go",
-        strict=False))])
+               "compiled function (pytorch/pytorch#198068 / #198069); when this passes, the README's advice can go",
+        raises=AssertionError, strict=False))])
 @pytest.mark.parametrize("name", ["cache_attention", "parallel_commit"])
 def test_compiled_write_into_a_view_of_a_larger_buffer(name, view_taken_inside):
     """The caches / tokens that the op writes are one slice of a larger buffer (a stacked per-layer cache),

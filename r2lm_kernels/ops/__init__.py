@@ -26,6 +26,9 @@ def refuse_unsupported_autodiff(op, **tensors):
         if forward_ad.unpack_dual(tensor).tangent is not None:
             raise NotImplementedError(f"{op} has no forward-mode AD: {name} carries a tangent (a dual tensor, or "
                                       f"torch.func.jvp); use reverse mode (backward or torch.autograd.grad)")
-        if not torch.compiler.is_compiling() and _is_func_grad_tensor(tensor):   # Dynamo cannot trace the query
+        # Dynamo cannot trace the query; a wrapped tensor that is detached (or seen under no_grad) is not
+        # differentiated, and runs.
+        if not torch.compiler.is_compiling() and _is_func_grad_tensor(tensor) and tensor.requires_grad and \
+                torch.is_grad_enabled():
             raise NotImplementedError(f"{op} does not support torch.func.grad / vjp / jacrev / hessian: {name} is "
                                       f"differentiated by one; use backward or torch.autograd.grad")

@@ -17,9 +17,9 @@ def cache_attention(q, k, v, k_cache, v_cache, cache_seqlens, *, block_table=Non
     stored at [cache_seqlens, cache_seqlens + q_len) without advancing cache_seqlens.
     Returns out, or (out, lse) with return_lse; lse is (batch, n_heads, q_len) fp32. k and v may be views of
     the caches, even of the draft slots: with write_kv they are then copied first, so the values stored and
-    attended to are the ones they held on entry. Under torch.compile (inductor, dynamic shapes) pass the
-    caches into the compiled function as they are: a slice of a larger buffer taken inside it is written in
-    the wrong place (PyTorch's bug pytorch/pytorch#198068).
+    attended to are the ones they held on entry. Under torch.compile (inductor) pass the caches into the
+    compiled function as they are: once its shapes are dynamic (dynamic=True, or after a recompile), a slice
+    of a larger buffer taken inside it is written at the buffer's start (PyTorch's bug, see the README).
 
     q: (batch, q_len, n_heads, head_dim); k, v: (batch, q_len, n_kv_heads, head_dim), n_heads a multiple
     of n_kv_heads (GQA); caches: (batch, max_len, n_kv_heads, head_dim), or paged (num_pages, page_size,

@@ -12,8 +12,8 @@ from . import check_same_device
 def parallel_commit(logits, tokens, *, mask_token_id, threshold, min_per_step=1, max_per_step=0,
                     temperature=0.0, seed=0, step=0, active=None, score="prob"):
     """Commit confident masked positions of each sequence's block; `tokens` is updated in place (under
-    torch.compile with inductor and dynamic shapes, pass it in as it is: a slice of a larger buffer taken
-    inside the compiled function is written in the wrong place, PyTorch's bug pytorch/pytorch#198068).
+    torch.compile with inductor, pass it in as it is: once the shapes are dynamic, a slice of a larger buffer
+    taken inside the compiled function is written at the buffer's start, PyTorch's bug: see the README).
     logits: (batch, block, vocab) float32 / bfloat16 / float16 / float64, unit stride in the last dim,
     block <= 1024; tokens: (batch, block) int64, a position is masked where it holds mask_token_id;
     active: (batch,) bool, the sequences that may commit (default all). Selection per sequence: the

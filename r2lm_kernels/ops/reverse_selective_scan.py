@@ -19,7 +19,8 @@ def reverse_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     arithmetic are fp32 (fp64 for fp64 u); returns a contiguous tensor in u's dtype. Differentiable in
     every floating input (deterministic gradients, in the inputs' dtypes), in reverse mode only: an input
     carrying a forward-mode tangent raises."""
-    refuse_unsupported_autodiff("reverse_selective_scan", u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
+    refuse_unsupported_autodiff("reverse_selective_scan", u=u, delta=delta, A=A, B=B, C=C, D=D, z=z,
+                                delta_bias=delta_bias)
     return torch.ops.r2lm.reverse_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, seq_idx)
 
 
