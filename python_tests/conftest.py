@@ -100,6 +100,23 @@ def check_device():
 
 
 @pytest.fixture
+def repeated_calls():
+    """repeated_calls(call, device): four more results of call(), for a bitwise comparison with a first one;
+    on the CPU the last runs with a team of OpenMP threads of another size."""
+    def calls(call, device):
+        runs = [call() for _ in range(3)]
+        if device == "cpu":
+            threads = torch.get_num_threads()
+            try:
+                torch.set_num_threads(1 if threads > 1 else 2)
+                runs.append(call())
+            finally:
+                torch.set_num_threads(threads)
+        return runs
+    return calls
+
+
+@pytest.fixture
 def cap_vector_width(monkeypatch):
     """cap_vector_width(width, device): the portable CPU kernels run at `width` bytes ("widest": the CPU's
     own, else "32" or "16", through R2LM_CPU_VECTOR_BYTES). Cases that would repeat another are skipped:

@@ -305,7 +305,7 @@ def test_gradcheck(silu, segments, width, make_segments, cap_vector_width):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_backward_deterministic(device, dtype, make_segments):
+def test_backward_deterministic(device, dtype, make_segments, repeated_calls):
     """dweight / dbias reduce over batch * seqlen in a fixed order: bitwise equal run after run (and on the
     CPU whatever the thread count)."""
     batch, seqlen, dim, width = 4, 3001, 520, 4
@@ -314,15 +314,7 @@ def test_backward_deterministic(device, dtype, make_segments):
     dy = torch.randn_like(x)
     call = lambda: torch.ops.r2lm.reverse_conv1d_backward(dy, x, weight, bias, seq_idx, True)  # noqa: E731
     first = call()
-    runs = [call() for _ in range(3)]
-    if device == "cpu":
-        threads = torch.get_num_threads()
-        try:
-            torch.set_num_threads(1 if threads > 1 else 2)   # a team of another size
-            runs.append(call())
-        finally:
-            torch.set_num_threads(threads)
-    for again in runs:
+    for again in repeated_calls(call, device):
         for name, a, b in zip(("dx", "dweight", "dbias"), first, again):
             assert torch.equal(a, b), f"{name} differs between runs"
 

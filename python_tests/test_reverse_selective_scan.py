@@ -397,21 +397,13 @@ def test_gradcheck(scan_inputs, options, segments, width, cap_vector_width):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_backward_deterministic(scan_inputs, device, dtype, vector_width):
+def test_backward_deterministic(scan_inputs, device, dtype, vector_width, repeated_calls):
     """Bitwise-equal gradients run after run (and on the CPU whatever the thread count)."""
     args = scan_inputs(3, 200, 300, 16, dtype, device)
     dout = torch.randn(args["u"].shape, device=device).to(dtype)
     call = lambda: torch.ops.r2lm.reverse_selective_scan_backward(dout, *args.values())  # noqa: E731
     first = call()
-    runs = [call() for _ in range(3)]
-    if device == "cpu":
-        threads = torch.get_num_threads()
-        try:
-            torch.set_num_threads(1 if threads > 1 else 2)   # a team of another size
-            runs.append(call())
-        finally:
-            torch.set_num_threads(threads)
-    for run in runs:
+    for run in repeated_calls(call, device):
         for name, a, b in zip(GRAD_NAMES, first, run):
             assert torch.equal(a, b), f"d{name} differs between runs"
 
