@@ -16,8 +16,9 @@ def reverse_conv1d(x, weight, bias=None, seq_idx=None, silu=False):
     (other strides free); weight: (dim, width), 1 <= width <= 8; bias: (dim,); weight and bias each in
     x's dtype or float32; seq_idx: (batch, seqlen) int32. Arithmetic is fp32 (fp64 for fp64 x); returns
     a contiguous tensor in x's dtype. Differentiable in x, weight and bias (gradients in their dtypes;
-    the parameter gradients are reduced in a fixed order, so they are bitwise reproducible), in reverse
-    mode only: an input carrying a forward-mode tangent raises.
+    the parameter gradients are reduced in a fixed order, so they are bitwise reproducible), through
+    torch.autograd only: an input carrying a forward-mode tangent, or one that torch.func.grad / vjp / jacrev
+    differentiate, raises.
     """
     refuse_unsupported_autodiff("reverse_conv1d", x=x, weight=weight, bias=bias)
     return torch.ops.r2lm.reverse_conv1d(x, weight, bias, seq_idx, silu)

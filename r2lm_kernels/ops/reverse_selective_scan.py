@@ -17,8 +17,8 @@ def reverse_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     for float64 u); seq_idx: (batch, seqlen) int32, a segment being a run of equal values. Every tensor
     needs unit stride in its last dim (other strides free). d_state is at most 64 on CUDA. The state and
     arithmetic are fp32 (fp64 for fp64 u); returns a contiguous tensor in u's dtype. Differentiable in
-    every floating input (deterministic gradients, in the inputs' dtypes), in reverse mode only: an input
-    carrying a forward-mode tangent raises."""
+    every floating input (deterministic gradients, in the inputs' dtypes), through torch.autograd only: an
+    input carrying a forward-mode tangent, or one that torch.func.grad / vjp / jacrev differentiate, raises."""
     refuse_unsupported_autodiff("reverse_selective_scan", u=u, delta=delta, A=A, B=B, C=C, D=D, z=z,
                                 delta_bias=delta_bias)
     return torch.ops.r2lm.reverse_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, seq_idx)
