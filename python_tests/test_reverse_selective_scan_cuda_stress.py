@@ -48,9 +48,16 @@ def _f64(args):
     return {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in args.items()}
 
 
-def _rel(a, b):
+def _magnitudes(args):
+    """The same problem with |u|, |B|, |C|, |D| (as test_reverse_selective_scan.py's): sums of one sign."""
+    return {k: (v.abs() if k in ("u", "B", "C", "D") and v is not None else v) for k, v in args.items()}
+
+
+def _rel(a, b, scale=None):
+    """||a - b|| / ||b||, or / ||scale|| where that is larger."""
     a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+    denominator = b.norm() if scale is None else torch.maximum(b.norm(), scale.double().norm())
+    return float((a - b).norm() / denominator.clamp_min(1e-300))
 
 
 def _reference_grads(args, dout):
@@ -94,9 +101,15 @@ def _check(args, dout, poison_memory, tol=1e-5):
     assert err < bound, f"forward error {err:.3g} >= {bound:.3g}"
     poison_memory(DEVICE, *poison)
     grads = _kernel_grads(args, dout)
+    # A gradient that sums over tokens (dD, ddelta_bias, dA) can cancel far below its terms (ddelta_bias of
+    # one channel: 0.024 from terms of total 39): its rounding is relative to the gradient of the same
+    # problem with terms of one sign.
+    _, scale_grads = _reference_grads(_f64(_magnitudes(args)), dout.double().abs())
     for name in GRAD_NAMES:
         assert not grads[name].isnan().any(), f"d{name} has NaN (unwritten) elements"
-        err, bound = _rel(grads[name], ref_grads[name]), max(tol, 3 * _rel(low_grads[name], ref_grads[name]))
+        scale = scale_grads[name]
+        err = _rel(grads[name], ref_grads[name], scale)
+        bound = max(tol, 3 * _rel(low_grads[name], ref_grads[name], scale))
         assert err < bound, f"d{name} error {err:.3g} >= {bound:.3g}"
 
 
