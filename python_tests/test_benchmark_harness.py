@@ -233,6 +233,35 @@ def test_extrapolation_counts_the_passes_generation_runs(new_tokens, tokens_per_
         assert e2e.decode_passes(method, new_tokens, 32, tokens_per_step) == passes, method
 
 
+@pytest.mark.parametrize("fits,runs,median", [(True, 3, 2.0), (False, 1, 4.0)])
+def test_e2e_full_run_reports_the_median_of_the_calls_that_fit(monkeypatch, fits, runs, median):
+    """The full run times up to FULL_RUNS generate calls after its warm-up, fewer when the budget says no,
+    and reports their median and spread; a call that generates too few tokens fails the run."""
+    e2e = _load("e2e_throughput")
+    clock, calls = [0.0], []
+
+    class Stats:
+        total_generated, forward_passes = 2 * 64, 20
+
+    def fake_generate(method, model, prompts, new_tokens, setup, cuda_graph):
+        calls.append(new_tokens)
+        clock[0] += durations[len(calls) - 1]
+        return type("Output", (), {"stats": Stats})()
+    monkeypatch.setattr(e2e, "generate_call", fake_generate)
+    monkeypatch.setattr(e2e, "random_prompts", lambda model, batch, length: None)
+    monkeypatch.setattr(e2e, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+    model = type("Model", (), {"config": type("Config", (), {"block_size": 32})})()
+    setup = e2e.setup_for("cpu", quick=False)
+    durations = [9.0, 4.0, 1.0, 2.0]  # the warm-up's, then the timed calls'
+    run = e2e.full_run("r2lm", model, 2, setup, "cpu", lambda seconds: fits)
+    assert e2e.FULL_RUNS == 3 and calls == [32] + [setup.new_tokens] * runs
+    assert run["runs"] == runs and run["seconds"] == median and run["tokens_per_s"] == 128 / median
+    assert run["spread"] == pytest.approx((4.0 - 1.0) / median if runs == 3 else 0.0)
+    Stats.total_generated, calls[:] = 100, []
+    with pytest.raises(RuntimeError, match="generated 100 tokens, expected 128"):
+        e2e.full_run("r2lm", model, 2, setup, "cpu", lambda seconds: fits)
+
+
 @pytest.mark.parametrize("error,code", [(RuntimeError("kernel crashed"), 1),
                                         (torch.OutOfMemoryError("CUDA out of memory"), 0)])
 def test_e2e_exit_code_says_whether_a_measurement_failed(tmp_path, monkeypatch, error, code):
