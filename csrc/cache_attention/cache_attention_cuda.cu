@@ -100,8 +100,25 @@ template <typename T, int D>
 __device__ __forceinline__ void load_kv_tile(const CacheAttnParams& p, int64_t b, int64_t kvh, int64_t len,
                                              int64_t n_keys, int64_t k0, T* sk, T* sv, int tid) {
   constexpr int kChunksPerRow = D / 8;
+  constexpr int kRowsPerPass = kThreads / kChunksPerRow;
+  if (p.block_table == nullptr && k0 + kBlockN <= len) {
+    // A contiguous cache's tile of committed keys (every tile but the last): the same rows as the general
+    // path below, from one base pointer per thread, without its per-chunk position and page arithmetic.
+    const int row0 = tid / kChunksPerRow, col = (tid % kChunksPerRow) * 8;
+    const T* ks = static_cast<const T*>(p.k_cache) + b * p.k_cache_page_stride +
+                  (k0 + row0) * p.k_cache_slot_stride + kvh * p.k_cache_head_stride + col;
+    const T* vs = static_cast<const T*>(p.v_cache) + b * p.v_cache_page_stride +
+                  (k0 + row0) * p.v_cache_slot_stride + kvh * p.v_cache_head_stride + col;
 #pragma unroll
-  for (int it = 0; it < kBlockN * kChunksPerRow / kThreads; ++it) {
+    for (int it = 0; it < kBlockN / kRowsPerPass; ++it) {
+      const int row = row0 + it * kRowsPerPass;
+      cp_async_16(sk + swizzle<D>(row, col), ks + it * kRowsPerPass * p.k_cache_slot_stride, true);
+      cp_async_16(sv + swizzle<D>(row, col), vs + it * kRowsPerPass * p.v_cache_slot_stride, true);
+    }
+    return;
+  }
+#pragma unroll
+  for (int it = 0; it < kBlockN / kRowsPerPass; ++it) {
     const int c = tid + it * kThreads, row = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
     const int64_t key = k0 + row;
     const T* ks = static_cast<const T*>(p.k);
@@ -168,6 +185,7 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const CacheAttn
     }
     cp_async_16(sq + swizzle<D>(r, col), src, valid);
   }
+  cp_async_commit();
   if (t_begin < t_end) load_kv_tile<T, D>(p, b, kvh, len, n_keys, t_begin * kBlockN, sk(0), sv(0), tid);
   cp_async_commit();
 
@@ -184,7 +202,14 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const CacheAttn
   for (int dt = 0; dt < kDTiles; ++dt)
     for (int e = 0; e < 4; ++e) o_acc[dt][e] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+  // Q's fragments before the loop (the first key tile may still be in flight): loaded inside it, their
+  // shared-memory addresses stayed live in registers through every iteration.
   unsigned q_frag[kDSteps][4];
+  cp_async_wait<1>();
+  __syncthreads();
+#pragma unroll
+  for (int ks = 0; ks < kDSteps; ++ks)
+    ldmatrix_x4(q_frag[ks], sq + swizzle<D>(warp_row0 + mat_row + (mat & 1) * 8, ks * 16 + (mat >> 1) * 8));
 
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int stage = int((t - t_begin) & 1);
@@ -196,11 +221,6 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const CacheAttn
       cp_async_wait<0>();
     }
     __syncthreads();
-    if (t == t_begin) {
-#pragma unroll
-      for (int ks = 0; ks < kDSteps; ++ks)
-        ldmatrix_x4(q_frag[ks], sq + swizzle<D>(warp_row0 + mat_row + (mat & 1) * 8, ks * 16 + (mat >> 1) * 8));
-    }
 
     // S = Q K^T for this warp's 16 rows x 64 keys.
     float s[kNTiles][4];
@@ -224,14 +244,16 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const CacheAttn
 #pragma unroll
     for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = s[nt][e] * scale_log2;
-        if (needs_mask) {
+      for (int e = 0; e < 4; ++e) s[nt][e] *= scale_log2;
+    if (needs_mask) {  // one branch around the whole loop: tiles of committed keys skip it
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
           const int64_t key = k0 + nt * 8 + tig * 2 + (e & 1);
-          if (key >= n_keys || !attn_visible(key, query[e >> 1], len, p.q_len, p.causal)) x = -INFINITY;
+          if (key >= n_keys || !attn_visible(key, query[e >> 1], len, p.q_len, p.causal)) s[nt][e] = -INFINITY;
         }
-        s[nt][e] = x;
-      }
+    }
 
     // Online softmax; each row is spread over the 4 lanes of a quad.
     float tile_max[2] = {row_max[0], row_max[1]};
@@ -328,10 +350,13 @@ __global__ void __launch_bounds__(128) combine_splits_kernel(const CacheAttnPara
   for (int s = 0; s < p.num_splits; ++s) max_lse = fmaxf(max_lse, p.partial_lse[s * n_rows + row]);
   float acc[D / 32] = {};
   float total = 0.f;
+  // No branch on the loaded lse, so that the loads of several splits are in flight at once. A split with
+  // no visible key for this row wrote lse -inf (weight 0) and an output of 0, or NaN where one of its
+  // masked values is NaN, as the unsplit kernel's 0 * V products give.
+#pragma unroll 8
   for (int s = 0; s < p.num_splits; ++s) {
     const float l = p.partial_lse[s * n_rows + row];
-    if (l == -INFINITY) continue;
-    const float w = __expf(l - max_lse);
+    const float w = l == -INFINITY ? 0.f : __expf(l - max_lse);
     total += w;
     const float* src = p.partial_out + (s * n_rows + row) * D;
 #pragma unroll
@@ -466,7 +491,8 @@ int cache_attention_num_splits_cuda(const CacheAttnParams& p, int device) {
   const int64_t target = 2 * int64_t(device_sm_count(device));
   if (ctas * 5 >= target * 4) return 1;
   const int64_t max_tiles = (p.capacity + p.q_len + kBlockN - 1) / kBlockN;
-  const int64_t splits = std::min<int64_t>({(target + ctas - 1) / ctas, max_tiles / 4, 64});
+  // Rounded down: one more split than fits would start a second, mostly idle wave.
+  const int64_t splits = std::min<int64_t>({target / ctas, max_tiles / 4, 64});
   return int(std::max<int64_t>(splits, 1));
 }
 
