@@ -101,14 +101,17 @@ __device__ __forceinline__ void load_kv_tile(const CacheAttnParams& p, int64_t b
                                              int64_t n_keys, int64_t k0, T* sk, T* sv, int tid) {
   constexpr int kChunksPerRow = D / 8;
   constexpr int kRowsPerPass = kThreads / kChunksPerRow;
-  if (p.block_table == nullptr && k0 + kBlockN <= len) {
-    // A contiguous cache's tile of committed keys (every tile but the last): the same rows as the general
-    // path below, from one base pointer per thread, without its per-chunk position and page arithmetic.
+  int64_t page, slot;
+  if (k0 + kBlockN <= len && (p.block_table == nullptr || p.page_size % kBlockN == 0) &&
+      attn_cache_slot(p, b, k0, page, slot)) {
+    // A tile of committed keys inside one valid page (a contiguous cache is one page per sequence): the
+    // same rows as the general path below, from one page lookup and one base pointer per thread, without
+    // its per-chunk position and page arithmetic.
     const int row0 = tid / kChunksPerRow, col = (tid % kChunksPerRow) * 8;
-    const T* ks = static_cast<const T*>(p.k_cache) + b * p.k_cache_page_stride +
-                  (k0 + row0) * p.k_cache_slot_stride + kvh * p.k_cache_head_stride + col;
-    const T* vs = static_cast<const T*>(p.v_cache) + b * p.v_cache_page_stride +
-                  (k0 + row0) * p.v_cache_slot_stride + kvh * p.v_cache_head_stride + col;
+    const T* ks = static_cast<const T*>(p.k_cache) + page * p.k_cache_page_stride +
+                  (slot + row0) * p.k_cache_slot_stride + kvh * p.k_cache_head_stride + col;
+    const T* vs = static_cast<const T*>(p.v_cache) + page * p.v_cache_page_stride +
+                  (slot + row0) * p.v_cache_slot_stride + kvh * p.v_cache_head_stride + col;
 #pragma unroll
     for (int it = 0; it < kBlockN / kRowsPerPass; ++it) {
       const int row = row0 + it * kRowsPerPass;
@@ -124,7 +127,6 @@ __device__ __forceinline__ void load_kv_tile(const CacheAttnParams& p, int64_t b
     const T* ks = static_cast<const T*>(p.k);
     const T* vs = static_cast<const T*>(p.v);
     bool valid = false;
-    int64_t page, slot;
     if (key < len) {
       if (attn_cache_slot(p, b, key, page, slot)) {
         ks = static_cast<const T*>(p.k_cache) + page * p.k_cache_page_stride + slot * p.k_cache_slot_stride +
