@@ -369,3 +369,41 @@ def test_public_api_matches_design_names():
         "step", "active", "score"]
     for name in ("reverse_selective_scan", "reverse_conv1d", "cache_attention", "parallel_commit"):
         assert params(getattr(r2lm_kernels, name)) == params(getattr(r2lm_kernels.reference, name))
+
+
+def test_fake_implementations_of_permuted_inputs():
+    """Inputs with batch and sequence strides swapped (unit last-dim stride, accepted): the fake outputs are
+    contiguous, as the kernels' are."""
+    def permuted(*shape):                                # (batch, seqlen, ...) stored as (seqlen, batch, ...)
+        return torch.randn(shape[1], shape[0], *shape[2:]).transpose(0, 1)
+    x, dy = permuted(2, 9, 6), permuted(2, 9, 6)
+    w, b = torch.randn(6, 4), torch.randn(6)
+    torch.library.opcheck(torch.ops.r2lm.reverse_conv1d.default, (x, w, b, None, True))
+    torch.library.opcheck(torch.ops.r2lm.reverse_conv1d_backward.default, (dy, x, w, b, None, True))
+    u, delta, z, dout = (permuted(2, 9, 6) for _ in range(4))
+    B, C = permuted(2, 9, 4), permuted(2, 9, 4)
+    A, D, bias = -torch.rand(6, 4) - 0.1, torch.randn(6), torch.randn(6)
+    torch.library.opcheck(torch.ops.r2lm.reverse_selective_scan.default, (u, delta, A, B, C, D, z, bias, True, None))
+    torch.library.opcheck(torch.ops.r2lm.reverse_selective_scan_backward.default,
+                          (dout, u, delta, A, B, C, D, z, bias, True, None))
+    q, k, v = permuted(2, 3, 4, 64), permuted(2, 3, 2, 64), permuted(2, 3, 2, 64)
+    k_cache, v_cache = torch.randn(2, 8, 2, 64), torch.randn(2, 8, 2, 64)
+    torch.library.opcheck(torch.ops.r2lm.cache_attention.default,
+                          (q, k, v, k_cache, v_cache, torch.tensor([0, 4], dtype=torch.int32)), {"write_kv": True})
+
+
+@pytest.mark.parametrize("name,inputs", [("reverse_conv1d", ["weight", "bias"]),
+                                         ("reverse_selective_scan", ["delta", "A", "B", "C", "D", "z",
+                                                                     "delta_bias"])])
+def test_forward_mode_ad_raises_for_every_differentiable_input(name, inputs):
+    import torch.autograd.forward_ad as forward_ad
+    seq_idx = torch.zeros(2, 9, dtype=torch.int32)
+    r = torch.randn
+    args = (dict(x=r(2, 9, 6), weight=r(6, 4), bias=r(6), seq_idx=seq_idx, silu=True) if name == "reverse_conv1d"
+            else dict(u=r(2, 9, 6), delta=r(2, 9, 6), A=-torch.rand(6, 4), B=r(2, 9, 4), C=r(2, 9, 4), D=r(6),
+                      z=r(2, 9, 6), delta_bias=r(6), delta_softplus=True, seq_idx=seq_idx))
+    op = getattr(r2lm_kernels, name)
+    for input_name in inputs:
+        with forward_ad.dual_level(), pytest.raises(NotImplementedError,
+                                                    match=f"{name} has no forward-mode AD: {input_name} carries"):
+            op(**{**args, input_name: forward_ad.make_dual(args[input_name], torch.randn_like(args[input_name]))})

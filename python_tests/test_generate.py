@@ -1,5 +1,6 @@
 """Generation: the cacheability invariant, cache-free recompute, batch independence, stopping, statistics,
 the AR and bidirectional baselines, CUDA graphs."""
+import copy
 import math
 
 import pytest
@@ -512,3 +513,140 @@ def test_demo_runs(capsys):
     with pytest.raises(SystemExit):
         demo.main(["--quick", "--device", "cpu", "--batch", "0"])
     assert "--batch: must be a positive int, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("generator", [generate, bidirectional_generate], ids=lambda g: g.__name__)
+def test_sampled_steps_replay_with_the_reference_commit(generator, tiny_model, random_prompts):
+    """temperature, seed and the step counter reach parallel_commit: each step's commit is the reference op's
+    on the logits the step saw, keyed by (seed, step = the step's index, batch index, position)."""
+    model = tiny_model("reference")                      # the generator's own commit is the reference op's
+    prompts = random_prompts(model, LENGTHS)
+    mask = model.config.mask_token_id
+    seed = int(torch.randint(0, 2**62, ()))
+    commit = dict(threshold=0.5, min_per_step=1, max_per_step=3, temperature=0.9)
+    seen = []
+    out = generator(model, prompts, max_new_tokens=19, seed=seed, step_callback=lambda info: seen.append(
+        (info.index, info.block.clone(), info.block_start.clone(), info.logits.clone(), info.active.clone())),
+        **commit)
+    greedy = generator(model, prompts, max_new_tokens=19, seed=seed, **{**commit, "temperature": 0.0})
+    assert not torch.equal(out.sequences, greedy.sequences)     # sampling happened
+    for i, (index, block, start, logits, active) in enumerate(seen):
+        assert index == i
+        after = block.clone()
+        reference.parallel_commit(logits, after, mask_token_id=mask, seed=seed, step=i, active=active, **commit)
+        for b in range(len(prompts)):
+            if not active[b]:
+                continue
+            following = seen[i + 1] if i + 1 < len(seen) else None
+            if following is not None and int(following[2][b]) == int(start[b]):
+                assert torch.equal(after[b], following[1][b]), (i, b)
+            else:                                        # the block is complete: what the sequence holds
+                s = int(start[b])
+                n = min(after.shape[1], int(out.lengths[b]) - s)
+                assert torch.equal(after[b, :n], out.sequences[b, s:s + n]), (i, b)
+
+
+def test_autoregressive_sampled_steps_replay_with_the_reference_commit(tiny_model, random_prompts):
+    """AR sampling: the token chosen at step i is the reference commit's with (seed, step=i) on that step's
+    logits; the first token (from the prefill) is step 0."""
+    model = tiny_model("reference")
+    prompts = random_prompts(model, [3, 10])
+    mask = model.config.mask_token_id
+    seed = int(torch.randint(0, 2**62, ()))
+    seen = []
+    out = autoregressive_generate(model, prompts, max_new_tokens=8, temperature=0.9, seed=seed,
+                                  step_callback=lambda info: seen.append(
+                                      (info.block_start.clone(), info.logits.clone(), info.active.clone())))
+    assert len(seen) == 8
+    for i, (start, logits, active) in enumerate(seen):
+        proposal = torch.full((len(prompts), 1), mask)
+        reference.parallel_commit(logits, proposal, mask_token_id=mask, threshold=float("-inf"), min_per_step=1,
+                                  max_per_step=1, temperature=0.9, seed=seed, step=i, active=active)
+        for b in range(len(prompts)):
+            assert int(proposal[b, 0]) == int(out.sequences[b, int(start[b]) + 1]), (i, b)
+
+
+def test_prefill_of_exactly_one_block(monkeypatch, tiny_model, random_prompts):
+    """A batch whose longest prompt holds one whole block (8 <= length < 16) prefills that block."""
+    allocate = R2LMForCausalLM.allocate_cache
+
+    def poisoned(self, batch, max_len):
+        cache = allocate(self, batch, max_len)
+        for layer in cache.k + cache.v:
+            layer.fill_(float("nan"))
+        return cache
+    monkeypatch.setattr(R2LMForCausalLM, "allocate_cache", poisoned)
+    model = tiny_model("reference")
+    prompts = random_prompts(model, [9, 12])
+    kwargs = dict(max_new_tokens=10, threshold=0.5, max_per_step=3)
+    cached = generate(model, prompts, **kwargs)
+    recomputed = generate(model, prompts, use_cache=False, **kwargs)
+    assert torch.equal(cached.sequences, recomputed.sequences)
+
+
+def test_stats_prefill_time_and_a_single_step(tiny_model, random_prompts):
+    model = tiny_model("reference")
+    prompts = random_prompts(model, [9, 17])
+    for generator in (generate, autoregressive_generate):
+        stats = generator(model, prompts, max_new_tokens=5).stats
+        assert 0 < stats.prefill_time <= stats.wall_time, generator.__name__
+    one = generate(model, random_prompts(model, [3]), max_new_tokens=1)
+    assert one.stats.steps.tolist() == [1] and one.stats.tokens_per_step == 1.0
+
+
+def test_more_bad_generation_arguments(tiny_model, random_prompts):
+    model = tiny_model("reference")
+    prompts = random_prompts(model, [4])
+    vocab = model.config.vocab_size
+    for generator in (generate, autoregressive_generate, bidirectional_generate):
+        with pytest.raises(ValueError, match="input_ids holds token ids outside"):
+            generator(model, [[1, -1]], max_new_tokens=4)
+        for name in ("eos_token_id", "pad_token_id"):
+            with pytest.raises(ValueError, match=rf"{name} must be in \[0, vocab_size={vocab}\)"):
+                generator(model, prompts, max_new_tokens=4, **{name: vocab})
+    zero_mask = tiny_model("reference", mask_token_id=0)   # the default padding token (0) is the mask token
+    for generator in (generate, autoregressive_generate, bidirectional_generate):
+        with pytest.raises(ValueError, match="the padding token .* equals mask_token_id"):
+            generator(zero_mask, [[1, 2, 3]], max_new_tokens=4)
+
+
+def test_autoregressive_finished_row_stays_at_its_last_token(tiny_model, random_prompts):
+    """After a row stops at EOS, StepInfo.block_start keeps pointing at its last token (its cache length no
+    longer advances)."""
+    model = tiny_model("reference")
+    prompts = random_prompts(model, [1, 9])
+    first = autoregressive_generate(model, prompts, max_new_tokens=5)
+    gen = [first.sequences[b, len(p):len(p) + 5].tolist() for b, p in enumerate(prompts)]
+    eos = next((t for t in gen[1][:4] if t not in gen[0]), None)
+    if eos is None:
+        pytest.skip("no token that only sequence 1 generates")
+    stop = gen[1].index(eos) + 1
+    seen = []
+    autoregressive_generate(model, prompts, max_new_tokens=5, eos_token_id=eos, pad_token_id=0,
+                            step_callback=lambda info: seen.append((info.block_start.clone(), info.active.clone())))
+    inactive = [int(start[1]) for start, active in seen if not active[1]]
+    assert inactive and set(inactive) == {len(prompts[1]) + stop - 1}
+
+
+def test_sidecar_off_is_the_causal_block_diffusion_baseline(tiny_model, random_prompts):
+    """sidecar=False runs no sidecar anywhere (prefill and block steps, cached or not): it generates what the
+    same model with zeroed sidecars generates."""
+    model = tiny_model("reference")
+    prompts = random_prompts(model, LENGTHS)
+    kwargs = dict(max_new_tokens=19, threshold=0.5, max_per_step=3)
+    plain = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in plain.model.layers:
+            layer.sidecar.out_proj.weight.zero_()
+    want = generate(plain, prompts, **kwargs).sequences
+    for use_cache in (True, False):
+        assert torch.equal(generate(model, prompts, sidecar=False, use_cache=use_cache, **kwargs).sequences, want)
+
+
+def test_output_width_is_prompt_plus_budget(tiny_model, random_prompts):
+    model = tiny_model("reference")
+    prompts = random_prompts(model, LENGTHS)             # 24 + 19 = 43: not a multiple of the block size
+    for generator in (generate, autoregressive_generate, bidirectional_generate):
+        out = generator(model, prompts, max_new_tokens=19)
+        assert out.sequences.shape == (3, 24 + 19), generator.__name__
+        assert out.lengths.tolist() == [n + 19 for n in LENGTHS]

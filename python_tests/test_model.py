@@ -516,3 +516,104 @@ def test_config_defaults_and_dict_roundtrip():
     assert R2LMConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown fields"):
         R2LMConfig.from_dict({"hidden": 3})
+
+
+def test_more_bad_model_arguments(tiny_model, random_ids):
+    model = tiny_model("reference", dtype=torch.float32)
+    bs = model.config.block_size
+    with pytest.raises(ValueError, match="lengths applies to full-sequence mode only"):
+        model.hidden_states(random_ids(model, 2, bs), cache=model.allocate_cache(2, 4 * bs), lengths=[bs, bs])
+    with pytest.raises(ValueError, match="lengths must hold one integer per sequence"):
+        model(random_ids(model, 2, 3), lengths=torch.tensor([True, True]))
+    with pytest.raises(ValueError, match="exceeds the cache's max_len 16"):   # one position too many
+        model.hidden_states(random_ids(model, 2, 17), cache=model.allocate_cache(2, 16), prefill=True,
+                            sidecar=False)
+    short = model.allocate_cache(2, 16)
+    short.v = short.v[:1]
+    with pytest.raises(ValueError, match="cache must hold 2 layers of K and V"):
+        model.hidden_states(random_ids(model, 2, 8), cache=short, prefill=True)
+
+
+def test_model_without_sidecars_prefills_partial_blocks(tiny_model, random_ids):
+    """The whole-block rule of a prefill is the sidecar's: a model with no sidecar layer has none."""
+    model = tiny_model("reference", sidecar_layers=[])
+    bs = model.config.block_size
+    ids = random_ids(model, 2, bs + 3)
+    cache = model.allocate_cache(2, 4 * bs)
+    with torch.no_grad():
+        torch.testing.assert_close(model.hidden_states(ids, cache=cache, prefill=True), model.hidden_states(ids))
+
+
+def test_sidecar_starts_with_mambas_initialisation():
+    """S4D-real A (A_log[:, n] = log(n + 1)), D = 1, softplus(dt bias) log-uniform in [1e-3, 1e-1], conv weights
+    and bias uniform in +-1/sqrt(d_conv), out_proj 0; the other biases 0."""
+    model = R2LMForCausalLM(R2LMConfig(**{**SMALL_CONFIG.to_dict(), "attention_bias": True}), impl="reference")
+    for layer in model.model.layers:
+        s = layer.sidecar
+        want_a = torch.log(torch.arange(1, s.d_state + 1, dtype=torch.float32)).expand_as(s.A_log)
+        assert torch.equal(s.A_log.detach(), want_a)
+        assert torch.equal(s.D.detach(), torch.ones_like(s.D))
+        dt = torch.nn.functional.softplus(s.dt_proj.bias.detach().double())
+        assert dt.min() >= 1e-3 * (1 - 1e-4) and dt.max() <= 1e-1 * (1 + 1e-4)
+        assert dt.min() < 1e-2 < dt.max()                # spread over the whole log range (22 draws)
+        bound = s.conv_weight.shape[1] ** -0.5
+        w = s.conv_weight.detach().abs()
+        assert w.max() <= bound and w.max() > 0.8 * bound
+        assert s.conv_bias.detach().abs().max() <= bound
+        assert float(s.out_proj.weight.detach().abs().max()) == 0
+    biases = [(n, p) for n, p in model.named_parameters() if n.endswith(".bias") and ".sidecar." not in n]
+    assert biases and all(float(p.detach().abs().max()) == 0 for _, p in biases)
+
+
+def test_qwen3_conversion_forwards_its_options():
+    hf = hf_qwen3(False, False, "cpu", rms_norm_eps=1e-5)
+    kwargs = dict(mask_token_id=7, block_size=4, sidecar_layers=[1], sidecar_d_inner=24, sidecar_d_state=8,
+                  sidecar_d_conv=3, sidecar_dt_rank=5, impl="reference")
+    model = R2LMForCausalLM.from_qwen3(hf, generator=torch.Generator().manual_seed(5), **kwargs)
+    c = model.config
+    assert (c.mask_token_id, c.block_size, c.sidecar_layers, c.sidecar_d_inner, c.sidecar_d_state,
+            c.sidecar_d_conv, c.sidecar_dt_rank) == (7, 4, [1], 24, 8, 3, 5)
+    assert (c.rms_norm_eps, c.max_position_embeddings) == (1e-5, 256) and model.impl == "reference"
+    assert model.model.layers[0].sidecar is None and model.model.layers[1].sidecar.conv_weight.shape == (24, 3)
+    # the generator draws the sidecars' weights: the same seed, the same model
+    again = R2LMForCausalLM.from_qwen3(hf, generator=torch.Generator().manual_seed(5), **kwargs)
+    for (name, p), q in zip(model.named_parameters(), again.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_qwen3_conversion_refuses_weights_that_do_not_map():
+    hf = hf_qwen3(False, False, "cpu")
+
+    class Partial:                                       # a checkpoint missing one weight
+        config = hf.config
+        get_input_embeddings = hf.get_input_embeddings
+
+        def state_dict(self):
+            return {k: v for k, v in hf.state_dict().items() if k != "model.layers.1.mlp.up_proj.weight"}
+    with pytest.raises(ValueError, match="weights did not map.*model.layers.1.mlp.up_proj.weight"):
+        R2LMForCausalLM.from_qwen3(Partial())
+
+
+def test_load_rejects_a_checkpoint_missing_a_weight(tmp_path, tiny_model):
+    safetensors = pytest.importorskip("safetensors")
+    from safetensors.torch import load_file, save_file
+    model = tiny_model("reference", dtype=torch.float32)
+    path = tmp_path / "r2lm.safetensors"
+    model.save(path)
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    state = load_file(str(path))
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, str(path), metadata=metadata)
+    with pytest.raises(ValueError, match="does not match its config; missing .*model.layers.1.mlp.up_proj.weight"):
+        R2LMForCausalLM.load(path)
+
+
+def test_more_bad_config_fields():
+    for field, value in (("head_dim", 63), ("max_position_embeddings", 0), ("sidecar_layers", [-1])):
+        with pytest.raises(ValueError, match=f"R2LMConfig.{field} must be"):
+            R2LMConfig.tiny(**{field: value})
+    # sidecar_layers: any collection of indices, kept sorted and without repeats
+    assert R2LMConfig.tiny(sidecar_layers=range(2)).sidecar_layers == [0, 1]
+    assert R2LMConfig.tiny(sidecar_layers={1}).sidecar_layers == [1]
+    assert R2LMConfig.tiny(sidecar_layers=[1, 0, 1]) == R2LMConfig.tiny(sidecar_layers=[0, 1])

@@ -601,3 +601,54 @@ def test_logits_that_require_grad_raise():
     with torch.no_grad():
         committed, confidence, _ = r2lm_kernels.parallel_commit(logits, tokens, mask_token_id=9, threshold=-1.0)
     assert committed.all() and not confidence.requires_grad and (tokens != 9).all()
+
+
+def test_parallel_commit_more_bad_arguments():
+    logits = torch.randn(2, 4, 10)
+    ok = dict(mask_token_id=9, threshold=0.5)
+    for kwargs, message in [(dict(threshold=True), "threshold must be a number"),
+                            (dict(temperature=True), "temperature must be a number"),
+                            (dict(seed=-2**63 - 1), r"seed must be in \[-2\*\*63, 2\*\*64\)"),
+                            (dict(step=-2**63 - 1), r"step must be in \[-2\*\*63, 2\*\*64\)")]:
+        with pytest.raises((TypeError, ValueError), match=message):
+            r2lm_kernels.parallel_commit(logits, torch.full((2, 4), 9), **{**ok, **kwargs})
+
+
+def test_parallel_commit_opcheck_16_bit_logits():
+    """The fake implementation's confidence is fp32 whatever the logits' dtype."""
+    logits = torch.randn(2, 9, 300).to(torch.bfloat16)
+    tokens = torch.full((2, 9), 4)
+    torch.library.opcheck(torch.ops.r2lm.parallel_commit.default, (logits, tokens),
+                          dict(mask_token_id=4, threshold=0.3))
+
+
+def test_reference_commit_caps_ties_to_the_lower_position():
+    """max_per_step keeps the most confident, ties to the lower position, also among positions that all pass
+    the threshold (the kernels' rule)."""
+    logits = torch.randn(1, 8, 50)
+    spike = torch.randn(50)
+    spike[int(torch.randint(0, 49, ()))] = 12.0                 # a token of probability ~1, not the mask (49)
+    logits[0, 5] = logits[0, 2] = spike                          # positions 2 and 5: equal, most confident
+    for commit in (ref.parallel_commit, r2lm_kernels.parallel_commit):
+        tokens = torch.full((1, 8), 49)
+        committed, _, _ = commit(logits, tokens, mask_token_id=49, threshold=-math.inf, max_per_step=1)
+        assert committed[0].nonzero().flatten().tolist() == [2], commit.__module__
+
+
+def test_reference_commit_refuses_what_the_kernels_refuse():
+    logits, tokens = torch.randn(1, 4, 10), torch.full((1, 4), 9)
+    for temperature in (-1.0, 1e-7, math.inf):
+        with pytest.raises(ValueError, match="temperature"):
+            ref.parallel_commit(logits, tokens.clone(), mask_token_id=9, threshold=0.5,
+                                      temperature=temperature)
+
+
+def test_reference_commit_skips_rows_whose_picks_all_overflow():
+    """Finite logits whose picks x / T overflow to -inf for every token: no candidate, as in the kernels."""
+    logits = torch.full((1, 2, 6), -3e38)
+    logits[0, 1] = torch.randn(6)
+    for commit in (ref.parallel_commit, r2lm_kernels.parallel_commit):
+        tokens = torch.full((1, 2), 5)
+        committed, confidence, _ = commit(logits, tokens, mask_token_id=5, threshold=-math.inf, temperature=1e-6,
+                                          min_per_step=2)
+        assert committed.tolist() == [[False, True]] and confidence[0, 0] == -math.inf, commit.__module__
