@@ -269,7 +269,7 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const CacheAttn
     for (int rr = 0; rr < 2; ++rr) {
       tile_max[rr] = fmaxf(tile_max[rr], __shfl_xor_sync(0xffffffffu, tile_max[rr], 1));
       tile_max[rr] = fmaxf(tile_max[rr], __shfl_xor_sync(0xffffffffu, tile_max[rr], 2));
-      correction[rr] = row_max[rr] == -INFINITY ? 0.f : exp2f(row_max[rr] - tile_max[rr]);
+      correction[rr] = row_max[rr] == -INFINITY ? 0.f : sfu_exp2(row_max[rr] - tile_max[rr]);
       base[rr] = tile_max[rr] == -INFINITY ? 0.f : tile_max[rr];  // all masked so far: p = 0, no NaN
       row_max[rr] = tile_max[rr];
       row_sum[rr] *= correction[rr];
@@ -278,7 +278,7 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const CacheAttn
     for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        s[nt][e] = exp2f(s[nt][e] - base[e >> 1]);
+        s[nt][e] = sfu_exp2(s[nt][e] - base[e >> 1]);
         row_sum[e >> 1] += s[nt][e];
       }
 #pragma unroll

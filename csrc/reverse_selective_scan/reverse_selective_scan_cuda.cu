@@ -79,13 +79,6 @@ struct TokenRegs {
   }
 };
 
-// 2^x on the special-function unit (flush-to-zero: tiny decays are zero, which the recurrence tolerates).
-__device__ __forceinline__ float sfu_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
 // Per padded state count N (d_state rounded up to 16, 32 or 64): threads per block, tokens per chunk.
 template <int N>
 struct FwdConfig {
