@@ -568,14 +568,7 @@ def test_autoregressive_sampled_steps_replay_with_the_reference_commit(tiny_mode
 
 def test_prefill_of_exactly_one_block(monkeypatch, tiny_model, random_prompts):
     """A batch whose longest prompt holds one whole block (8 <= length < 16) prefills that block."""
-    allocate = R2LMForCausalLM.allocate_cache
-
-    def poisoned(self, batch, max_len):
-        cache = allocate(self, batch, max_len)
-        for layer in cache.k + cache.v:
-            layer.fill_(float("nan"))
-        return cache
-    monkeypatch.setattr(R2LMForCausalLM, "allocate_cache", poisoned)
+    poison_caches(monkeypatch)
     model = tiny_model("reference")
     prompts = random_prompts(model, [9, 12])
     kwargs = dict(max_new_tokens=10, threshold=0.5, max_per_step=3)
