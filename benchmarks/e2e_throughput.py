@@ -421,7 +421,7 @@ def main() -> int:
                                                  indent=1, default=str))
         (out / "e2e.md").write_text(markdown(env, results, steps, notes))
 
-    for batch in setup.batches:
+    for batch_index, batch in enumerate(setup.batches):
         if left() < 10:
             notes.append(f"batch {batch}: skipped, time budget spent")
             continue
@@ -438,8 +438,9 @@ def main() -> int:
             gc.collect()
             if device == "cuda":
                 torch.cuda.empty_cache()
-        for method in METHODS:
+        for method_index, method in enumerate(METHODS):
             row = dict(batch=batch, method=method)
+            rows_left = (len(setup.batches) - batch_index) * len(METHODS) - method_index  # this one included
             if batch in steps:
                 predicted = steps[batch]["total_s"][method]
                 row["step_model_s"] = predicted
@@ -455,8 +456,9 @@ def main() -> int:
                 row["why"] = f"full run predicted {predicted:.1f} s; {left():.0f} s of budget left"
             else:
                 try:
-                    # A repetition may take a quarter of what is left: later rows keep their share.
-                    run = full_run(method, model, batch, setup, device, lambda seconds: seconds < left() / 4)
+                    # A repetition may take a quarter of this row's share of what is left.
+                    run = full_run(method, model, batch, setup, device,
+                                   lambda seconds: seconds < left() / (4 * rows_left))
                     row.update(source="full", **run)
                 except Exception as error:
                     row.update(source="failed", why=f"full run failed: {_first_line(error)}")

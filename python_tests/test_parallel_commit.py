@@ -450,8 +450,9 @@ def test_cuda_graph_replays_draw_fresh_samples():
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_opcheck(device, temperature):
-    logits = _logits(2, 9, 300, torch.float32, device)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])   # confidence is fp32 whatever the logits'
+def test_opcheck(device, temperature, dtype):
+    logits = _logits(2, 9, 300, dtype, device)
     tokens = _tokens(2, 9, 300, 4, device)
     step = torch.tensor([3], device=device)
     active = torch.tensor([True, False], device=device)
@@ -612,14 +613,6 @@ def test_parallel_commit_more_bad_arguments():
                             (dict(step=-2**63 - 1), r"step must be in \[-2\*\*63, 2\*\*64\)")]:
         with pytest.raises((TypeError, ValueError), match=message):
             r2lm_kernels.parallel_commit(logits, torch.full((2, 4), 9), **{**ok, **kwargs})
-
-
-def test_parallel_commit_opcheck_16_bit_logits():
-    """The fake implementation's confidence is fp32 whatever the logits' dtype."""
-    logits = torch.randn(2, 9, 300).to(torch.bfloat16)
-    tokens = torch.full((2, 9), 4)
-    torch.library.opcheck(torch.ops.r2lm.parallel_commit.default, (logits, tokens),
-                          dict(mask_token_id=4, threshold=0.3))
 
 
 def test_reference_commit_caps_ties_to_the_lower_position():

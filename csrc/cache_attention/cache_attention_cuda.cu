@@ -205,7 +205,8 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const CacheAttn
     for (int e = 0; e < 4; ++e) o_acc[dt][e] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
   // Q's fragments before the loop (the first key tile may still be in flight): loaded inside it, their
-  // shared-memory addresses stayed live in registers through every iteration.
+  // shared-memory addresses stayed live in registers through every iteration. Nothing is in flight at
+  // exit: the loop's last iteration waits for all groups, and an empty split's second group is empty.
   unsigned q_frag[kDSteps][4];
   cp_async_wait<1>();
   __syncthreads();
@@ -302,7 +303,6 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const CacheAttn
     }
     __syncthreads();  // every warp is done with this stage before it is refilled
   }
-  cp_async_wait<0>();  // nothing in flight at exit (an empty split issued only Q)
 
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
